@@ -1,0 +1,110 @@
+//! Loading the embedded eBPF object, once per agent process.
+
+use aya::{Ebpf, EbpfLoader};
+use tracing::{debug, info, warn};
+
+/// The eBPF object built by `build.rs` from `ebpf/`.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/flamewatch"));
+
+/// Errors of the loading layer.
+#[derive(Debug, thiserror::Error)]
+pub enum BpfError {
+    /// The object could not be loaded (verifier, missing kernel feature…).
+    #[error("loading the eBPF object failed: {0}")]
+    Load(#[from] aya::EbpfError),
+    /// A program could not be loaded or attached.
+    #[error("eBPF program {name}: {source}")]
+    Program {
+        /// Program name.
+        name: &'static str,
+        /// Cause.
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    /// A map is missing or has the wrong type.
+    #[error("eBPF map {name}: {source}")]
+    Map {
+        /// Map name.
+        name: &'static str,
+        /// Cause.
+        #[source]
+        source: aya::maps::MapError,
+    },
+    /// A map the agent expects is not in the object.
+    #[error("eBPF map {0} is missing from the object")]
+    MissingMap(&'static str),
+    /// tracefs could not be mounted.
+    #[error("tracefs is not mounted at /sys/kernel/tracing and mounting it failed: {0}")]
+    Tracefs(std::io::Error),
+}
+
+/// Loads the object and starts forwarding aya-log records to `tracing`.
+pub fn load() -> Result<Ebpf, BpfError> {
+    raise_memlock();
+    let mut ebpf = EbpfLoader::new().load(OBJECT)?;
+    match aya_log::EbpfLogger::init(&mut ebpf) {
+        Ok(logger) => spawn_log_forwarder(logger),
+        // The object has no log statements compiled in (or none reachable).
+        Err(e) => debug!("aya-log not initialised: {e}"),
+    }
+    Ok(ebpf)
+}
+
+/// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; newer ones (and
+/// this platform, where raising it is refused) account it by memcg.
+fn raise_memlock() {
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads a valid rlimit struct.
+    let ret = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
+    if ret != 0 {
+        debug!(
+            "cannot raise RLIMIT_MEMLOCK ({}); relying on memcg accounting of BPF memory",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// aya-log records arrive in a ring buffer; poll it from the runtime.
+fn spawn_log_forwarder(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    let Ok(handle) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    handle.spawn(async move {
+        let mut fd = match tokio::io::unix::AsyncFd::with_interest(
+            logger,
+            tokio::io::Interest::READABLE,
+        ) {
+            Ok(fd) => fd,
+            Err(e) => {
+                warn!("cannot poll eBPF logs: {e}");
+                return;
+            }
+        };
+        loop {
+            let Ok(mut guard) = fd.readable_mut().await else {
+                return;
+            };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
+}
+
+/// Tracepoints need tracefs; it is not mounted by default on these hosts.
+pub fn ensure_tracefs() -> Result<(), BpfError> {
+    if std::path::Path::new("/sys/kernel/tracing/events").is_dir() {
+        return Ok(());
+    }
+    info!("mounting tracefs at /sys/kernel/tracing");
+    let status = std::process::Command::new("mount")
+        .args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"])
+        .status()
+        .map_err(BpfError::Tracefs)?;
+    if !status.success() {
+        return Err(BpfError::Tracefs(std::io::Error::other(format!("mount exited with {status}"))));
+    }
+    Ok(())
+}

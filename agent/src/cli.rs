@@ -1,0 +1,201 @@
+//! Command line. Defaults come from [`RecordConfig::default`]; clap only
+//! parses and validates.
+
+use std::{path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{RecordConfig, MAX_FREQ_HZ};
+
+/// flamewatch: an eBPF profiler agent for production processes.
+#[derive(Debug, Parser)]
+#[command(name = "flamewatch", version, about, propagate_version = true)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Profile running processes' CPU stacks into a flamegraph.
+    Record(RecordArgs),
+}
+
+/// Which processes to attach to.
+#[derive(Debug, Args, Clone)]
+#[group(required = true, multiple = false)]
+pub struct TargetArgs {
+    /// Process id to profile (repeatable).
+    #[arg(long = "pid", value_name = "PID", value_parser = clap::value_parser!(u32).range(1..))]
+    pub pids: Vec<u32>,
+    /// Process name (comm or executable basename) to profile; every matching
+    /// process is profiled (repeatable).
+    #[arg(long = "process", value_name = "NAME")]
+    pub processes: Vec<String>,
+}
+
+/// `flamewatch record`.
+#[derive(Debug, Args)]
+pub struct RecordArgs {
+    #[command(flatten)]
+    pub targets: TargetArgs,
+    /// How long to record (e.g. 30s, 2m, 1h30m); `0`/`forever` runs until Ctrl-C.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration,
+          default_value_t = DurationArg(RecordConfig::default().duration))]
+    pub duration: DurationArg,
+    /// Sampling frequency in Hz (per thread, of on-CPU time).
+    #[arg(long, value_name = "HZ",
+          value_parser = clap::value_parser!(u64).range(1..=MAX_FREQ_HZ),
+          default_value_t = RecordConfig::default().freq_hz)]
+    pub freq: u64,
+    /// Output folder.
+    #[arg(long, value_name = "DIR", default_value_os_t = RecordConfig::default().output)]
+    pub output: PathBuf,
+    /// Prefix of the output files (default: the target's name).
+    #[arg(long, value_name = "NAME", value_parser = parse_label)]
+    pub label: Option<String>,
+    /// One flamegraph tower per thread.
+    #[arg(long, default_value_t = RecordConfig::default().per_thread)]
+    pub per_thread: bool,
+    /// Do not record kernel stacks.
+    #[arg(long)]
+    pub no_kernel: bool,
+}
+
+/// A parsed `--duration`: `None` means until interrupted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DurationArg(pub Option<Duration>);
+
+impl std::fmt::Display for DurationArg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(d) => write!(f, "{}", humantime::format_duration(d)),
+            None => f.write_str("forever"),
+        }
+    }
+}
+
+/// Parses `30s`, `2m`, `1h30m`, `500ms`; `0` and `forever` mean no limit.
+pub fn parse_duration(text: &str) -> Result<DurationArg, String> {
+    let text = text.trim();
+    if text == "forever" || text == "0" {
+        return Ok(DurationArg(None));
+    }
+    // A bare number is seconds, as in `perf record -- sleep N` habits.
+    let parsed = match text.parse::<f64>() {
+        Ok(secs) if secs.is_finite() && secs > 0.0 => Ok(Duration::from_secs_f64(secs)),
+        Ok(_) => Err("must be positive".to_owned()),
+        Err(_) => humantime::parse_duration(text).map_err(|e| e.to_string()),
+    }
+    .map_err(|e| format!("invalid duration '{text}' ({e}); examples: 30s, 2m, 1h30m"))?;
+    if parsed.is_zero() {
+        return Ok(DurationArg(None));
+    }
+    Ok(DurationArg(Some(parsed)))
+}
+
+/// Labels become file names: keep them to a safe character set.
+fn parse_label(text: &str) -> Result<String, String> {
+    if text.is_empty()
+        || !text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        || text.starts_with('.')
+    {
+        return Err(format!(
+            "invalid label '{text}': use letters, digits, '-', '_' and '.' (it names files)"
+        ));
+    }
+    Ok(text.to_owned())
+}
+
+impl RecordArgs {
+    /// The session settings these arguments ask for.
+    pub fn to_config(&self) -> RecordConfig {
+        RecordConfig {
+            freq_hz: self.freq,
+            duration: self.duration.0,
+            output: self.output.clone(),
+            label: self.label.clone(),
+            per_thread: self.per_thread,
+            kernel_stacks: !self.no_kernel,
+            ..RecordConfig::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{error::ErrorKind, Parser as _};
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("flamewatch").chain(args.iter().copied()))
+    }
+
+    fn record(args: &[&str]) -> RecordArgs {
+        match parse(args).expect("parses").command {
+            Command::Record(r) => r,
+        }
+    }
+
+    /// Test that the defaults of `record` are exactly `RecordConfig::default()`.
+    #[test]
+    fn record_defaults_come_from_config() {
+        let r = record(&["record", "--pid", "1"]);
+        assert_eq!(r.to_config(), RecordConfig::default());
+    }
+
+    /// Test that every option of `record` lands in the config.
+    #[test]
+    fn record_options_are_parsed() {
+        let r = record(&[
+            "record", "--process", "a", "--process", "b", "--duration", "1m30s", "--freq",
+            "999", "--output", "/tmp/x", "--label", "demo_1", "--per-thread", "--no-kernel",
+        ]);
+        assert_eq!(r.targets.processes, ["a", "b"]);
+        let c = r.to_config();
+        assert_eq!(c.duration, Some(Duration::from_secs(90)));
+        assert_eq!(c.freq_hz, 999);
+        assert_eq!(c.output, PathBuf::from("/tmp/x"));
+        assert_eq!(c.label.as_deref(), Some("demo_1"));
+        assert!(c.per_thread);
+        assert!(!c.kernel_stacks);
+    }
+
+    /// Test that durations accept humantime forms, bare seconds and "until Ctrl-C".
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10s"), Ok(DurationArg(Some(Duration::from_secs(10)))));
+        assert_eq!(parse_duration("2.5"), Ok(DurationArg(Some(Duration::from_millis(2500)))));
+        assert_eq!(parse_duration("500ms"), Ok(DurationArg(Some(Duration::from_millis(500)))));
+        assert_eq!(parse_duration("forever"), Ok(DurationArg(None)));
+        assert_eq!(parse_duration("0"), Ok(DurationArg(None)));
+        assert!(parse_duration("ten").is_err());
+        assert!(parse_duration("-3").is_err());
+        assert!(parse_duration("10 parsecs").is_err());
+    }
+
+    /// Test that bad input is a usage error (clap exits with status 2 for these).
+    #[test]
+    fn bad_input_is_a_usage_error() {
+        let cases: &[&[&str]] = &[
+            &["record"],                                     // no target
+            &["record", "--pid", "1", "--process", "x"],     // both kinds
+            &["record", "--pid", "abc"],                     // not a number
+            &["record", "--pid", "0"],                       // not a pid
+            &["record", "--pid", "1", "--freq", "0"],        // zero rate
+            &["record", "--pid", "1", "--freq", "200000"],   // above the kernel's limit
+            &["record", "--pid", "1", "--duration", "soon"], // malformed duration
+            &["record", "--pid", "1", "--label", "../etc"],  // label is a file name
+        ];
+        for args in cases {
+            let err = parse(args).expect_err(&format!("{args:?} must be rejected"));
+            assert_ne!(err.kind(), ErrorKind::DisplayHelp, "{args:?}");
+            assert_eq!(err.exit_code(), 2, "{args:?}");
+        }
+    }
+}

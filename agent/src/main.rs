@@ -1,0 +1,140 @@
+//! flamewatch: parse the command line, set up logging, run the command, and
+//! map errors to exit codes (2: bad input, 1: failure).
+
+mod aggregate;
+mod bpf;
+mod cli;
+mod config;
+mod render;
+mod sampling;
+mod session;
+mod symbolize;
+mod target;
+
+use std::process::ExitCode;
+
+use clap::Parser as _;
+use tokio::sync::watch;
+use tracing::{debug, error, info};
+use tracing_subscriber::EnvFilter;
+
+use crate::{
+    cli::{Cli, Command, RecordArgs},
+    session::SessionKind,
+};
+
+/// Exit status for bad input (arguments, targets, privileges), as clap uses.
+const EXIT_USAGE: u8 = 2;
+
+/// An error with the exit status it deserves.
+struct Failure {
+    status: u8,
+    error: anyhow::Error,
+}
+
+impl Failure {
+    fn usage(error: impl Into<anyhow::Error>) -> Self {
+        Self { status: EXIT_USAGE, error: error.into() }
+    }
+}
+
+impl<E: Into<anyhow::Error>> From<E> for Failure {
+    fn from(error: E) -> Self {
+        Self { status: 1, error: error.into() }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .init();
+    // aya-log records go through the `log` facade; forward them to tracing.
+    let _ = tracing_log_bridge();
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure { status, error }) => {
+            // One line for the user; the chain in debug logs.
+            eprintln!("flamewatch: {error}");
+            debug!("{error:?}");
+            ExitCode::from(status)
+        }
+    }
+}
+
+fn tracing_log_bridge() -> Result<(), log::SetLoggerError> {
+    struct Bridge;
+    impl log::Log for Bridge {
+        fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+            true
+        }
+        fn log(&self, record: &log::Record<'_>) {
+            let target = record.target();
+            match record.level() {
+                log::Level::Error => tracing::error!(target: "ebpf", "{target}: {}", record.args()),
+                log::Level::Warn => tracing::warn!(target: "ebpf", "{target}: {}", record.args()),
+                log::Level::Info => tracing::info!(target: "ebpf", "{target}: {}", record.args()),
+                log::Level::Debug => tracing::debug!(target: "ebpf", "{target}: {}", record.args()),
+                log::Level::Trace => tracing::trace!(target: "ebpf", "{target}: {}", record.args()),
+            }
+        }
+        fn flush(&self) {}
+    }
+    static BRIDGE: Bridge = Bridge;
+    log::set_logger(&BRIDGE)?;
+    log::set_max_level(log::LevelFilter::Trace);
+    Ok(())
+}
+
+/// A stop flag flipped by SIGINT or SIGTERM.
+fn stop_on_signals() -> Result<watch::Receiver<bool>, Failure> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (tx, rx) = watch::channel(false);
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = int.recv() => info!("SIGINT received"),
+            _ = term.recv() => info!("SIGTERM received"),
+        }
+        let _ = tx.send(true);
+    });
+    Ok(rx)
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    match cli.command {
+        Command::Record(args) => record(args).await,
+    }
+}
+
+async fn record(args: RecordArgs) -> Result<(), Failure> {
+    // Handlers first: a signal during attach must still detach and report.
+    let stop = stop_on_signals()?;
+    let config = args.to_config();
+    let targets = target::resolve(&args.targets.pids, &args.targets.processes).map_err(Failure::usage)?;
+    if let Some(missing) = target::missing_privileges() {
+        return Err(Failure::usage(anyhow::anyhow!(missing)));
+    }
+    let reports = session::record(&config, targets, SessionKind::OnDemand, stop).await?;
+    for report in reports {
+        let f = &report.summary.files;
+        println!("{}", f.svg);
+        println!("{}", f.folded);
+        println!("{}", f.json);
+    }
+    Ok(())
+}

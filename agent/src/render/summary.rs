@@ -1,0 +1,141 @@
+//! The JSON summary written next to each flamegraph: what was profiled, how,
+//! and the hottest functions. `version` changes only on breaking changes.
+
+use serde::Serialize;
+
+use crate::{aggregate::FunctionShare, target::Target};
+
+/// Schema version of the summary.
+pub const VERSION: u32 = 1;
+
+/// The whole summary document.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    /// Schema version.
+    pub version: u32,
+    /// The session that produced it.
+    pub session: SessionInfo,
+    /// The processes profiled.
+    pub targets: Vec<Target>,
+    /// Sampling settings and counters.
+    pub sampling: SamplingInfo,
+    /// Functions with the most self time.
+    pub top_functions: Vec<FunctionShare>,
+    /// Paths of the files written.
+    pub files: Files,
+    /// Things the reader should know (target exited early, lost stacks…).
+    pub warnings: Vec<String>,
+}
+
+/// Identity and timing of a session.
+#[derive(Debug, Clone, Serialize)]
+pub struct SessionInfo {
+    /// Unique id, `<kind>_<UTC timestamp>_<pid>`.
+    pub id: String,
+    /// `on-demand`, `scheduled` or `emergency`.
+    pub kind: String,
+    /// Start, RFC 3339 UTC.
+    pub started_at: String,
+    /// Length actually recorded, seconds.
+    pub duration_s: f64,
+}
+
+/// Sampling settings and what they produced.
+#[derive(Debug, Clone, Serialize)]
+pub struct SamplingInfo {
+    /// `--freq`.
+    pub requested_hz: u64,
+    /// Time-weighted mean of the rate actually used.
+    pub effective_hz: f64,
+    /// Samples in the profile.
+    pub samples: u64,
+    /// Samples dropped before aggregation (aggregation map full).
+    pub lost_samples: u64,
+    /// CPU time the samples stand for, seconds (sum of their periods).
+    pub sampled_cpu_s: f64,
+    /// Kernel stacks recorded.
+    pub kernel_stacks: bool,
+    /// One tower per thread.
+    pub per_thread: bool,
+    /// Threads the events were opened on at start (later ones inherit).
+    pub threads_at_start: usize,
+    /// Samples whose stacks could not be recorded (still counted, shown as
+    /// `[lost … stack]` frames).
+    pub stack_errors: StackErrors,
+}
+
+/// Counts of stacks the kernel could not record.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct StackErrors {
+    /// User stack: stack map bucket taken by another stack.
+    pub user_collisions: u64,
+    /// User stack: other failures.
+    pub user_errors: u64,
+    /// Kernel stack: collisions.
+    pub kernel_collisions: u64,
+    /// Kernel stack: other failures.
+    pub kernel_errors: u64,
+}
+
+/// Output files.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Files {
+    /// Flamegraph.
+    pub svg: String,
+    /// Folded stacks.
+    pub folded: String,
+    /// This summary.
+    pub json: String,
+}
+
+impl Summary {
+    /// Pretty JSON with a trailing newline.
+    pub fn to_json(&self) -> Result<String, serde_json::Error> {
+        let mut text = serde_json::to_string_pretty(self)?;
+        text.push('\n');
+        Ok(text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::aggregate::{tests as agg, BuildOptions, Profile};
+
+    /// Test that the summary of a known profile matches the golden file.
+    #[test]
+    fn summary_golden() {
+        let opts = BuildOptions { process_name: "demo".into(), ..Default::default() };
+        let profile = Profile::build(&agg::raw(), 100, &agg::FakeSymbols, &opts);
+        let total = profile.total();
+        let summary = Summary {
+            version: VERSION,
+            session: SessionInfo {
+                id: "on-demand_20261122T030000Z_100".into(),
+                kind: "on-demand".into(),
+                started_at: "2026-11-22T03:00:00Z".into(),
+                duration_s: 1.01,
+            },
+            targets: vec![Target { pid: 100, comm: "demo".into(), exe: Some("/usr/bin/demo".into()) }],
+            sampling: SamplingInfo {
+                requested_hz: 99,
+                effective_hz: 99.0,
+                samples: total.samples,
+                lost_samples: 0,
+                sampled_cpu_s: total.period_ns as f64 / 1e9,
+                kernel_stacks: true,
+                per_thread: false,
+                threads_at_start: 2,
+                stack_errors: StackErrors { user_collisions: 1, ..Default::default() },
+            },
+            top_functions: profile.top_functions(20),
+            files: Files {
+                svg: "flamegraphs/demo-100-20261122T030000Z.svg".into(),
+                folded: "flamegraphs/demo-100-20261122T030000Z.folded".into(),
+                json: "flamegraphs/demo-100-20261122T030000Z.json".into(),
+            },
+            warnings: vec![],
+        };
+        crate::render::assert_golden("demo.json", &summary.to_json().expect("json"));
+    }
+}

@@ -1,0 +1,339 @@
+//! On-CPU sampling: per-thread cpu-clock perf events on each target, the BPF
+//! program that aggregates stacks in the kernel, and the drain that moves the
+//! aggregates into a [`RawProfile`] in userspace.
+
+pub mod perf;
+
+use std::{
+    collections::HashMap,
+    os::fd::{AsFd as _, AsRawFd as _},
+    sync::Arc,
+};
+
+use aya::{
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues, StackTraceMap},
+    programs::{PerfEvent, ProgramFd},
+    util::nr_cpus,
+    Ebpf,
+};
+use flamewatch_common::{
+    config_index, target_flags, ForeignStats, SampleKey, SampleValue, TargetInfo, TargetStats,
+    GENERATIONS, MAX_TARGETS, NO_STACK,
+};
+use tracing::{debug, warn};
+
+use crate::{
+    aggregate::{LostReason, RawProfile, RawSampleKey, StackSlot, Weight},
+    bpf::BpfError,
+    target::{self, Target},
+};
+pub use perf::{period_for, ThreadEvent};
+
+const EEXIST: i32 = 17;
+const EFAULT: i32 = 14;
+
+/// Errors of the sampling layer.
+#[derive(Debug, thiserror::Error)]
+pub enum SamplingError {
+    /// Loading or finding a BPF object part failed.
+    #[error(transparent)]
+    Bpf(#[from] BpfError),
+    /// A map operation failed.
+    #[error("eBPF map operation on {map}: {source}")]
+    Map {
+        /// Map name.
+        map: &'static str,
+        /// Cause.
+        #[source]
+        source: aya::maps::MapError,
+    },
+    /// perf_event_open or an ioctl on it failed.
+    #[error("opening a cpu-clock perf event on thread {tid} of pid {pid}: {source}")]
+    PerfEvent {
+        /// Target pid.
+        pid: u32,
+        /// Thread.
+        tid: u32,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The target is gone before we could attach.
+    #[error("pid {pid} exited before sampling could start")]
+    Gone {
+        /// Target pid.
+        pid: u32,
+    },
+    /// More targets than slots in the kernel tables.
+    #[error("too many targets (at most {MAX_TARGETS})")]
+    TooManyTargets,
+}
+
+fn map_err(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> SamplingError {
+    move |source| SamplingError::Map { map, source }
+}
+
+fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<T, SamplingError> {
+    let map = ebpf.take_map(name).ok_or(BpfError::MissingMap(name))?;
+    T::try_from(map).map_err(|source| BpfError::Map { name, source }.into())
+}
+
+struct AttachedTarget {
+    slot: u32,
+    events: Vec<ThreadEvent>,
+}
+
+/// Counts of one drain.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DrainStats {
+    /// Distinct keys read.
+    pub keys: usize,
+    /// Stacks read.
+    pub stacks: usize,
+}
+
+/// The sampling side of a loaded object: owns the perf events and the maps.
+pub struct Sampler {
+    prog_fd: ProgramFd,
+    targets: HashMap<u32, AttachedTarget>,
+    target_map: BpfHashMap<MapData, u32, TargetInfo>,
+    config: Array<MapData, u32>,
+    stats: PerCpuArray<MapData, TargetStats>,
+    foreign: PerCpuArray<MapData, ForeignStats>,
+    counts: Vec<PerCpuHashMap<MapData, SampleKey, SampleValue>>,
+    stacks: Vec<StackTraceMap<MapData>>,
+    generation: u32,
+    period_ns: u64,
+    ncpus: usize,
+}
+
+impl Sampler {
+    /// Loads the sampling program and takes its maps out of `ebpf`.
+    pub fn new(ebpf: &mut Ebpf, period_ns: u64) -> Result<Self, SamplingError> {
+        const PROG: &str = "flamewatch_sample";
+        let prog: &mut PerfEvent = ebpf
+            .program_mut(PROG)
+            .ok_or(BpfError::MissingMap(PROG))?
+            .try_into()
+            .map_err(|source| BpfError::Program { name: PROG, source })?;
+        prog.load().map_err(|source| BpfError::Program { name: PROG, source })?;
+        let prog_fd = prog
+            .fd()
+            .and_then(|fd| fd.try_clone().map_err(Into::into))
+            .map_err(|source| BpfError::Program { name: PROG, source })?;
+        let ncpus = nr_cpus().map_err(|(_, e)| SamplingError::Map {
+            map: "TARGET_STATS",
+            source: aya::maps::MapError::IoError(e),
+        })?;
+        let mut sampler = Self {
+            prog_fd,
+            targets: HashMap::new(),
+            target_map: take(ebpf, "TARGETS")?,
+            config: take(ebpf, "CONFIG")?,
+            stats: take(ebpf, "TARGET_STATS")?,
+            foreign: take(ebpf, "FOREIGN")?,
+            counts: vec![take(ebpf, "COUNTS_0")?, take(ebpf, "COUNTS_1")?],
+            stacks: vec![take(ebpf, "STACKS_0")?, take(ebpf, "STACKS_1")?],
+            generation: 0,
+            period_ns,
+            ncpus,
+        };
+        sampler.set_generation(0)?;
+        Ok(sampler)
+    }
+
+    fn set_generation(&mut self, generation: u32) -> Result<(), SamplingError> {
+        self.config
+            .set(config_index::GENERATION, generation, 0)
+            .map_err(map_err("CONFIG"))?;
+        self.generation = generation;
+        Ok(())
+    }
+
+    /// The current sampling period (ns of CPU time between samples).
+    pub fn period_ns(&self) -> u64 {
+        self.period_ns
+    }
+
+    /// Starts sampling `target`: registers it in the kernel's target table
+    /// and opens an inherited cpu-clock event on each of its threads.
+    /// Returns the number of threads attached.
+    pub fn add_target(&mut self, target: &Target, kernel_stacks: bool) -> Result<usize, SamplingError> {
+        let pid = target.pid;
+        let used: Vec<u32> = self.targets.values().map(|t| t.slot).collect();
+        let slot = (0..MAX_TARGETS)
+            .find(|s| !used.contains(s))
+            .ok_or(SamplingError::TooManyTargets)?;
+        let zero = PerCpuValues::try_from(vec![TargetStats::default(); self.ncpus])
+            .map_err(|e| SamplingError::Map { map: "TARGET_STATS", source: e.into() })?;
+        self.stats.set(slot, zero, 0).map_err(map_err("TARGET_STATS"))?;
+        let flags = if kernel_stacks { target_flags::KERNEL_STACKS } else { 0 };
+        self.target_map
+            .insert(pid, TargetInfo { slot, flags }, 0)
+            .map_err(map_err("TARGETS"))?;
+
+        let mut attached = AttachedTarget { slot, events: Vec::new() };
+        let tids = target::threads(pid).map_err(|_| SamplingError::Gone { pid })?;
+        let prog_fd = self.prog_fd.as_fd().as_raw_fd();
+        for tid in tids {
+            match ThreadEvent::open(tid, self.period_ns, prog_fd) {
+                Ok(ev) => attached.events.push(ev),
+                // The thread exited between listing and opening: nothing to sample.
+                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {
+                    debug!(pid, tid, "thread exited before attach");
+                }
+                Err(source) => {
+                    let _ = self.target_map.remove(&pid);
+                    return Err(SamplingError::PerfEvent { pid, tid, source });
+                }
+            }
+        }
+        if attached.events.is_empty() {
+            let _ = self.target_map.remove(&pid);
+            return Err(SamplingError::Gone { pid });
+        }
+        let n = attached.events.len();
+        self.targets.insert(pid, attached);
+        Ok(n)
+    }
+
+    /// Stops sampling `pid` (closing its perf events detaches the program
+    /// from it and from every thread that inherited the events). Its
+    /// counters stay readable until the sampler is dropped.
+    pub fn remove_target(&mut self, pid: u32) {
+        if let Some(t) = self.targets.get_mut(&pid) {
+            t.events.clear();
+            let _ = self.target_map.remove(&pid);
+        }
+    }
+
+    /// Pids currently sampled.
+    pub fn target_pids(&self) -> Vec<u32> {
+        let mut pids: Vec<u32> = self
+            .targets
+            .iter()
+            .filter(|(_, t)| !t.events.is_empty())
+            .map(|(pid, _)| *pid)
+            .collect();
+        pids.sort_unstable();
+        pids
+    }
+
+    /// Counters of one target, summed over CPUs.
+    pub fn target_stats(&self, pid: u32) -> Option<TargetStats> {
+        let slot = self.targets.get(&pid)?.slot;
+        let per_cpu = self.stats.get(&slot, 0).ok()?;
+        Some(per_cpu.iter().fold(TargetStats::default(), |mut acc, s| {
+            acc.samples += s.samples;
+            acc.period_ns += s.period_ns;
+            acc.user_stack_collisions += s.user_stack_collisions;
+            acc.user_stack_errors += s.user_stack_errors;
+            acc.kernel_stack_collisions += s.kernel_stack_collisions;
+            acc.kernel_stack_errors += s.kernel_stack_errors;
+            acc.map_full += s.map_full;
+            acc
+        }))
+    }
+
+    /// Samples that hit forked children of targets (not profiled).
+    pub fn foreign_samples(&self) -> u64 {
+        self.foreign
+            .get(&0, 0)
+            .map(|v| v.iter().map(|s| s.samples).sum())
+            .unwrap_or(0)
+    }
+
+    /// Moves what the kernel aggregated into `profile`. The generation that
+    /// is read stopped being written one drain ago, so no program is still
+    /// writing to it; then the kernel is switched to the freshly emptied one.
+    pub fn drain(&mut self, profile: &mut RawProfile) -> Result<DrainStats, SamplingError> {
+        let idle = (self.generation + 1) % GENERATIONS;
+        let stats = self.drain_generation(idle as usize, profile)?;
+        self.set_generation(idle)?;
+        Ok(stats)
+    }
+
+    /// Final drain: switch generations, let in-flight programs finish, and
+    /// read both.
+    pub fn drain_all(&mut self, profile: &mut RawProfile) -> Result<DrainStats, SamplingError> {
+        let first = self.drain(profile)?;
+        // A sampling program runs to completion in the timer interrupt that
+        // started it (microseconds); a millisecond is a wide margin.
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let second = self.drain(profile)?;
+        Ok(DrainStats {
+            keys: first.keys + second.keys,
+            stacks: first.stacks + second.stacks,
+        })
+    }
+
+    fn drain_generation(&mut self, g: usize, profile: &mut RawProfile) -> Result<DrainStats, SamplingError> {
+        let counts = &mut self.counts[g];
+        let stacks = &mut self.stacks[g];
+        let entries: Vec<(SampleKey, Weight)> = counts
+            .iter()
+            .filter_map(|r| match r {
+                Ok((key, values)) => Some((
+                    key,
+                    values.iter().fold(Weight::default(), |w, v| Weight {
+                        samples: w.samples + v.count,
+                        period_ns: w.period_ns + v.period_ns,
+                    }),
+                )),
+                Err(e) => {
+                    warn!("reading sample counts: {e}");
+                    None
+                }
+            })
+            .collect();
+        let mut cache: HashMap<i32, StackSlot> = HashMap::new();
+        let mut read_stack = |id: i32| -> StackSlot {
+            if id == NO_STACK {
+                return StackSlot::Absent;
+            }
+            if id < 0 {
+                return match -id {
+                    EEXIST => StackSlot::Lost(LostReason::Collision),
+                    EFAULT => StackSlot::Absent,
+                    errno => StackSlot::Lost(LostReason::Error(errno)),
+                };
+            }
+            cache
+                .entry(id)
+                .or_insert_with(|| match stacks.get(&(id as u32), 0) {
+                    Ok(trace) => {
+                        let ips: Arc<[u64]> = trace.frames().iter().map(|f| f.ip).collect();
+                        StackSlot::Frames(ips)
+                    }
+                    Err(_) => StackSlot::Lost(LostReason::Error(libc::ENOENT)),
+                })
+                .clone()
+        };
+        for (key, weight) in &entries {
+            let raw = RawSampleKey {
+                tgid: key.tgid,
+                tid: key.tid,
+                user: read_stack(key.user_stack_id),
+                kernel: read_stack(key.kernel_stack_id),
+            };
+            profile.add(raw, *weight);
+        }
+        let stack_count = cache.len();
+        // Empty the generation. Stack ids are listed from the map itself so
+        // stacks stored for samples that found the count map full go too.
+        for (key, _) in &entries {
+            let _ = counts.remove(key);
+        }
+        let ids: Vec<u32> = stacks.stack_ids().filter_map(Result::ok).collect();
+        for id in ids {
+            let _ = stacks.remove(&id);
+        }
+        Ok(DrainStats {
+            keys: entries.len(),
+            stacks: stack_count,
+        })
+    }
+}

@@ -1,0 +1,263 @@
+//! Finding target processes (by pid or name) and the /proc facts about them.
+
+use std::{
+    fs,
+    io,
+    path::{Path, PathBuf},
+};
+
+use serde::Serialize;
+
+/// `PF_KTHREAD` in the flags field of /proc/PID/stat (include/linux/sched.h).
+const PF_KTHREAD: u64 = 0x0020_0000;
+
+/// Errors finding or checking targets. All of them are bad input (exit 2).
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    /// No such process.
+    #[error("no process with pid {pid}")]
+    NoSuchPid {
+        /// The pid asked for.
+        pid: u32,
+    },
+    /// A kernel thread has no user stacks and cannot be profiled per process.
+    #[error("pid {pid} ({comm}) is a kernel thread; flamewatch profiles user processes")]
+    KernelThread {
+        /// The pid asked for.
+        pid: u32,
+        /// Its name.
+        comm: String,
+    },
+    /// Nothing matched a name.
+    #[error("no running process named '{name}' (matched against comm and executable name)")]
+    NoSuchName {
+        /// The name asked for.
+        name: String,
+    },
+    /// The agent itself was asked for.
+    #[error("pid {pid} is flamewatch itself")]
+    IsSelf {
+        /// The pid asked for.
+        pid: u32,
+    },
+}
+
+/// A process being profiled.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Target {
+    /// Process id (tgid).
+    pub pid: u32,
+    /// Its `comm` (thread-group leader's name, up to 15 bytes).
+    pub comm: String,
+    /// Its executable, when readable.
+    pub exe: Option<PathBuf>,
+}
+
+impl Target {
+    /// Reads the facts of a live process, checking it can be profiled.
+    pub fn from_pid(pid: u32) -> Result<Self, TargetError> {
+        if pid == std::process::id() {
+            return Err(TargetError::IsSelf { pid });
+        }
+        let stat = ProcStat::read(pid).map_err(|_| TargetError::NoSuchPid { pid })?;
+        let comm = stat.comm.clone();
+        if stat.flags & PF_KTHREAD != 0 {
+            return Err(TargetError::KernelThread { pid, comm });
+        }
+        let exe = fs::read_link(format!("/proc/{pid}/exe")).ok();
+        Ok(Self { pid, comm, exe })
+    }
+
+    /// Is the process still there (and not a zombie)?
+    pub fn is_alive(&self) -> bool {
+        is_alive(self.pid)
+    }
+}
+
+/// Is `pid` a live process (not gone, not a zombie)?
+pub fn is_alive(pid: u32) -> bool {
+    ProcStat::read(pid).is_ok_and(|s| s.state != 'Z' && s.state != 'X')
+}
+
+/// Resolves `--pid` and `--process` arguments into targets (deduplicated,
+/// sorted by pid).
+pub fn resolve(pids: &[u32], names: &[String]) -> Result<Vec<Target>, TargetError> {
+    let mut targets = Vec::new();
+    for &pid in pids {
+        targets.push(Target::from_pid(pid)?);
+    }
+    for name in names {
+        let found = find_by_name(name);
+        if found.is_empty() {
+            return Err(TargetError::NoSuchName { name: name.clone() });
+        }
+        targets.extend(found);
+    }
+    targets.sort_by_key(|t| t.pid);
+    targets.dedup_by_key(|t| t.pid);
+    Ok(targets)
+}
+
+/// Every user process whose comm or executable basename is `name`
+/// (the agent itself excluded).
+pub fn find_by_name(name: &str) -> Vec<Target> {
+    let me = std::process::id();
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut found: Vec<Target> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != me)
+        .filter_map(|pid| Target::from_pid(pid).ok())
+        .filter(|t| matches_name(t, name))
+        .filter(|t| is_alive(t.pid))
+        .collect();
+    found.sort_by_key(|t| t.pid);
+    found
+}
+
+/// comm is truncated to 15 bytes by the kernel, so also compare the
+/// executable's basename (and the truncated form of a long name).
+fn matches_name(target: &Target, name: &str) -> bool {
+    if target.comm == name {
+        return true;
+    }
+    if name.len() > 15 && target.comm.as_bytes() == &name.as_bytes()[..15] {
+        return true;
+    }
+    target
+        .exe
+        .as_deref()
+        .and_then(Path::file_name)
+        .is_some_and(|base| base == name)
+}
+
+/// Thread ids of a process.
+pub fn threads(pid: u32) -> io::Result<Vec<u32>> {
+    let mut tids: Vec<u32> = fs::read_dir(format!("/proc/{pid}/task"))?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    tids.sort_unstable();
+    Ok(tids)
+}
+
+/// A thread's name, if it still exists.
+pub fn thread_comm(pid: u32, tid: u32) -> Option<String> {
+    fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm"))
+        .ok()
+        .map(|s| s.trim_end_matches('\n').to_owned())
+}
+
+/// The parts of /proc/PID/stat we use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcStat {
+    /// Name (field 2, without parentheses).
+    pub comm: String,
+    /// State letter (field 3).
+    pub state: char,
+    /// Kernel flags (field 9).
+    pub flags: u64,
+    /// User CPU time in clock ticks (field 14).
+    pub utime: u64,
+    /// System CPU time in clock ticks (field 15).
+    pub stime: u64,
+}
+
+impl ProcStat {
+    /// Reads /proc/PID/stat.
+    pub fn read(pid: u32) -> io::Result<Self> {
+        let text = fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        Self::parse(&text).ok_or_else(|| io::Error::other("malformed /proc/PID/stat"))
+    }
+
+    /// Parses the text of a stat file. comm may hold spaces and parentheses,
+    /// so split at the *last* ')'.
+    pub fn parse(text: &str) -> Option<Self> {
+        let open = text.find('(')?;
+        let close = text.rfind(')')?;
+        let comm = text.get(open + 1..close)?.to_owned();
+        let rest: Vec<&str> = text.get(close + 1..)?.split_whitespace().collect();
+        // rest[0] is field 3 (state).
+        let field = |n: usize| rest.get(n - 3).and_then(|s| s.parse::<u64>().ok());
+        Some(Self {
+            comm,
+            state: rest.first()?.chars().next()?,
+            flags: field(9)?,
+            utime: field(14)?,
+            stime: field(15)?,
+        })
+    }
+}
+
+/// Root may profile anything; otherwise CAP_BPF and CAP_PERFMON (or
+/// CAP_SYS_ADMIN) are needed. Returns a description of what is missing.
+pub fn missing_privileges() -> Option<String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return None;
+    }
+    let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let cap_eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    const CAP_SYS_ADMIN: u64 = 21;
+    const CAP_PERFMON: u64 = 38;
+    const CAP_BPF: u64 = 39;
+    let has = |cap: u64| cap_eff & (1 << cap) != 0;
+    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
+        return None;
+    }
+    Some("flamewatch must run as root (or with CAP_BPF and CAP_PERFMON) to load eBPF programs; try sudo".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Test that stat parsing survives a comm with spaces and parentheses.
+    #[test]
+    fn stat_parse_tricky_comm() {
+        let line = "1234 (my (odd) proc) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 17 0 0 20 0 3 0 12345 0 0";
+        let stat = ProcStat::parse(line).expect("parses");
+        assert_eq!(stat.comm, "my (odd) proc");
+        assert_eq!(stat.state, 'S');
+        assert_eq!(stat.flags, 4194560);
+        assert_eq!((stat.utime, stat.stime), (250, 17));
+    }
+
+    /// Test that a kernel thread (pid 2, kthreadd) is refused.
+    #[test]
+    fn kernel_thread_is_refused() {
+        assert!(matches!(Target::from_pid(2), Err(TargetError::KernelThread { .. })));
+    }
+
+    /// Test that a missing pid is reported as such.
+    #[test]
+    fn missing_pid_is_refused() {
+        // pid_max is at most 2^22.
+        assert!(matches!(Target::from_pid(4_194_304 + 7), Err(TargetError::NoSuchPid { .. })));
+    }
+
+    /// Test that name matching uses comm, the truncated comm and the exe basename.
+    #[test]
+    fn name_matching() {
+        let t = Target {
+            pid: 1,
+            comm: "game-server-pro".into(),
+            exe: Some("/opt/bin/game-server-production".into()),
+        };
+        assert!(matches_name(&t, "game-server-pro"));
+        assert!(matches_name(&t, "game-server-production"));
+        assert!(matches_name(&t, "game-server-prod")); // truncated comm prefix of a long name
+        assert!(!matches_name(&t, "game"));
+    }
+
+    /// Test that our own process is found by name but never as a target.
+    #[test]
+    fn self_is_never_a_target() {
+        let me = std::process::id();
+        assert!(matches!(Target::from_pid(me), Err(TargetError::IsSelf { .. })));
+    }
+}

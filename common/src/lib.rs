@@ -1,0 +1,115 @@
+//! The ABI shared by the eBPF programs and the agent.
+//!
+//! Every type here is `#[repr(C)]`, has no implicit padding (explicit `_pad`
+//! fields where alignment would add some) and is `Copy`, so the kernel and
+//! userspace agree on the bytes. With the `user` feature the types also
+//! implement `aya::Pod` so the agent can read them out of maps.
+#![no_std]
+
+/// Maximum frames of one stack (the kernel's `PERF_MAX_STACK_DEPTH`).
+pub const MAX_STACK_DEPTH: usize = 127;
+
+/// Number of sample-count/stack-map pairs. The agent flips between them so it
+/// can drain one while the kernel fills the other (see `ebpf/src/maps.rs`).
+pub const GENERATIONS: u32 = 2;
+
+/// Maximum number of target processes at once (size of the target slot table).
+pub const MAX_TARGETS: u32 = 64;
+
+/// Bits of [`TargetInfo::flags`].
+pub mod target_flags {
+    /// Record kernel stacks for this target.
+    pub const KERNEL_STACKS: u32 = 1 << 0;
+}
+
+/// Index into [`GlobalConfig`]-array entries (`CONFIG` map).
+pub mod config_index {
+    /// Which generation of the sample maps the kernel writes to (0 or 1).
+    pub const GENERATION: u32 = 0;
+}
+
+/// What the kernel knows of one target process, keyed by tgid in `TARGETS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TargetInfo {
+    /// Index of this target's counters in `TARGET_STATS` (< [`MAX_TARGETS`]).
+    pub slot: u32,
+    /// [`target_flags`] bits.
+    pub flags: u32,
+}
+
+/// Key of the in-kernel sample aggregation: one entry per distinct
+/// (thread, user stack, kernel stack).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SampleKey {
+    /// Process id (tgid).
+    pub tgid: u32,
+    /// Thread id.
+    pub tid: u32,
+    /// Id in the generation's stack map, or a negative errno when the stack
+    /// could not be recorded (`-EEXIST`: bucket collision, `-EFAULT`: unreadable).
+    pub user_stack_id: i32,
+    /// Same for the kernel stack; [`NO_STACK`] when kernel stacks are off.
+    pub kernel_stack_id: i32,
+}
+
+/// `SampleKey::kernel_stack_id` when no kernel stack was asked for.
+pub const NO_STACK: i32 = i32::MIN;
+
+/// Value of the in-kernel sample aggregation (per CPU).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SampleValue {
+    /// Number of samples.
+    pub count: u64,
+    /// Sum of the sampling periods of these samples, in nanoseconds of CPU
+    /// time: the time-proportional weight when the rate changes mid-session.
+    pub period_ns: u64,
+}
+
+/// Per-target counters (per CPU, summed by the agent), in `TARGET_STATS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TargetStats {
+    /// Samples taken of this target.
+    pub samples: u64,
+    /// Sum of their periods (ns of CPU time).
+    pub period_ns: u64,
+    /// Samples whose user stack collided in the stack map (`-EEXIST`).
+    pub user_stack_collisions: u64,
+    /// Samples whose user stack could not be read (other errors).
+    pub user_stack_errors: u64,
+    /// Same as above for kernel stacks.
+    pub kernel_stack_collisions: u64,
+    /// Same as above for kernel stacks.
+    pub kernel_stack_errors: u64,
+    /// Samples lost because the aggregation map was full.
+    pub map_full: u64,
+}
+
+/// Samples that hit a process inheriting a target's perf event without being
+/// a target itself (a child forked by the target). Index 0 of `FOREIGN`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ForeignStats {
+    /// Samples dropped because their tgid is not a target.
+    pub samples: u64,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are repr(C), Copy, and have no padding (checked by
+    // the size assertions below), so any byte pattern is a valid value.
+    unsafe impl aya::Pod for super::TargetInfo {}
+    unsafe impl aya::Pod for super::SampleKey {}
+    unsafe impl aya::Pod for super::SampleValue {}
+    unsafe impl aya::Pod for super::TargetStats {}
+    unsafe impl aya::Pod for super::ForeignStats {}
+}
+
+// No padding surprises: each size is the sum of its fields.
+const _: () = assert!(core::mem::size_of::<TargetInfo>() == 8);
+const _: () = assert!(core::mem::size_of::<SampleKey>() == 16);
+const _: () = assert!(core::mem::size_of::<SampleValue>() == 16);
+const _: () = assert!(core::mem::size_of::<TargetStats>() == 56);

@@ -1,0 +1,178 @@
+//! `cargo xtask setup | test | demo`: everything a fresh machine needs, the
+//! whole test suite, and the demo. Every step is idempotent.
+
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Parser, Subcommand};
+
+include!("../../tests/targets/build_targets.rs");
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "flamewatch developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and running flamewatch needs (idempotent).
+    Setup,
+    /// Set up, then run every test: unit, golden files, and the privileged
+    /// end-to-end tests against the real kernel; then fmt and clippy.
+    Test {
+        /// Extra arguments for `cargo test` (after `--`), e.g. a test name.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Set up, start a bundled CPU-bound target and profile it into flamegraphs/.
+    Demo,
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Task::Setup => setup::all(),
+        Task::Test { args } => {
+            setup::all()?;
+            test(&args)
+        }
+        Task::Demo => {
+            setup::all()?;
+            demo()
+        }
+    }
+}
+
+/// The workspace root (xtask/..).
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask has a parent").to_owned()
+}
+
+/// Runs a command to completion, failing on a non-zero status.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("xtask: $ {}", show(cmd));
+    let status = cmd.status().with_context(|| format!("running {}", show(cmd)))?;
+    if !status.success() {
+        bail!("{} failed ({status})", show(cmd));
+    }
+    Ok(())
+}
+
+fn show(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(root());
+    cmd
+}
+
+/// Builds the agent (release) and returns its path.
+fn build_agent() -> Result<PathBuf> {
+    run(cargo().args(["build", "--release", "--package", "flamewatch"]))?;
+    Ok(target_dir().join("release/flamewatch"))
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from)
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn test(extra: &[String]) -> Result<()> {
+    let agent = build_agent()?;
+    if !is_root() {
+        eprintln!("xtask: not root: privileged end-to-end tests will be SKIPPED (run `sudo -E cargo xtask test`)");
+    }
+    // Unit tests of every crate and the end-to-end crate, against the
+    // release agent just built.
+    run(cargo()
+        .args(["test", "--release", "--workspace", "--exclude", "flamewatch-ebpf", "--"])
+        .args(extra)
+        .env("FLAMEWATCH_BIN", &agent))?;
+    if extra.is_empty() {
+        run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+        run(cargo().args(["clippy", "--release", "--workspace", "--exclude", "flamewatch-ebpf",
+                          "--all-targets", "--", "-D", "warnings"]))?;
+    }
+    eprintln!("xtask: all tests passed");
+    Ok(())
+}
+
+/// Builds the target programs for the demo and benchmarks into
+/// target/flamewatch-targets.
+fn build_target_programs() -> Result<PathBuf> {
+    let out = target_dir().join("flamewatch-targets");
+    build_targets(&root().join("tests/targets"), &out).map_err(anyhow::Error::msg)?;
+    Ok(out)
+}
+
+/// Prefix for commands that need root: nothing as root, else sudo.
+fn as_root(program: &Path) -> Command {
+    if is_root() {
+        Command::new(program)
+    } else {
+        let mut cmd = Command::new("sudo");
+        cmd.arg(program);
+        cmd
+    }
+}
+
+fn demo() -> Result<()> {
+    let agent = build_agent()?;
+    let targets = build_target_programs()?;
+    let output = root().join("flamegraphs");
+    let bin = targets.join("hotpaths-fp");
+    eprintln!("xtask: starting the demo target {} (two hot paths, 3:1)", bin.display());
+    let mut target = Command::new(&bin).stdout(Stdio::null()).spawn().context("starting the demo target")?;
+    std::thread::sleep(Duration::from_millis(300));
+    let result = (|| -> Result<()> {
+        let out = as_root(&agent)
+            .args(["record", "--pid", &target.id().to_string(), "--duration", "10s", "--label", "demo"])
+            .arg("--output")
+            .arg(&output)
+            .stderr(Stdio::inherit())
+            .output()
+            .context("running flamewatch record")?;
+        if !out.status.success() {
+            bail!("flamewatch record failed ({})", out.status);
+        }
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let json = stdout.lines().find(|l| l.ends_with(".json")).context("no summary printed")?;
+        let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(json)?)?;
+        println!("\nflamegraph: {}", summary["files"]["svg"].as_str().unwrap_or("?"));
+        println!("folded:     {}", summary["files"]["folded"].as_str().unwrap_or("?"));
+        println!("summary:    {json}");
+        println!(
+            "\n{} samples at {} Hz over {} s; top functions by self time:",
+            summary["sampling"]["samples"], summary["sampling"]["requested_hz"], summary["session"]["duration_s"]
+        );
+        for f in summary["top_functions"].as_array().into_iter().flatten().take(8) {
+            println!(
+                "  {:>6.2}% self {:>6.2}% total  {}",
+                f["self_pct"].as_f64().unwrap_or(0.0),
+                f["total_pct"].as_f64().unwrap_or(0.0),
+                f["name"].as_str().unwrap_or("?")
+            );
+        }
+        Ok(())
+    })();
+    let _ = target.kill();
+    let _ = target.wait();
+    result
+}
