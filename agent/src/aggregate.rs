@@ -72,17 +72,6 @@ impl RawProfile {
     pub fn add(&mut self, key: RawSampleKey, weight: Weight) {
         *self.samples.entry(key).or_default() += weight;
     }
-
-    /// Total weight of one process.
-    pub fn total_for(&self, tgid: u32) -> Weight {
-        let mut total = Weight::default();
-        for (k, w) in &self.samples {
-            if k.tgid == tgid {
-                total += *w;
-            }
-        }
-        total
-    }
 }
 
 /// A symbolized frame, as shown in flamegraphs.
@@ -277,7 +266,10 @@ pub(crate) mod tests {
                 user: StackSlot::Frames(user.into()),
                 kernel: kernel.map_or(StackSlot::Absent, |k| StackSlot::Frames(k.into())),
             },
-            Weight { samples, period_ns: samples * 10_000_000 },
+            Weight {
+                samples,
+                period_ns: samples * 10_000_000,
+            },
         )
     }
 
@@ -299,7 +291,10 @@ pub(crate) mod tests {
                 user: StackSlot::Lost(LostReason::Collision),
                 kernel: StackSlot::Absent,
             },
-            Weight { samples: 1, period_ns: 10_000_000 },
+            Weight {
+                samples: 1,
+                period_ns: 10_000_000,
+            },
         );
         // Another process: never in pid 100's profile.
         let (mut k, w) = sample(5, &[3], None, 1000);
@@ -326,9 +321,15 @@ pub(crate) mod tests {
     fn build_orders_frames() {
         let p = Profile::build(&raw(), 100, &FakeSymbols, &opts(false));
         assert_eq!(p.stacks[&stack(&["demo", "f1", "f2", "f3"])].samples, 60);
-        assert_eq!(p.stacks[&stack(&["demo", "f1", "f5", "k8_[k]", "k9_[k]"])].samples, 10);
+        assert_eq!(
+            p.stacks[&stack(&["demo", "f1", "f5", "k8_[k]", "k9_[k]"])].samples,
+            10
+        );
         assert_eq!(p.stacks[&stack(&["demo", "f1", "f7", "inl"])].samples, 10);
-        assert_eq!(p.stacks[&stack(&["demo", "[lost user stack: stack map collision]"])].samples, 1);
+        assert_eq!(
+            p.stacks[&stack(&["demo", "[lost user stack: stack map collision]"])].samples,
+            1
+        );
         assert_eq!(p.total().samples, 101);
     }
 
@@ -336,10 +337,16 @@ pub(crate) mod tests {
     #[test]
     fn build_per_thread() {
         let p = Profile::build(&raw(), 100, &FakeSymbols, &opts(true));
-        assert_eq!(p.stacks[&stack(&["demo", "worker/101", "f1", "f2", "f4"])].samples, 20);
+        assert_eq!(
+            p.stacks[&stack(&["demo", "worker/101", "f1", "f2", "f4"])].samples,
+            20
+        );
         assert_eq!(p.synthetic_depth, 2);
         let top = p.top_functions(3);
-        assert!(top.iter().all(|f| !f.name.contains('/')), "thread frames are not functions: {top:?}");
+        assert!(
+            top.iter().all(|f| !f.name.contains('/')),
+            "thread frames are not functions: {top:?}"
+        );
     }
 
     /// Test that self and total shares are time-weighted and counted once per stack.
@@ -352,7 +359,10 @@ pub(crate) mod tests {
         let f1 = top.iter().find(|f| f.name == "f1").expect("f1");
         assert_eq!(f1.self_pct, 0.0);
         assert!((f1.total_pct - 99.01).abs() < 0.01);
-        assert!(top.iter().all(|f| f.name != "demo"), "the process frame is not a function");
+        assert!(
+            top.iter().all(|f| f.name != "demo"),
+            "the process frame is not a function"
+        );
     }
 
     /// Test that a lower sampling rate (longer period) weighs more per sample.
@@ -362,8 +372,20 @@ pub(crate) mod tests {
         let (k1, _) = sample(1, &[1], None, 0);
         let (k2, _) = sample(1, &[2], None, 0);
         // 100 samples at 1 ms vs 10 samples at 10 ms: the same CPU time.
-        raw.add(k1, Weight { samples: 100, period_ns: 100 * 1_000_000 });
-        raw.add(k2, Weight { samples: 10, period_ns: 10 * 10_000_000 });
+        raw.add(
+            k1,
+            Weight {
+                samples: 100,
+                period_ns: 100 * 1_000_000,
+            },
+        );
+        raw.add(
+            k2,
+            Weight {
+                samples: 10,
+                period_ns: 10 * 10_000_000,
+            },
+        );
         let p = Profile::build(&raw, 100, &FakeSymbols, &opts(false));
         let top = p.top_functions(2);
         assert_eq!(top[0].self_pct, 50.0);

@@ -1,7 +1,7 @@
 //! Loading the embedded eBPF object, once per agent process.
 
 use aya::{Ebpf, EbpfLoader};
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 /// The eBPF object built by `build.rs` from `ebpf/`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/flamewatch"));
@@ -33,9 +33,6 @@ pub enum BpfError {
     /// A map the agent expects is not in the object.
     #[error("eBPF map {0} is missing from the object")]
     MissingMap(&'static str),
-    /// tracefs could not be mounted.
-    #[error("tracefs is not mounted at /sys/kernel/tracing and mounting it failed: {0}")]
-    Tracefs(std::io::Error),
 }
 
 /// Loads the object and starts forwarding aya-log records to `tracing`.
@@ -73,10 +70,12 @@ fn spawn_log_forwarder(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
         return;
     };
     handle.spawn(async move {
-        let mut fd = match tokio::io::unix::AsyncFd::with_interest(
-            logger,
-            tokio::io::Interest::READABLE,
-        ) {
+        // SAFETY: the logger owns its ring buffer's fd for as long as the
+        // AsyncFd owns the logger, and as_raw_fd always returns that fd.
+        let registered = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+        };
+        let mut fd = match registered {
             Ok(fd) => fd,
             Err(e) => {
                 warn!("cannot poll eBPF logs: {e}");
@@ -91,20 +90,4 @@ fn spawn_log_forwarder(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
             guard.clear_ready();
         }
     });
-}
-
-/// Tracepoints need tracefs; it is not mounted by default on these hosts.
-pub fn ensure_tracefs() -> Result<(), BpfError> {
-    if std::path::Path::new("/sys/kernel/tracing/events").is_dir() {
-        return Ok(());
-    }
-    info!("mounting tracefs at /sys/kernel/tracing");
-    let status = std::process::Command::new("mount")
-        .args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"])
-        .status()
-        .map_err(BpfError::Tracefs)?;
-    if !status.success() {
-        return Err(BpfError::Tracefs(std::io::Error::other(format!("mount exited with {status}"))));
-    }
-    Ok(())
 }

@@ -62,6 +62,24 @@ pub struct RecordArgs {
     /// Do not record kernel stacks.
     #[arg(long)]
     pub no_kernel: bool,
+    /// Most the profiling may cost the target, in percent of its CPU time;
+    /// the sampling rate is lowered (never raised past --freq) to stay under.
+    #[arg(long, value_name = "PCT", value_parser = parse_pct,
+          default_value_t = RecordConfig::default().max_overhead_pct)]
+    pub max_overhead: f64,
+}
+
+/// A percentage in (0, 100].
+pub fn parse_pct(text: &str) -> Result<f64, String> {
+    let v: f64 = text
+        .trim()
+        .trim_end_matches('%')
+        .parse()
+        .map_err(|_| format!("invalid percentage '{text}'"))?;
+    if !(v > 0.0 && v <= 100.0) {
+        return Err(format!("percentage '{text}' must be in (0, 100]"));
+    }
+    Ok(v)
 }
 
 /// A parsed `--duration`: `None` means until interrupted.
@@ -121,6 +139,7 @@ impl RecordArgs {
             label: self.label.clone(),
             per_thread: self.per_thread,
             kernel_stacks: !self.no_kernel,
+            max_overhead_pct: self.max_overhead,
             ..RecordConfig::default()
         }
     }
@@ -153,8 +172,23 @@ mod tests {
     #[test]
     fn record_options_are_parsed() {
         let r = record(&[
-            "record", "--process", "a", "--process", "b", "--duration", "1m30s", "--freq",
-            "999", "--output", "/tmp/x", "--label", "demo_1", "--per-thread", "--no-kernel",
+            "record",
+            "--process",
+            "a",
+            "--process",
+            "b",
+            "--duration",
+            "1m30s",
+            "--freq",
+            "999",
+            "--output",
+            "/tmp/x",
+            "--label",
+            "demo_1",
+            "--per-thread",
+            "--no-kernel",
+            "--max-overhead",
+            "2.5%",
         ]);
         assert_eq!(r.targets.processes, ["a", "b"]);
         let c = r.to_config();
@@ -164,14 +198,24 @@ mod tests {
         assert_eq!(c.label.as_deref(), Some("demo_1"));
         assert!(c.per_thread);
         assert!(!c.kernel_stacks);
+        assert_eq!(c.max_overhead_pct, 2.5);
     }
 
     /// Test that durations accept humantime forms, bare seconds and "until Ctrl-C".
     #[test]
     fn durations() {
-        assert_eq!(parse_duration("10s"), Ok(DurationArg(Some(Duration::from_secs(10)))));
-        assert_eq!(parse_duration("2.5"), Ok(DurationArg(Some(Duration::from_millis(2500)))));
-        assert_eq!(parse_duration("500ms"), Ok(DurationArg(Some(Duration::from_millis(500)))));
+        assert_eq!(
+            parse_duration("10s"),
+            Ok(DurationArg(Some(Duration::from_secs(10))))
+        );
+        assert_eq!(
+            parse_duration("2.5"),
+            Ok(DurationArg(Some(Duration::from_millis(2500))))
+        );
+        assert_eq!(
+            parse_duration("500ms"),
+            Ok(DurationArg(Some(Duration::from_millis(500))))
+        );
         assert_eq!(parse_duration("forever"), Ok(DurationArg(None)));
         assert_eq!(parse_duration("0"), Ok(DurationArg(None)));
         assert!(parse_duration("ten").is_err());
@@ -183,14 +227,16 @@ mod tests {
     #[test]
     fn bad_input_is_a_usage_error() {
         let cases: &[&[&str]] = &[
-            &["record"],                                     // no target
-            &["record", "--pid", "1", "--process", "x"],     // both kinds
-            &["record", "--pid", "abc"],                     // not a number
-            &["record", "--pid", "0"],                       // not a pid
-            &["record", "--pid", "1", "--freq", "0"],        // zero rate
-            &["record", "--pid", "1", "--freq", "200000"],   // above the kernel's limit
-            &["record", "--pid", "1", "--duration", "soon"], // malformed duration
-            &["record", "--pid", "1", "--label", "../etc"],  // label is a file name
+            &["record"],                                        // no target
+            &["record", "--pid", "1", "--process", "x"],        // both kinds
+            &["record", "--pid", "abc"],                        // not a number
+            &["record", "--pid", "0"],                          // not a pid
+            &["record", "--pid", "1", "--freq", "0"],           // zero rate
+            &["record", "--pid", "1", "--freq", "200000"],      // above the kernel's limit
+            &["record", "--pid", "1", "--duration", "soon"],    // malformed duration
+            &["record", "--pid", "1", "--label", "../etc"],     // label is a file name
+            &["record", "--pid", "1", "--max-overhead", "0"],   // no budget
+            &["record", "--pid", "1", "--max-overhead", "150"], // not a share
         ];
         for args in cases {
             let err = parse(args).expect_err(&format!("{args:?} must be rejected"));

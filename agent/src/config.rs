@@ -22,6 +22,8 @@ pub struct RecordConfig {
     pub drain_interval: Duration,
     /// Functions listed in the summary's `top_functions`.
     pub top_functions: usize,
+    /// Overhead budget, percent of the target's CPU time.
+    pub max_overhead_pct: f64,
 }
 
 impl Default for RecordConfig {
@@ -35,6 +37,7 @@ impl Default for RecordConfig {
             kernel_stacks: true,
             drain_interval: Duration::from_secs(1),
             top_functions: 25,
+            max_overhead_pct: 5.0,
         }
     }
 }

@@ -5,6 +5,7 @@ mod aggregate;
 mod bpf;
 mod cli;
 mod config;
+mod governor;
 mod render;
 mod sampling;
 mod session;
@@ -34,13 +35,19 @@ struct Failure {
 
 impl Failure {
     fn usage(error: impl Into<anyhow::Error>) -> Self {
-        Self { status: EXIT_USAGE, error: error.into() }
+        Self {
+            status: EXIT_USAGE,
+            error: error.into(),
+        }
     }
 }
 
 impl<E: Into<anyhow::Error>> From<E> for Failure {
     fn from(error: E) -> Self {
-        Self { status: 1, error: error.into() }
+        Self {
+            status: 1,
+            error: error.into(),
+        }
     }
 }
 
@@ -129,7 +136,12 @@ async fn record(args: RecordArgs) -> Result<(), Failure> {
     if let Some(missing) = target::missing_privileges() {
         return Err(Failure::usage(anyhow::anyhow!(missing)));
     }
-    let reports = session::record(&config, targets, SessionKind::OnDemand, stop).await?;
+    let reports = match session::record(&config, targets, SessionKind::OnDemand, stop).await {
+        Ok(reports) => reports,
+        // No room in the target's budget: a refusal, not a failure of ours.
+        Err(session::SessionError::Budget(e)) => return Err(Failure::usage(e)),
+        Err(e) => return Err(e.into()),
+    };
     for report in reports {
         let f = &report.summary.files;
         println!("{}", f.svg);

@@ -16,6 +16,11 @@ use crate::{
     aggregate::{BuildOptions, Profile, RawProfile},
     bpf,
     config::RecordConfig,
+    governor::{
+        budget, calibrate,
+        cost::{self, BpfStats, IntervalInput},
+        Decision, Governor, GovernorConfig, Observation,
+    },
     render::{self, flamegraph, folded, summary, RenderError},
     sampling::{period_for, Sampler, SamplingError},
     symbolize::{self, MapsCache},
@@ -34,6 +39,9 @@ pub enum SessionError {
     /// Writing a report failed.
     #[error(transparent)]
     Render(#[from] RenderError),
+    /// Other sessions use the target's overhead budget.
+    #[error(transparent)]
+    Budget(#[from] budget::BudgetError),
     /// The output folder cannot be created.
     #[error("cannot create output folder {path}: {source}")]
     Output {
@@ -48,12 +56,8 @@ pub enum SessionError {
 /// Why a session was started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SessionKind {
-    /// `flamewatch record` or `flamewatch trigger`.
+    /// `flamewatch record`.
     OnDemand,
-    /// From a schedule.
-    Scheduled,
-    /// Started by an alert.
-    Emergency,
 }
 
 impl SessionKind {
@@ -61,8 +65,6 @@ impl SessionKind {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::OnDemand => "on-demand",
-            Self::Scheduled => "scheduled",
-            Self::Emergency => "emergency",
         }
     }
 }
@@ -87,6 +89,19 @@ struct Tracked {
     threads_at_start: usize,
     exited_after: Option<Duration>,
     thread_names: HashMap<u32, String>,
+    governor: Governor,
+    claim: budget::Claim,
+    /// Counters at the end of the previous interval.
+    last_cpu_ns: u64,
+    last_samples: u64,
+    /// Session totals for the summary.
+    overhead_ns: f64,
+    cpu_ns: u64,
+    max_pct: f64,
+    hz_seconds: f64,
+    covered_s: f64,
+    paused_s: f64,
+    timeline: Vec<summary::TimelinePoint>,
 }
 
 /// Live progress: a rewritten status line on a terminal, else a log line
@@ -98,13 +113,16 @@ struct Progress {
 
 impl Progress {
     fn new() -> Self {
-        Self { tty: std::io::stderr().is_terminal(), last_log: Instant::now() }
+        Self {
+            tty: std::io::stderr().is_terminal(),
+            last_log: Instant::now(),
+        }
     }
 
-    fn update(&mut self, elapsed: Duration, limit: Option<Duration>, samples: u64, hz: u64) {
+    fn update(&mut self, elapsed: Duration, limit: Option<Duration>, samples: u64, hz: &str, pct: f64) {
         let limit = limit.map_or_else(|| "∞".to_owned(), |d| format!("{:.0}s", d.as_secs_f64()));
         let line = format!(
-            "recording {:.0}s / {limit}  samples {samples}  rate {hz} Hz",
+            "recording {:.0}s / {limit}  samples {samples}  rate {hz} Hz  overhead {pct:.2}%",
             elapsed.as_secs_f64()
         );
         if self.tty {
@@ -123,6 +141,9 @@ impl Progress {
     }
 }
 
+/// Name of the sampling program (for its run-time statistics).
+const SAMPLE_PROG: &str = "flamewatch_sample";
+
 /// Runs one recording session over `targets` until `config.duration`
 /// elapses, `stop` turns true, or every target has exited.
 pub async fn record(
@@ -135,28 +156,71 @@ pub async fn record(
         path: config.output.clone(),
         source,
     })?;
-    let period_ns = period_for(config.freq_hz);
+    let started_at = SystemTime::now();
+    let registry = budget::Registry::system();
+    // Refuse before touching anything when other sessions use the budget.
+    let mut budgets = HashMap::new();
+    for t in &targets {
+        budgets.insert(t.pid, registry.available(t.pid, config.max_overhead_pct)?);
+    }
+    let base_period_ns = period_for(config.freq_hz);
     let mut maps = MapsCache::default();
     for t in &targets {
         // Mappings first: a target that exits at once is still symbolized.
         let _ = maps.capture(t.pid);
     }
+    let _stats = BpfStats::enable();
     let mut ebpf = bpf::load()?;
-    let mut sampler = Sampler::new(&mut ebpf, period_ns)?;
+    let mut sampler = Sampler::new(&mut ebpf)?;
+    let prog_stats = |ebpf: &aya::Ebpf| cost::program_stats(ebpf).remove(SAMPLE_PROG).unwrap_or_default();
+    let calibration =
+        tokio::task::block_in_place(|| calibrate::calibration(sampler.prog_fd(), || prog_stats(&ebpf)));
+
     let mut tracked = Vec::new();
     for t in targets {
-        let threads = sampler.add_target(&t, config.kernel_stacks)?;
-        info!(pid = t.pid, comm = %t.comm, threads, "sampling at {} Hz", config.freq_hz);
-        tracked.push(Tracked { target: t, threads_at_start: threads, exited_after: None, thread_names: HashMap::new() });
+        let mut governor = Governor::new(GovernorConfig {
+            budget_pct: budgets[&t.pid],
+            ceiling_hz: config.freq_hz,
+            min_hz: 1,
+        });
+        let hz = governor.start_with_estimate(calibration.cost_per_hz_pct());
+        if hz < config.freq_hz {
+            info!(
+                pid = t.pid,
+                "starting at {hz} Hz: {} Hz is predicted over the {:.1} % budget",
+                config.freq_hz,
+                governor.budget_pct()
+            );
+        }
+        let session_id = session_id(kind, started_at, t.pid);
+        let threads = sampler.add_target(&t, config.kernel_stacks, period_for(hz))?;
+        info!(pid = t.pid, comm = %t.comm, threads, "sampling at {hz} Hz");
+        tracked.push(Tracked {
+            claim: registry.claim(t.pid, &session_id, hz),
+            target: t,
+            threads_at_start: threads,
+            exited_after: None,
+            thread_names: HashMap::new(),
+            governor,
+            last_cpu_ns: 0,
+            last_samples: 0,
+            overhead_ns: 0.0,
+            cpu_ns: 0,
+            max_pct: 0.0,
+            hz_seconds: 0.0,
+            covered_s: 0.0,
+            paused_s: 0.0,
+            timeline: Vec::new(),
+        });
     }
 
-    let started_at = SystemTime::now();
     let start = Instant::now();
     let mut raw = RawProfile::default();
     let mut progress = Progress::new();
-    let mut tick = tokio::time::interval(config.drain_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick.tick().await;
+    let mut last_tick = Instant::now();
+    let mut last_prog = prog_stats(&ebpf);
+    let mut last_agent_cpu = cost::process_cpu_ns();
+    let (mut housekeeping_ns, mut bpf_run) = (0u64, cost::ProgStats::default());
     loop {
         let remaining = config.duration.map(|d| d.saturating_sub(start.elapsed()));
         if remaining.is_some_and(|r| r.is_zero()) {
@@ -170,22 +234,102 @@ pub async fn record(
                 break;
             }
         }
-        sampler.drain(&mut raw)?;
-        for t in tracked.iter_mut().filter(|t| t.exited_after.is_none()) {
-            if t.target.is_alive() {
-                let _ = maps.capture(t.target.pid);
-                if config.per_thread {
-                    remember_thread_names(t);
-                }
-            } else {
-                let after = start.elapsed();
-                warn!(pid = t.target.pid, "target exited after {:.1} s; reporting what was collected", after.as_secs_f64());
-                t.exited_after = Some(after);
-                sampler.remove_target(t.target.pid);
+        let mut processing_ns = 0;
+        cost::timed(&mut processing_ns, || sampler.drain(&mut raw))?;
+        let dt = last_tick.elapsed().as_secs_f64();
+        last_tick = Instant::now();
+        let prog = prog_stats(&ebpf);
+        let prog_delta = prog.since(last_prog);
+        last_prog = prog;
+        bpf_run.run_ns += prog_delta.run_ns;
+        bpf_run.runs += prog_delta.runs;
+        let agent_cpu = cost::process_cpu_ns();
+        housekeeping_ns += agent_cpu
+            .saturating_sub(last_agent_cpu)
+            .saturating_sub(processing_ns);
+        last_agent_cpu = agent_cpu;
+
+        // Samples of each target this interval (for attributing shared costs).
+        let interval: Vec<(u64, u64)> = tracked
+            .iter()
+            .map(|t| {
+                let samples = sampler.target_stats(t.target.pid).map_or(0, |s| s.samples);
+                (samples.saturating_sub(t.last_samples), samples)
+            })
+            .collect();
+        let all_samples: u64 = interval.iter().map(|(d, _)| d).sum::<u64>().max(1);
+        let elapsed = start.elapsed().as_secs_f64();
+        let mut status = (0u64, Vec::new(), 0.0f64);
+        for (t, (samples, total_samples)) in tracked.iter_mut().zip(interval) {
+            if t.exited_after.is_some() {
+                continue;
             }
+            let pid = t.target.pid;
+            let cpu = sampler.target_cpu_ns(pid);
+            let cpu_delta = cpu.saturating_sub(t.last_cpu_ns);
+            t.last_cpu_ns = cpu;
+            t.last_samples = total_samples;
+            let hz = t.governor.hz();
+            let c = cost::overhead(
+                IntervalInput {
+                    target_cpu_ns: cpu_delta,
+                    samples,
+                    bpf_ns: (samples as f64 * prog_delta.mean_ns()) as u64,
+                    processing_ns: processing_ns * samples / all_samples,
+                },
+                calibration.interrupt_ns,
+            );
+            t.overhead_ns += (c.bpf_ns + c.interrupt_ns + c.processing_ns) as f64;
+            t.cpu_ns += cpu_delta;
+            t.max_pct = t.max_pct.max(c.overhead_pct);
+            t.hz_seconds += hz as f64 * dt;
+            t.covered_s += dt;
+            if hz == 0 {
+                t.paused_s += dt;
+            }
+            t.timeline.push(summary::TimelinePoint {
+                t: round3(elapsed),
+                hz,
+                pct: round3(c.overhead_pct),
+            });
+            status.0 += total_samples;
+            status.1.push(hz.to_string());
+            status.2 = status.2.max(c.overhead_pct);
+
+            if !t.target.is_alive() {
+                let after = start.elapsed();
+                warn!(
+                    pid,
+                    "target exited after {:.1} s; reporting what was collected",
+                    after.as_secs_f64()
+                );
+                t.exited_after = Some(after);
+                sampler.remove_target(pid);
+                continue;
+            }
+            let _ = maps.capture(pid);
+            if config.per_thread {
+                remember_thread_names(t);
+            }
+            // Other sessions on this target may have started or ended.
+            if let Ok(available) = registry.available(pid, config.max_overhead_pct) {
+                t.governor.set_budget(available);
+            }
+            let decision = t.governor.observe(Observation {
+                hz,
+                overhead_pct: c.overhead_pct,
+                target_cpu_ns: cpu_delta,
+            });
+            apply(&mut sampler, t, decision, hz, c.overhead_pct)?;
+            t.claim.update(round3(c.overhead_pct), t.governor.hz());
         }
-        let samples: u64 = tracked.iter().filter_map(|t| sampler.target_stats(t.target.pid)).map(|s| s.samples).sum();
-        progress.update(start.elapsed(), config.duration, samples, config.freq_hz);
+        progress.update(
+            start.elapsed(),
+            config.duration,
+            status.0,
+            &status.1.join(","),
+            status.2,
+        );
         if tracked.iter().all(|t| t.exited_after.is_some()) {
             break;
         }
@@ -194,6 +338,7 @@ pub async fn record(
     let elapsed = start.elapsed();
 
     sampler.drain_all(&mut raw)?;
+    let child_process_samples = sampler.foreign_samples();
     let stats: HashMap<u32, _> = tracked
         .iter()
         .filter_map(|t| Some((t.target.pid, sampler.target_stats(t.target.pid)?)))
@@ -204,6 +349,7 @@ pub async fn record(
 
     let pids: Vec<u32> = tracked.iter().map(|t| t.target.pid).collect();
     let symbols = tokio::task::block_in_place(|| symbolize::symbolize(&raw, &maps, &pids));
+    let agent_cpu_pct = round3(100.0 * housekeeping_ns as f64 / elapsed.as_nanos().max(1) as f64);
 
     let mut reports = Vec::new();
     for t in &tracked {
@@ -220,15 +366,45 @@ pub async fn record(
         let st = stats.get(&pid).copied().unwrap_or_default();
         let mut warnings = Vec::new();
         if let Some(after) = t.exited_after {
-            warnings.push(format!("target exited after {:.1} s; the report covers that time", after.as_secs_f64()));
+            warnings.push(format!(
+                "target exited after {:.1} s; the report covers that time",
+                after.as_secs_f64()
+            ));
         }
         if st.map_full > 0 {
             warnings.push(format!("{} samples lost: aggregation map full", st.map_full));
         }
         let collisions = st.user_stack_collisions + st.kernel_stack_collisions;
         if collisions > 0 {
-            warnings.push(format!("{collisions} stacks lost to stack-map collisions (shown as [lost … stack])"));
+            warnings.push(format!(
+                "{collisions} stacks lost to stack-map collisions (shown as [lost … stack])"
+            ));
         }
+        if t.paused_s > 0.0 {
+            warnings.push(format!(
+                "sampling was paused for {:.0} s: even 1 Hz cost more than the {:.1} % budget",
+                t.paused_s, config.max_overhead_pct
+            ));
+        }
+        let overhead = summary::OverheadInfo {
+            budget_pct: config.max_overhead_pct,
+            measured_pct: round3(if t.cpu_ns == 0 {
+                0.0
+            } else {
+                100.0 * t.overhead_ns / t.cpu_ns as f64
+            }),
+            max_pct: round3(t.max_pct),
+            agent_cpu_pct,
+            interrupt_ns_per_sample: calibration.interrupt_ns.round(),
+            bpf_ns_per_sample: bpf_run.mean_ns().round(),
+            paused_s: round3(t.paused_s),
+            timeline: t.timeline.clone(),
+        };
+        let effective_hz = if t.covered_s > 0.0 {
+            round3(t.hz_seconds / t.covered_s)
+        } else {
+            t.governor.hz() as f64
+        };
         let report = write_report(
             &config.output,
             &stem,
@@ -239,10 +415,12 @@ pub async fn record(
                 started_at,
                 duration,
                 requested_hz: config.freq_hz,
-                base_period_ns: period_ns,
+                effective_hz,
+                base_period_ns,
                 kernel_stacks: config.kernel_stacks,
                 per_thread: config.per_thread,
                 threads_at_start: t.threads_at_start,
+                child_process_samples,
                 lost_samples: st.map_full,
                 stack_errors: summary::StackErrors {
                     user_collisions: st.user_stack_collisions,
@@ -250,6 +428,7 @@ pub async fn record(
                     kernel_collisions: st.kernel_stack_collisions,
                     kernel_errors: st.kernel_stack_errors,
                 },
+                overhead,
                 top_n: config.top_functions,
                 warnings,
             },
@@ -257,6 +436,49 @@ pub async fn record(
         reports.push(report);
     }
     Ok(reports)
+}
+
+/// Carries out a governor decision, logging each change of rate.
+fn apply(
+    sampler: &mut Sampler,
+    t: &Tracked,
+    decision: Decision,
+    was: u64,
+    pct: f64,
+) -> Result<(), SessionError> {
+    let pid = t.target.pid;
+    let budget = t.governor.budget_pct();
+    match decision {
+        Decision::Keep => {}
+        Decision::SetRate(hz) => {
+            info!(
+                pid,
+                "sampling rate {was} -> {hz} Hz (overhead {pct:.2} %, budget {budget:.1} %)"
+            );
+            sampler.set_period(pid, period_for(hz))?;
+        }
+        Decision::Pause => {
+            warn!(
+                pid,
+                "pausing sampling: even {was} Hz costs {pct:.2} % (budget {budget:.1} %); will probe again"
+            );
+            sampler.pause(pid);
+        }
+        Decision::Resume(hz) => {
+            info!(pid, "resuming sampling at {hz} Hz to measure the cost again");
+            sampler.resume(pid, period_for(hz))?;
+        }
+    }
+    Ok(())
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+/// `<kind>_<UTC timestamp>_<pid>`.
+pub fn session_id(kind: SessionKind, started_at: SystemTime, pid: u32) -> String {
+    format!("{}_{}_{}", kind.as_str(), compact_timestamp(started_at), pid)
 }
 
 fn remember_thread_names(t: &mut Tracked) {
@@ -281,6 +503,8 @@ pub struct ReportMeta {
     pub duration: Duration,
     /// Requested rate.
     pub requested_hz: u64,
+    /// Time-weighted mean rate.
+    pub effective_hz: f64,
     /// Period of the requested rate (the unit of folded counts).
     pub base_period_ns: u64,
     /// Kernel stacks on.
@@ -289,10 +513,14 @@ pub struct ReportMeta {
     pub per_thread: bool,
     /// Threads attached at start.
     pub threads_at_start: usize,
+    /// Samples of forked children of the targets.
+    pub child_process_samples: u64,
     /// Samples lost before aggregation.
     pub lost_samples: u64,
     /// Stack errors.
     pub stack_errors: summary::StackErrors,
+    /// Cost and governor timeline.
+    pub overhead: summary::OverheadInfo,
     /// Length of `top_functions`.
     pub top_n: usize,
     /// Warnings for the summary.
@@ -309,18 +537,17 @@ pub fn write_report(
 ) -> Result<Report, SessionError> {
     let total = profile.total();
     let duration_s = (meta.duration.as_secs_f64() * 1000.0).round() / 1000.0;
-    // The rate is constant within a session until the governor exists; its
-    // time-weighted mean is then the requested rate.
-    let effective_hz = meta.requested_hz as f64;
     let folded_text = folded::render(profile, meta.base_period_ns);
     let title = flamegraph::Title {
         title: format!("{} (pid {}): on-CPU", target.comm, target.pid),
         subtitle: format!(
-            "{} session, {:.1} s at {} Hz, {} samples",
+            "{} session, {:.1} s at {:.0} Hz (requested {}), {} samples, overhead {:.2} %",
             meta.kind.as_str(),
             duration_s,
+            meta.effective_hz,
             meta.requested_hz,
-            total.samples
+            total.samples,
+            meta.overhead.measured_pct
         ),
         count_name: "samples".into(),
     };
@@ -336,7 +563,12 @@ pub fn write_report(
     let summary = summary::Summary {
         version: summary::VERSION,
         session: summary::SessionInfo {
-            id: format!("{}_{}_{}", meta.kind.as_str(), compact_timestamp(meta.started_at), target.pid),
+            id: format!(
+                "{}_{}_{}",
+                meta.kind.as_str(),
+                compact_timestamp(meta.started_at),
+                target.pid
+            ),
             kind: meta.kind.as_str().to_owned(),
             started_at: humantime::format_rfc3339_seconds(meta.started_at).to_string(),
             duration_s,
@@ -344,20 +576,25 @@ pub fn write_report(
         targets: vec![target.clone()],
         sampling: summary::SamplingInfo {
             requested_hz: meta.requested_hz,
-            effective_hz,
+            effective_hz: meta.effective_hz,
             samples: total.samples,
             lost_samples: meta.lost_samples,
             sampled_cpu_s: (total.period_ns as f64 / 1e6).round() / 1e3,
             kernel_stacks: meta.kernel_stacks,
             per_thread: meta.per_thread,
             threads_at_start: meta.threads_at_start,
+            child_process_samples: meta.child_process_samples,
             stack_errors: meta.stack_errors,
         },
+        overhead: meta.overhead,
         top_functions: profile.top_functions(meta.top_n),
         files,
         warnings: meta.warnings,
     };
-    render::write_file(&path("json"), summary.to_json().map_err(RenderError::from)?.as_bytes())?;
+    render::write_file(
+        &path("json"),
+        summary.to_json().map_err(RenderError::from)?.as_bytes(),
+    )?;
     Ok(Report { summary })
 }
 
@@ -365,10 +602,20 @@ pub fn write_report(
 fn sanitize(name: &str) -> String {
     let s: String = name
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     let s = s.trim_start_matches('.').to_owned();
-    if s.is_empty() { "target".to_owned() } else { s }
+    if s.is_empty() {
+        "target".to_owned()
+    } else {
+        s
+    }
 }
 
 #[cfg(test)]

@@ -34,16 +34,15 @@ pub struct ModuleFile {
     open_path: PathBuf,
     /// Keeps `open_path` valid when it is one of our descriptors.
     _keep: Option<File>,
-    /// GNU build id, when the file has one.
-    pub build_id: Option<Vec<u8>>,
 }
 
 impl ModuleFile {
     /// Short name for frames: the file name.
     pub fn short_name(&self) -> String {
-        self.path
-            .file_name()
-            .map_or_else(|| self.path.display().to_string(), |n| n.to_string_lossy().into_owned())
+        self.path.file_name().map_or_else(
+            || self.path.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        )
     }
 }
 
@@ -185,15 +184,10 @@ impl MapsCache {
         if let Some(file) = self.files.get(&key) {
             return Some(file.clone());
         }
-        let build_id = blazesym::helper::read_elf_build_id(&open_path)
-            .ok()
-            .flatten()
-            .map(|id| id.to_vec());
         let file = Arc::new(ModuleFile {
             path,
             open_path,
             _keep: keep,
-            build_id,
         });
         self.files.insert(key, file.clone());
         Some(file)
@@ -205,17 +199,16 @@ impl MapsCache {
         let i = maps.partition_point(|m| m.start <= addr);
         maps.get(i.checked_sub(1)?).filter(|m| addr < m.end)
     }
-
-    /// Captured mappings of `pid`.
-    pub fn mappings(&self, pid: u32) -> &[Mapping] {
-        self.by_pid.get(&pid).map_or(&[], Vec::as_slice)
-    }
 }
 
 /// The address to look up for a stack entry: return addresses point after
 /// the call, so look at the call itself.
 fn lookup_addr(ip: u64, is_leaf: bool) -> u64 {
-    if is_leaf { ip } else { ip.saturating_sub(1) }
+    if is_leaf {
+        ip
+    } else {
+        ip.saturating_sub(1)
+    }
 }
 
 /// Symbols of every address of a raw profile, looked up in batches.
@@ -250,6 +243,9 @@ fn frames_of(sym: &Symbolized<'_>) -> Option<Vec<FrameName>> {
     }
 }
 
+/// A file and the (address, file offset) pairs to look up in it.
+type FileBatch = (Arc<ModuleFile>, Vec<(u64, u64)>);
+
 /// Looks up every address of `raw` (for the processes in `pids`).
 pub fn symbolize(raw: &RawProfile, maps: &MapsCache, pids: &[u32]) -> SymbolTable {
     let mut user: HashMap<u32, HashSet<u64>> = HashMap::new();
@@ -274,10 +270,15 @@ pub fn symbolize(raw: &RawProfile, maps: &MapsCache, pids: &[u32]) -> SymbolTabl
 
     for (tgid, addrs) in user {
         // Group by mapped file so each file is opened and searched once.
-        let mut by_file: BTreeMap<*const ModuleFile, (Arc<ModuleFile>, Vec<(u64, u64)>)> = BTreeMap::new();
+        let mut by_file: BTreeMap<*const ModuleFile, FileBatch> = BTreeMap::new();
         for addr in addrs {
             let frames: Arc<[FrameName]> = match maps.lookup(tgid, addr) {
-                Some(Mapping { kind: MappingKind::File(file), start, offset, .. }) => {
+                Some(Mapping {
+                    kind: MappingKind::File(file),
+                    start,
+                    offset,
+                    ..
+                }) => {
                     let file_offset = addr - start + offset;
                     by_file
                         .entry(Arc::as_ptr(file))
@@ -286,10 +287,14 @@ pub fn symbolize(raw: &RawProfile, maps: &MapsCache, pids: &[u32]) -> SymbolTabl
                         .push((addr, file_offset));
                     continue;
                 }
-                Some(Mapping { kind: MappingKind::Vdso, .. }) => [FrameName::from("[vdso]")].into(),
-                Some(Mapping { kind: MappingKind::Other(name), .. }) => {
-                    [FrameName::from(format!("[unknown] {name}"))].into()
-                }
+                Some(Mapping {
+                    kind: MappingKind::Vdso,
+                    ..
+                }) => [FrameName::from("[vdso]")].into(),
+                Some(Mapping {
+                    kind: MappingKind::Other(name),
+                    ..
+                }) => [FrameName::from(format!("[unknown] {name}"))].into(),
                 None => [FrameName::from("[unknown]")].into(),
             };
             table.user.insert((tgid, addr), frames);
@@ -333,14 +338,17 @@ pub fn symbolize(raw: &RawProfile, maps: &MapsCache, pids: &[u32]) -> SymbolTabl
             let frames: Vec<FrameName> = results
                 .get(i)
                 .and_then(frames_of)
-                .map(|f| f.into_iter().map(|n| FrameName::from(format!("{n}_[k]"))).collect())
+                .map(|f| {
+                    f.into_iter()
+                        .map(|n| FrameName::from(format!("{n}_[k]")))
+                        .collect()
+                })
                 .unwrap_or_else(|| vec![FrameName::from("[unknown]_[k]")]);
             table.kernel.insert(addr, frames.into());
         }
     }
     table
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -371,8 +379,11 @@ mod tests {
         let pid = std::process::id();
         let mut maps = MapsCache::default();
         assert!(maps.capture(pid).expect("own maps"));
-        assert!(!maps.capture(pid).expect("own maps"), "unchanged maps are not re-read");
-        let addr = symbolizes_own_function as usize as u64;
+        assert!(
+            !maps.capture(pid).expect("own maps"),
+            "unchanged maps are not re-read"
+        );
+        let addr = symbolizes_own_function as *const () as u64;
         let mapping = maps.lookup(pid, addr).expect("mapped");
         assert!(matches!(mapping.kind, MappingKind::File(_)));
         let mut raw = RawProfile::default();
@@ -383,7 +394,10 @@ mod tests {
                 user: StackSlot::Frames([addr, addr + 1].into()),
                 kernel: StackSlot::Absent,
             },
-            crate::aggregate::Weight { samples: 1, period_ns: 1 },
+            crate::aggregate::Weight {
+                samples: 1,
+                period_ns: 1,
+            },
         );
         let table = symbolize(&raw, &maps, &[pid]);
         let frames = table.user(pid, addr, true);

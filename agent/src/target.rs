@@ -1,8 +1,7 @@
 //! Finding target processes (by pid or name) and the /proc facts about them.
 
 use std::{
-    fs,
-    io,
+    fs, io,
     path::{Path, PathBuf},
 };
 
@@ -209,7 +208,10 @@ pub fn missing_privileges() -> Option<String> {
     if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
         return None;
     }
-    Some("flamewatch must run as root (or with CAP_BPF and CAP_PERFMON) to load eBPF programs; try sudo".to_owned())
+    Some(
+        "flamewatch must run as root (or with CAP_BPF and CAP_PERFMON) to load eBPF programs; try sudo"
+            .to_owned(),
+    )
 }
 
 #[cfg(test)]
@@ -230,14 +232,20 @@ mod tests {
     /// Test that a kernel thread (pid 2, kthreadd) is refused.
     #[test]
     fn kernel_thread_is_refused() {
-        assert!(matches!(Target::from_pid(2), Err(TargetError::KernelThread { .. })));
+        assert!(matches!(
+            Target::from_pid(2),
+            Err(TargetError::KernelThread { .. })
+        ));
     }
 
     /// Test that a missing pid is reported as such.
     #[test]
     fn missing_pid_is_refused() {
         // pid_max is at most 2^22.
-        assert!(matches!(Target::from_pid(4_194_304 + 7), Err(TargetError::NoSuchPid { .. })));
+        assert!(matches!(
+            Target::from_pid(4_194_304 + 7),
+            Err(TargetError::NoSuchPid { .. })
+        ));
     }
 
     /// Test that name matching uses comm, the truncated comm and the exe basename.

@@ -4,9 +4,7 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, StackTrace},
 };
-use flamewatch_common::{
-    ForeignStats, SampleKey, SampleValue, TargetInfo, TargetStats, MAX_TARGETS,
-};
+use flamewatch_common::{ForeignStats, SampleKey, SampleValue, TargetInfo, TargetStats, MAX_TARGETS};
 
 /// The processes being profiled, keyed by tgid. Every program's first (and,
 /// for non-targets, only) lookup.

@@ -12,13 +12,9 @@ use aya_ebpf::{
     maps::{PerCpuHashMap, StackTrace},
     programs::{tracing::StackIdContext as _, PerfEventContext},
 };
-use flamewatch_common::{
-    config_index, target_flags, SampleKey, SampleValue, TargetStats, NO_STACK,
-};
+use flamewatch_common::{config_index, target_flags, SampleKey, SampleValue, TargetStats, NO_STACK};
 
-use crate::maps::{
-    CONFIG, COUNTS_0, COUNTS_1, FOREIGN, STACKS_0, STACKS_1, TARGETS, TARGET_STATS,
-};
+use crate::maps::{CONFIG, COUNTS_0, COUNTS_1, FOREIGN, STACKS_0, STACKS_1, TARGETS, TARGET_STATS};
 
 const EEXIST: i32 = 17;
 
@@ -42,12 +38,11 @@ pub fn try_sample(ctx: &PerfEventContext) -> Result<(), i64> {
     let stats: &mut TargetStats = unsafe { &mut *stats };
 
     let generation = CONFIG.get(config_index::GENERATION).copied().unwrap_or(0);
-    let (counts, stacks): (&PerCpuHashMap<SampleKey, SampleValue>, &StackTrace) =
-        if generation == 0 {
-            (&COUNTS_0, &STACKS_0)
-        } else {
-            (&COUNTS_1, &STACKS_1)
-        };
+    let (counts, stacks): (&PerCpuHashMap<SampleKey, SampleValue>, &StackTrace) = if generation == 0 {
+        (&COUNTS_0, &STACKS_0)
+    } else {
+        (&COUNTS_1, &STACKS_1)
+    };
 
     // SAFETY: ctx points at the kernel's bpf_perf_event_data for this sample.
     let period = unsafe { (*ctx.ctx).sample_period };

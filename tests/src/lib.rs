@@ -20,7 +20,10 @@ pub fn target_bin(name: &str) -> PathBuf {
 
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_owned()
 }
 
 /// The agent binary: `FLAMEWATCH_BIN`, else target/release/flamewatch
@@ -29,8 +32,8 @@ pub fn flamewatch_bin() -> PathBuf {
     if let Some(bin) = std::env::var_os("FLAMEWATCH_BIN") {
         return bin.into();
     }
-    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| workspace_root().join("target"), PathBuf::from);
+    let target_dir =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace_root().join("target"), PathBuf::from);
     let bin = target_dir.join("release/flamewatch");
     assert!(
         bin.exists(),
@@ -86,7 +89,10 @@ impl TestProcess {
     /// Starts `cmd` without waiting for anything.
     pub fn spawn(mut cmd: Command) -> Self {
         let child = cmd.spawn().unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
-        Self { child, banner: String::new() }
+        Self {
+            child,
+            banner: String::new(),
+        }
     }
 
     /// Its pid.
@@ -130,7 +136,10 @@ impl Drop for TestProcess {
 pub fn flamewatch(args: &[&str]) -> Output {
     Command::new(flamewatch_bin())
         .args(args)
-        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        )
         .output()
         .expect("running flamewatch")
 }
@@ -215,7 +224,10 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
 
 /// A fresh output folder for one test.
 pub fn output_dir() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("flamewatch-test-").tempdir().expect("temp dir")
+    tempfile::Builder::new()
+        .prefix("flamewatch-test-")
+        .tempdir()
+        .expect("temp dir")
 }
 
 /// Ids of the BPF programs a process holds open (from /proc/PID/fdinfo):

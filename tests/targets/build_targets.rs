@@ -22,6 +22,7 @@ pub struct TargetSpec {
 /// Every target program.
 pub const TARGETS: &[TargetSpec] = &[
     TargetSpec { name: "hotpaths", sources: &["hotpaths.c"], cxx: false, variants: true },
+    TargetSpec { name: "throughput", sources: &["throughput.c"], cxx: false, variants: true },
 ];
 
 /// Builds every target of [`TARGETS`] from `src_dir` into `out_dir`. Returns

@@ -27,14 +27,34 @@ fn three_to_one_split() {
     let target = hotpaths(&["--ratio", "3:1"]);
     let out_dir = output_dir();
     let pid = target.pid().to_string();
-    let out = flamewatch(&["record", "--pid", &pid, "--duration", "5s", "--freq", "199",
-                           "--output", out_dir.path().to_str().unwrap(), "--label", "split"]);
+    let out = flamewatch(&[
+        "record",
+        "--pid",
+        &pid,
+        "--duration",
+        "5s",
+        "--freq",
+        "199",
+        "--output",
+        out_dir.path().to_str().unwrap(),
+        "--label",
+        "split",
+    ]);
     assert!(out.status.success(), "{}", stderr(&out));
     let json = printed_files(&out.stdout, "json");
     let svg = printed_files(&out.stdout, "svg");
     let folded = printed_files(&out.stdout, "folded");
-    assert_eq!((json.len(), svg.len(), folded.len()), (1, 1, 1), "three paths printed");
-    assert!(json[0].file_name().unwrap().to_str().unwrap().starts_with(&format!("split-{pid}-")));
+    assert_eq!(
+        (json.len(), svg.len(), folded.len()),
+        (1, 1, 1),
+        "three paths printed"
+    );
+    assert!(json[0]
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .starts_with(&format!("split-{pid}-")));
     let summary = read_json(&json[0]);
     let samples = summary["sampling"]["samples"].as_u64().unwrap();
     assert!(samples > 500, "5 s at 199 Hz of a busy thread: {samples} samples");
@@ -42,10 +62,20 @@ fn three_to_one_split() {
     let b = self_pct(&summary, "hot_b");
     assert!((a - 75.0).abs() <= 5.0, "hot_a {a}% (want 75 ± 5)\n{summary:#}");
     assert!((b - 25.0).abs() <= 5.0, "hot_b {b}% (want 25 ± 5)");
-    assert!(total_pct(&summary, "main") > 95.0, "main is the root of the target's stacks");
+    assert!(
+        total_pct(&summary, "main") > 95.0,
+        "main is the root of the target's stacks"
+    );
     let stacks = read_folded(&folded[0]);
-    assert!(stacks.iter().any(|(s, _)| s.ends_with(&["main".into(), "worker".into(), "path_a".into(), "hot_a".into()])),
-            "full stacks main;worker;path_a;hot_a: {stacks:?}");
+    assert!(
+        stacks.iter().any(|(s, _)| s.ends_with(&[
+            "main".into(),
+            "worker".into(),
+            "path_a".into(),
+            "hot_a".into()
+        ])),
+        "full stacks main;worker;path_a;hot_a: {stacks:?}"
+    );
     let svg_text = std::fs::read_to_string(&svg[0]).unwrap();
     assert!(svg_text.contains("hot_a") && svg_text.contains(&format!("pid {pid}")));
 }
@@ -65,20 +95,38 @@ fn by_name_and_late_threads() {
     let mut cmd = Command::new(&bin);
     cmd.args(["--late-threads", "1", "--late-after", "1.5"]);
     let target = TestProcess::spawn_ready(cmd);
-    let out = flamewatch(&["record", "--process", &name, "--duration", "4s", "--per-thread",
-                           "--output", dir.path().to_str().unwrap()]);
+    let out = flamewatch(&[
+        "record",
+        "--process",
+        &name,
+        "--duration",
+        "4s",
+        "--per-thread",
+        "--output",
+        dir.path().to_str().unwrap(),
+    ]);
     assert!(out.status.success(), "{}", stderr(&out));
     let json = printed_files(&out.stdout, "json");
     assert_eq!(json.len(), 1);
     let summary = read_json(&json[0]);
-    assert_eq!(summary["targets"][0]["pid"].as_u64(), Some(u64::from(target.pid())));
+    assert_eq!(
+        summary["targets"][0]["pid"].as_u64(),
+        Some(u64::from(target.pid()))
+    );
     // main and the sleeping starter; the late worker does not exist yet.
     assert_eq!(summary["sampling"]["threads_at_start"].as_u64(), Some(2));
     let stacks = read_folded(&printed_files(&out.stdout, "folded")[0]);
-    let late: u64 = stacks.iter().filter(|(s, _)| s[1].starts_with("late-worker/")).map(|(_, n)| n).sum();
+    let late: u64 = stacks
+        .iter()
+        .filter(|(s, _)| s[1].starts_with("late-worker/"))
+        .map(|(_, n)| n)
+        .sum();
     let total: u64 = stacks.iter().map(|(_, n)| n).sum();
     // The late thread ran ~2.5 of the 4 s on the second core.
-    assert!(late * 5 > total, "late thread sampled: {late} of {total}\n{stacks:?}");
+    assert!(
+        late * 5 > total,
+        "late thread sampled: {late} of {total}\n{stacks:?}"
+    );
 }
 
 /// Test that bad input gets one clear line on stderr and exit status 2.
@@ -90,15 +138,25 @@ fn bad_input_exits_2() {
     let cases: &[(&[&str], &str)] = &[
         (&["record", "--pid", "4194311"], "no process with pid 4194311"),
         (&["record", "--pid", "2"], "kernel thread"),
-        (&["record", "--process", "no-such-process-xyz"], "no running process named"),
-        (&["record", "--pid", "1", "--duration", "soon"], "invalid duration"),
+        (
+            &["record", "--process", "no-such-process-xyz"],
+            "no running process named",
+        ),
+        (
+            &["record", "--pid", "1", "--duration", "soon"],
+            "invalid duration",
+        ),
         (&["record", "--pid", "1", "--freq", "0"], "--freq"),
         (&["record", "--pid", "1", "--freq", "abc"], "--freq"),
     ];
     for (args, message) in cases {
         let out = flamewatch(args);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
-        assert!(stderr(&out).contains(message), "{args:?}: stderr lacks {message:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains(message),
+            "{args:?}: stderr lacks {message:?}: {}",
+            stderr(&out)
+        );
     }
 }
 
@@ -110,7 +168,12 @@ fn not_root_exits_2() {
     }
     let target = hotpaths(&["--seconds", "10"]);
     let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"])
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
         .arg(flamewatch_bin())
         .args(["record", "--pid", &target.pid().to_string(), "--duration", "1s"])
         .output()
@@ -129,13 +192,26 @@ fn target_exits_mid_session() {
     let target = hotpaths(&["--seconds", "2"]);
     let dir = output_dir();
     let start = Instant::now();
-    let out = flamewatch(&["record", "--pid", &target.pid().to_string(), "--duration", "20s",
-                           "--output", dir.path().to_str().unwrap()]);
+    let out = flamewatch(&[
+        "record",
+        "--pid",
+        &target.pid().to_string(),
+        "--duration",
+        "20s",
+        "--output",
+        dir.path().to_str().unwrap(),
+    ]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(start.elapsed() < Duration::from_secs(10), "session ends when the target does");
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "session ends when the target does"
+    );
     let summary = read_json(&printed_files(&out.stdout, "json")[0]);
     assert!(summary["sampling"]["samples"].as_u64().unwrap() > 50);
-    assert!(summary["warnings"][0].as_str().unwrap().contains("exited"), "{summary:#}");
+    assert!(
+        summary["warnings"][0].as_str().unwrap().contains("exited"),
+        "{summary:#}"
+    );
     // Symbolized from the mappings captured while it lived.
     assert!(self_pct(&summary, "hot_a") > 50.0, "{summary:#}");
 }
@@ -149,13 +225,23 @@ fn sigterm_detaches_and_reports() {
     }
     let target = hotpaths(&[]);
     let dir = output_dir();
-    let mut agent = flamewatch_spawn(&["record", "--pid", &target.pid().to_string(), "--duration", "60s",
-                                       "--output", dir.path().to_str().unwrap()]);
+    let mut agent = flamewatch_spawn(&[
+        "record",
+        "--pid",
+        &target.pid().to_string(),
+        "--duration",
+        "60s",
+        "--output",
+        dir.path().to_str().unwrap(),
+    ]);
     let mut progs = Vec::new();
-    assert!(wait_until(Duration::from_secs(10), || {
-        progs = bpf_programs_held_by(agent.pid());
-        !progs.is_empty()
-    }), "agent loaded its programs");
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            progs = bpf_programs_held_by(agent.pid());
+            !progs.is_empty()
+        }),
+        "agent loaded its programs"
+    );
     std::thread::sleep(Duration::from_secs(2));
     agent.signal(libc::SIGTERM);
     let status = agent.child_mut().wait().expect("agent exits");
@@ -166,7 +252,10 @@ fn sigterm_detaches_and_reports() {
     assert_eq!(json.len(), 1, "report written: {stdout}");
     assert!(read_json(&json[0])["sampling"]["samples"].as_u64().unwrap() > 100);
     let loaded = loaded_program_ids();
-    assert!(progs.iter().all(|id| !loaded.contains(id)), "programs {progs:?} still loaded");
+    assert!(
+        progs.iter().all(|id| !loaded.contains(id)),
+        "programs {progs:?} still loaded"
+    );
 }
 
 /// Test that even SIGKILL leaves no program loaded: everything hangs off
@@ -178,8 +267,15 @@ fn sigkill_leaves_nothing_loaded() {
     }
     let target = hotpaths(&[]);
     let dir = output_dir();
-    let mut agent = flamewatch_spawn(&["record", "--pid", &target.pid().to_string(), "--duration", "60s",
-                                       "--output", dir.path().to_str().unwrap()]);
+    let mut agent = flamewatch_spawn(&[
+        "record",
+        "--pid",
+        &target.pid().to_string(),
+        "--duration",
+        "60s",
+        "--output",
+        dir.path().to_str().unwrap(),
+    ]);
     let mut progs = Vec::new();
     assert!(wait_until(Duration::from_secs(10), || {
         progs = bpf_programs_held_by(agent.pid());
@@ -188,8 +284,11 @@ fn sigkill_leaves_nothing_loaded() {
     agent.signal(libc::SIGKILL);
     agent.child_mut().wait().expect("agent exits");
     // Freed asynchronously (RCU) after the last reference goes.
-    assert!(wait_until(Duration::from_secs(5), || {
-        let loaded = loaded_program_ids();
-        progs.iter().all(|id| !loaded.contains(id))
-    }), "programs {progs:?} outlived the agent");
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            let loaded = loaded_program_ids();
+            progs.iter().all(|id| !loaded.contains(id))
+        }),
+        "programs {progs:?} outlived the agent"
+    );
 }

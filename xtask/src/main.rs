@@ -1,6 +1,7 @@
 //! `cargo xtask setup | test | demo`: everything a fresh machine needs, the
 //! whole test suite, and the demo. Every step is idempotent.
 
+mod bench;
 mod setup;
 
 use std::{
@@ -34,6 +35,17 @@ enum Task {
     },
     /// Set up, start a bundled CPU-bound target and profile it into flamegraphs/.
     Demo,
+    /// Benchmarks, measured side by side in one run (run as root).
+    Bench {
+        /// Which benchmark: `overhead`.
+        which: String,
+        /// Interleaved rounds (medians are reported).
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// Seconds per measured run.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+    },
 }
 
 fn main() -> Result<()> {
@@ -47,12 +59,28 @@ fn main() -> Result<()> {
             setup::all()?;
             demo()
         }
+        Task::Bench {
+            which,
+            rounds,
+            seconds,
+        } => {
+            setup::all()?;
+            if !is_root() {
+                bail!("benchmarks attach eBPF programs and perf: run as root (sudo -E cargo xtask bench {which})");
+            }
+            let agent = build_agent()?;
+            let targets = build_target_programs()?;
+            bench::run(&which, rounds, seconds, &agent, &targets)
+        }
     }
 }
 
 /// The workspace root (xtask/..).
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask has a parent").to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask has a parent")
+        .to_owned()
 }
 
 /// Runs a command to completion, failing on a non-zero status.
@@ -97,18 +125,36 @@ fn is_root() -> bool {
 fn test(extra: &[String]) -> Result<()> {
     let agent = build_agent()?;
     if !is_root() {
-        eprintln!("xtask: not root: privileged end-to-end tests will be SKIPPED (run `sudo -E cargo xtask test`)");
+        eprintln!(
+            "xtask: not root: privileged end-to-end tests will be SKIPPED (run `sudo -E cargo xtask test`)"
+        );
     }
     // Unit tests of every crate and the end-to-end crate, against the
     // release agent just built.
     run(cargo()
-        .args(["test", "--release", "--workspace", "--exclude", "flamewatch-ebpf", "--"])
+        .args([
+            "test",
+            "--release",
+            "--workspace",
+            "--exclude",
+            "flamewatch-ebpf",
+            "--",
+        ])
         .args(extra)
         .env("FLAMEWATCH_BIN", &agent))?;
     if extra.is_empty() {
         run(cargo().args(["fmt", "--all", "--", "--check"]))?;
-        run(cargo().args(["clippy", "--release", "--workspace", "--exclude", "flamewatch-ebpf",
-                          "--all-targets", "--", "-D", "warnings"]))?;
+        run(cargo().args([
+            "clippy",
+            "--release",
+            "--workspace",
+            "--exclude",
+            "flamewatch-ebpf",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]))?;
     }
     eprintln!("xtask: all tests passed");
     Ok(())
@@ -138,12 +184,26 @@ fn demo() -> Result<()> {
     let targets = build_target_programs()?;
     let output = root().join("flamegraphs");
     let bin = targets.join("hotpaths-fp");
-    eprintln!("xtask: starting the demo target {} (two hot paths, 3:1)", bin.display());
-    let mut target = Command::new(&bin).stdout(Stdio::null()).spawn().context("starting the demo target")?;
+    eprintln!(
+        "xtask: starting the demo target {} (two hot paths, 3:1)",
+        bin.display()
+    );
+    let mut target = Command::new(&bin)
+        .stdout(Stdio::null())
+        .spawn()
+        .context("starting the demo target")?;
     std::thread::sleep(Duration::from_millis(300));
     let result = (|| -> Result<()> {
         let out = as_root(&agent)
-            .args(["record", "--pid", &target.id().to_string(), "--duration", "10s", "--label", "demo"])
+            .args([
+                "record",
+                "--pid",
+                &target.id().to_string(),
+                "--duration",
+                "10s",
+                "--label",
+                "demo",
+            ])
             .arg("--output")
             .arg(&output)
             .stderr(Stdio::inherit())
@@ -153,14 +213,25 @@ fn demo() -> Result<()> {
             bail!("flamewatch record failed ({})", out.status);
         }
         let stdout = String::from_utf8_lossy(&out.stdout);
-        let json = stdout.lines().find(|l| l.ends_with(".json")).context("no summary printed")?;
+        let json = stdout
+            .lines()
+            .find(|l| l.ends_with(".json"))
+            .context("no summary printed")?;
         let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(json)?)?;
-        println!("\nflamegraph: {}", summary["files"]["svg"].as_str().unwrap_or("?"));
-        println!("folded:     {}", summary["files"]["folded"].as_str().unwrap_or("?"));
+        println!(
+            "\nflamegraph: {}",
+            summary["files"]["svg"].as_str().unwrap_or("?")
+        );
+        println!(
+            "folded:     {}",
+            summary["files"]["folded"].as_str().unwrap_or("?")
+        );
         println!("summary:    {json}");
         println!(
             "\n{} samples at {} Hz over {} s; top functions by self time:",
-            summary["sampling"]["samples"], summary["sampling"]["requested_hz"], summary["session"]["duration_s"]
+            summary["sampling"]["samples"],
+            summary["sampling"]["requested_hz"],
+            summary["session"]["duration_s"]
         );
         for f in summary["top_functions"].as_array().into_iter().flatten().take(8) {
             println!(

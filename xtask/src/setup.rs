@@ -40,12 +40,19 @@ fn have(cmd: &str) -> bool {
 
 /// Installs the Debian packages whose commands are missing.
 pub fn packages(wanted: &[(&str, &str)]) -> Result<()> {
-    let missing: Vec<&str> = wanted.iter().filter(|(cmd, _)| !have(cmd)).map(|(_, pkg)| *pkg).collect();
+    let missing: Vec<&str> = wanted
+        .iter()
+        .filter(|(cmd, _)| !have(cmd))
+        .map(|(_, pkg)| *pkg)
+        .collect();
     if missing.is_empty() {
         return Ok(());
     }
     if !is_root() {
-        bail!("missing Debian packages {missing:?}: run `sudo apt-get install {}`", missing.join(" "));
+        bail!(
+            "missing Debian packages {missing:?}: run `sudo apt-get install {}`",
+            missing.join(" ")
+        );
     }
     eprintln!("xtask: installing {missing:?}");
     let install = |update: bool| -> Result<()> {
@@ -82,7 +89,15 @@ fn toolchain(channel: &str) -> Result<()> {
     if installed.status.success() && list.lines().any(|l| l.starts_with("rust-src")) {
         return Ok(());
     }
-    run(Command::new("rustup").args(["toolchain", "install", channel, "--profile", "minimal", "--component", "rust-src"]))
+    run(Command::new("rustup").args([
+        "toolchain",
+        "install",
+        channel,
+        "--profile",
+        "minimal",
+        "--component",
+        "rust-src",
+    ]))
 }
 
 fn rustup_home() -> PathBuf {
@@ -94,10 +109,15 @@ fn rustup_home() -> PathBuf {
 
 /// The nightly's own libLLVM (e.g. libLLVM.so.22.1-rust-1.97.0-nightly).
 fn nightly_libllvm(channel: &str) -> Result<PathBuf> {
-    let out = Command::new("rustc").arg(format!("+{channel}")).args(["--print", "sysroot"]).output()?;
+    let out = Command::new("rustc")
+        .arg(format!("+{channel}"))
+        .args(["--print", "sysroot"])
+        .output()?;
     let sysroot = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
     let sysroot = if sysroot.as_os_str().is_empty() {
-        rustup_home().join("toolchains").join(format!("{channel}-x86_64-unknown-linux-gnu"))
+        rustup_home()
+            .join("toolchains")
+            .join(format!("{channel}-x86_64-unknown-linux-gnu"))
     } else {
         sysroot
     };
@@ -105,7 +125,11 @@ fn nightly_libllvm(channel: &str) -> Result<PathBuf> {
     std::fs::read_dir(&lib)
         .with_context(|| lib.display().to_string())?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libLLVM.so.")))
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libLLVM.so."))
+        })
         .with_context(|| format!("no libLLVM.so.* in {}", lib.display()))
 }
 
@@ -127,12 +151,19 @@ fn bpf_linker_ok(soname: &str) -> bool {
     let ldd = String::from_utf8_lossy(&ldd.stdout);
     // Linked against some other LLVM: it runs, but cannot read the
     // nightly's bitcode. A statically linked one is taken as it is.
-    !ldd.contains("libLLVM") || ldd.lines().any(|l| l.contains(soname) && !l.contains("not found"))
+    !ldd.contains("libLLVM")
+        || ldd
+            .lines()
+            .any(|l| l.contains(soname) && !l.contains("not found"))
 }
 
 fn bpf_linker(channel: &str) -> Result<()> {
     let libllvm = nightly_libllvm(channel)?;
-    let soname = libllvm.file_name().and_then(|n| n.to_str()).context("libLLVM name")?.to_owned();
+    let soname = libllvm
+        .file_name()
+        .and_then(|n| n.to_str())
+        .context("libLLVM name")?
+        .to_owned();
     if bpf_linker_ok(&soname) {
         return Ok(());
     }
@@ -154,7 +185,14 @@ fn bpf_linker(channel: &str) -> Result<()> {
     }
     eprintln!("xtask: building bpf-linker against {}", libllvm.display());
     run(Command::new("cargo")
-        .args(["install", "bpf-linker", "--locked", "--force", "--no-default-features", "--features"])
+        .args([
+            "install",
+            "bpf-linker",
+            "--locked",
+            "--force",
+            "--no-default-features",
+            "--features",
+        ])
         .arg(format!("llvm-{major}"))
         .env("LLVM_PREFIX", &prefix)
         .current_dir(std::env::temp_dir()))?;

@@ -27,10 +27,16 @@ pub fn render(folded: &str, title: &Title, deterministic: bool) -> Result<Vec<u8
     opts.hash = true;
     opts.deterministic = deterministic;
     let placeholder = "[no samples] 1\n";
-    let input = if folded.trim().is_empty() { placeholder } else { folded };
+    let input = if folded.trim().is_empty() {
+        placeholder
+    } else {
+        folded
+    };
     let mut svg = Vec::new();
-    flamegraph::from_lines(&mut opts, input.lines(), &mut svg)
-        .map_err(|source| RenderError::Write { path: "<svg>".into(), source })?;
+    flamegraph::from_lines(&mut opts, input.lines(), &mut svg).map_err(|source| RenderError::Write {
+        path: "<svg>".into(),
+        source,
+    })?;
     Ok(svg)
 }
 
@@ -53,7 +59,10 @@ mod tests {
         let svg = String::from_utf8(svg).expect("utf-8");
         assert!(svg.starts_with("<?xml"));
         assert!(svg.contains("demo (pid 100)"));
-        assert!(svg.contains(">hot<") || svg.contains("hot ("), "function frames are drawn");
+        assert!(
+            svg.contains(">hot<") || svg.contains("hot ("),
+            "function frames are drawn"
+        );
         crate::render::assert_golden("small.svg", &svg);
     }
 

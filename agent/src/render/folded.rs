@@ -58,7 +58,10 @@ mod tests {
     /// Test that the folded output of a known profile matches the golden file.
     #[test]
     fn folded_golden() {
-        let opts = BuildOptions { process_name: "demo".into(), ..Default::default() };
+        let opts = BuildOptions {
+            process_name: "demo".into(),
+            ..Default::default()
+        };
         let profile = Profile::build(&agg::raw(), 100, &agg::FakeSymbols, &opts);
         assert_golden("demo.folded", &render(&profile, 10_000_000));
     }

@@ -27,7 +27,10 @@ pub enum RenderError {
 /// Writes `bytes` to `path` atomically (temp file + rename), so a reader
 /// never sees half a report.
 pub fn write_file(path: &Path, bytes: &[u8]) -> Result<(), RenderError> {
-    let err = |source| RenderError::Write { path: path.to_owned(), source };
+    let err = |source| RenderError::Write {
+        path: path.to_owned(),
+        source,
+    };
     let tmp = path.with_extension(format!(
         "{}.tmp",
         path.extension().and_then(|e| e.to_str()).unwrap_or("")
@@ -40,13 +43,19 @@ pub fn write_file(path: &Path, bytes: &[u8]) -> Result<(), RenderError> {
 /// or rewrites the golden file when `FLAMEWATCH_BLESS=1`.
 #[cfg(test)]
 pub(crate) fn assert_golden(name: &str, actual: &str) {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(name);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(name);
     if std::env::var_os("FLAMEWATCH_BLESS").is_some_and(|v| v == "1") {
         std::fs::write(&path, actual).expect("bless golden file");
         return;
     }
-    let expected = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("{}: {e} (run with FLAMEWATCH_BLESS=1 to create it)", path.display()));
+    let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (run with FLAMEWATCH_BLESS=1 to create it)",
+            path.display()
+        )
+    });
     assert!(
         expected == actual,
         "{} differs from the rendered output (FLAMEWATCH_BLESS=1 re-blesses):\n--- expected\n{expected}\n--- actual\n{actual}",

@@ -19,6 +19,8 @@ pub struct Summary {
     pub targets: Vec<Target>,
     /// Sampling settings and counters.
     pub sampling: SamplingInfo,
+    /// What the profiling cost the target, and how the governor steered.
+    pub overhead: OverheadInfo,
     /// Functions with the most self time.
     pub top_functions: Vec<FunctionShare>,
     /// Paths of the files written.
@@ -59,9 +61,45 @@ pub struct SamplingInfo {
     pub per_thread: bool,
     /// Threads the events were opened on at start (later ones inherit).
     pub threads_at_start: usize,
+    /// Samples that hit processes forked by the targets (they inherit the
+    /// sampling events; not profiled, counted so their cost is visible).
+    pub child_process_samples: u64,
     /// Samples whose stacks could not be recorded (still counted, shown as
     /// `[lost … stack]` frames).
     pub stack_errors: StackErrors,
+}
+
+/// What profiling cost the target (see `governor::cost` for the formula).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct OverheadInfo {
+    /// Budget, percent of the target's CPU time.
+    pub budget_pct: f64,
+    /// Overhead over the whole session.
+    pub measured_pct: f64,
+    /// Highest overhead of one interval.
+    pub max_pct: f64,
+    /// The agent's own CPU use outside sample processing, percent of one
+    /// core (fixed housekeeping; not charged to the target's budget).
+    pub agent_cpu_pct: f64,
+    /// Calibrated per-sample cost not seen by BPF statistics, ns.
+    pub interrupt_ns_per_sample: f64,
+    /// Mean run time of the sampling program, ns.
+    pub bpf_ns_per_sample: f64,
+    /// Seconds sampling was paused because even 1 Hz was over budget.
+    pub paused_s: f64,
+    /// One point per interval.
+    pub timeline: Vec<TimelinePoint>,
+}
+
+/// The rate and cost of one governor interval.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct TimelinePoint {
+    /// Seconds since the session started (end of the interval).
+    pub t: f64,
+    /// Rate in force during the interval (0: paused).
+    pub hz: u64,
+    /// Overhead of the interval, percent of target CPU.
+    pub pct: f64,
 }
 
 /// Counts of stacks the kernel could not record.
@@ -105,7 +143,10 @@ mod tests {
     /// Test that the summary of a known profile matches the golden file.
     #[test]
     fn summary_golden() {
-        let opts = BuildOptions { process_name: "demo".into(), ..Default::default() };
+        let opts = BuildOptions {
+            process_name: "demo".into(),
+            ..Default::default()
+        };
         let profile = Profile::build(&agg::raw(), 100, &agg::FakeSymbols, &opts);
         let total = profile.total();
         let summary = Summary {
@@ -116,7 +157,11 @@ mod tests {
                 started_at: "2026-11-22T03:00:00Z".into(),
                 duration_s: 1.01,
             },
-            targets: vec![Target { pid: 100, comm: "demo".into(), exe: Some("/usr/bin/demo".into()) }],
+            targets: vec![Target {
+                pid: 100,
+                comm: "demo".into(),
+                exe: Some("/usr/bin/demo".into()),
+            }],
             sampling: SamplingInfo {
                 requested_hz: 99,
                 effective_hz: 99.0,
@@ -126,7 +171,25 @@ mod tests {
                 kernel_stacks: true,
                 per_thread: false,
                 threads_at_start: 2,
-                stack_errors: StackErrors { user_collisions: 1, ..Default::default() },
+                child_process_samples: 0,
+                stack_errors: StackErrors {
+                    user_collisions: 1,
+                    ..Default::default()
+                },
+            },
+            overhead: OverheadInfo {
+                budget_pct: 5.0,
+                measured_pct: 0.31,
+                max_pct: 0.35,
+                agent_cpu_pct: 0.2,
+                interrupt_ns_per_sample: 28_000.0,
+                bpf_ns_per_sample: 1_500.0,
+                paused_s: 0.0,
+                timeline: vec![TimelinePoint {
+                    t: 1.0,
+                    hz: 99,
+                    pct: 0.31,
+                }],
             },
             top_functions: profile.top_functions(20),
             files: Files {

@@ -77,6 +77,39 @@ impl ThreadEvent {
     }
 }
 
+impl ThreadEvent {
+    /// CPU time counted so far, ns: this thread's, plus that of every thread
+    /// (live or exited) that inherited the event.
+    pub fn read_count(&self) -> io::Result<u64> {
+        let mut buf = [0u8; 8];
+        // SAFETY: reading 8 bytes into our buffer from a perf fd whose
+        // read_format is 0 (a single u64 count).
+        let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n != 8 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(u64::from_ne_bytes(buf))
+    }
+
+    /// Stops sampling (and counting); inherited events follow.
+    pub fn disable(&self) -> io::Result<()> {
+        // SAFETY: valid perf fd.
+        if unsafe { sys::ioctls::DISABLE(self.fd.as_raw_fd(), 0) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Restarts sampling; inherited events follow.
+    pub fn enable(&self) -> io::Result<()> {
+        // SAFETY: valid perf fd.
+        if unsafe { sys::ioctls::ENABLE(self.fd.as_raw_fd(), 0) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
 /// Period in nanoseconds of CPU time for a frequency in Hz.
 pub fn period_for(freq_hz: u64) -> u64 {
     1_000_000_000 / freq_hz.max(1)

@@ -1,0 +1,167 @@
+//! The overhead governor end to end: real sampling cost on a CPU-bound target.
+
+use std::{process::Command, time::Duration};
+
+use flamewatch_e2e::*;
+use serde_json::Value;
+
+fn busy_target() -> TestProcess {
+    let mut cmd = Command::new(target_bin("hotpaths-fp"));
+    cmd.args(["--seconds", "60"]);
+    TestProcess::spawn_ready(cmd)
+}
+
+fn record(pid: u32, args: &[&str]) -> Value {
+    let dir = output_dir();
+    let pid = pid.to_string();
+    let mut all = vec!["record", "--pid", &pid, "--output", dir.path().to_str().unwrap()];
+    all.extend_from_slice(args);
+    let out = flamewatch(&all);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    read_json(&printed_files(&out.stdout, "json")[0])
+}
+
+/// Test that a 20 kHz request under a 5 % budget is lowered to a rate whose
+/// measured overhead stays within the budget, with the timeline reported.
+#[test]
+fn expensive_request_is_governed() {
+    if !privileged("expensive_request_is_governed") {
+        return;
+    }
+    let target = busy_target();
+    let s = record(
+        target.pid(),
+        &["--freq", "20000", "--max-overhead", "5", "--duration", "6s"],
+    );
+    let eff = s["sampling"]["effective_hz"].as_f64().unwrap();
+    let o = &s["overhead"];
+    let measured = o["measured_pct"].as_f64().unwrap();
+    assert!(eff < 20_000.0 && eff > 100.0, "effective {eff} Hz\n{o:#}");
+    assert!(measured <= 5.0 && measured > 1.0, "measured {measured} %\n{o:#}");
+    assert!(
+        o["max_pct"].as_f64().unwrap() <= 5.0,
+        "no interval over budget\n{o:#}"
+    );
+    let timeline = o["timeline"].as_array().unwrap();
+    assert!(timeline.len() >= 5, "{o:#}");
+    // Samples follow the governed rate, not the request: the target ran ~6 s.
+    let samples = s["sampling"]["samples"].as_f64().unwrap();
+    assert!(samples < eff * 8.0, "{samples} samples at {eff} Hz");
+    assert!(
+        o["interrupt_ns_per_sample"].as_f64().unwrap() > 1_000.0,
+        "calibrated"
+    );
+}
+
+/// Test that a cheap request keeps its rate and costs well under 1 %.
+#[test]
+fn cheap_request_keeps_its_rate() {
+    if !privileged("cheap_request_keeps_its_rate") {
+        return;
+    }
+    let target = busy_target();
+    let s = record(target.pid(), &["--freq", "99", "--duration", "4s"]);
+    assert_eq!(
+        s["sampling"]["effective_hz"].as_f64(),
+        Some(99.0),
+        "{:#}",
+        s["overhead"]
+    );
+    let measured = s["overhead"]["measured_pct"].as_f64().unwrap();
+    assert!(measured < 1.0 && measured > 0.0, "{measured}");
+    assert!(s["overhead"]["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|p| p["hz"] == 99));
+}
+
+/// Test that when even 1 Hz is over budget, sampling pauses and the report
+/// says so (and the session still ends normally).
+#[test]
+fn pauses_when_nothing_fits() {
+    if !privileged("pauses_when_nothing_fits") {
+        return;
+    }
+    let target = busy_target();
+    // 1 sample/s of ~25 µs is ~0.0025 % of a busy core: over a 0.001 % budget.
+    let s = record(
+        target.pid(),
+        &["--freq", "10", "--max-overhead", "0.001", "--duration", "5s"],
+    );
+    let o = &s["overhead"];
+    assert!(o["paused_s"].as_f64().unwrap() >= 2.0, "{o:#}");
+    assert!(s["warnings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|w| w.as_str().unwrap().contains("paused")));
+    assert!(o["timeline"].as_array().unwrap().iter().any(|p| p["hz"] == 0));
+}
+
+/// Test that two sessions on one target share its budget, and that a
+/// session that cannot fit is refused with a clear message (exit 2).
+#[test]
+fn sessions_share_one_budget() {
+    if !privileged("sessions_share_one_budget") {
+        return;
+    }
+    let target = busy_target();
+    let pid = target.pid().to_string();
+    let dir = output_dir();
+    let first = flamewatch_spawn(&[
+        "record",
+        "--pid",
+        &pid,
+        "--freq",
+        "20000",
+        "--max-overhead",
+        "5",
+        "--duration",
+        "10s",
+        "--output",
+        dir.path().to_str().unwrap(),
+    ]);
+    // Wait until the first session publishes its claim.
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            std::fs::read_dir(format!("/run/flamewatch/budget/{pid}"))
+                .map(|d| {
+                    d.flatten()
+                        .any(|e| std::fs::read_to_string(e.path()).is_ok_and(|t| !t.contains("\"pct\":0.0")))
+                })
+                .unwrap_or(false)
+        }),
+        "first session claims its share"
+    );
+    // The first uses ~4 of 5 %: a second one asking for 4 % has no room.
+    let out = flamewatch(&[
+        "record",
+        "--pid",
+        &pid,
+        "--max-overhead",
+        "4",
+        "--duration",
+        "2s",
+        "--output",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already profiled"));
+    // One with the same 5 % budget gets what is left (~1 %).
+    let s = record(
+        target.pid(),
+        &["--freq", "20000", "--max-overhead", "5", "--duration", "3s"],
+    );
+    let second = s["overhead"]["measured_pct"].as_f64().unwrap();
+    assert!(
+        second <= 1.5,
+        "second session kept to the remaining budget: {second}"
+    );
+    drop(first);
+}

@@ -1,0 +1,344 @@
+//! `cargo xtask bench …`: speed lives here, measured side by side in one run.
+//!
+//! `overhead`: a CPU-bound target's throughput alone, with flamewatch, and
+//! with `perf record -g` at the same rates. Every profiled run is paired
+//! with a baseline run right before it, and the ratio of each pair is taken,
+//! so drift on the machine cancels out; the median ratio over the rounds is
+//! reported, beside the governor's own estimate. A second ratio uses
+//! operations per CPU-second of the target, immune to preemption by other
+//! work on the machine (it still sees interrupt and cache costs).
+
+use std::{
+    io::{BufRead as _, BufReader},
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+
+/// One way of running the target.
+#[derive(Clone, Copy, Debug)]
+enum Profiler {
+    None,
+    Flamewatch { hz: u64, budget: Option<f64> },
+    Perf { hz: u64 },
+}
+
+impl Profiler {
+    fn label(self) -> String {
+        match self {
+            Self::None => "baseline (no profiler)".into(),
+            Self::Flamewatch { hz, budget: None } => format!("flamewatch {hz} Hz"),
+            Self::Flamewatch { hz, budget: Some(b) } => format!("flamewatch {hz} Hz, {b} % budget"),
+            Self::Perf { hz } => format!("perf record -g {hz} Hz"),
+        }
+    }
+}
+
+/// What one run measured.
+#[derive(Clone, Copy, Debug, Default)]
+struct Run {
+    ops_per_s: f64,
+    ops_per_cpu_s: f64,
+    /// Ratios to the paired baseline run.
+    ratio: f64,
+    cpu_ratio: f64,
+    estimate_pct: Option<f64>,
+    effective_hz: Option<f64>,
+    profiler_cpu_s: Option<f64>,
+    profiler_maxrss_kib: Option<i64>,
+}
+
+/// Entry point of `cargo xtask bench`.
+pub fn run(which: &str, rounds: usize, seconds: f64, agent: &Path, targets: &Path) -> Result<()> {
+    match which {
+        "overhead" => overhead(rounds, seconds, agent, targets),
+        other => bail!("unknown benchmark '{other}' (available: overhead)"),
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn overhead(rounds: usize, seconds: f64, agent: &Path, targets: &Path) -> Result<()> {
+    crate::setup::packages(&[("perf", "linux-perf")])?;
+    let max_rate: u64 = std::fs::read_to_string("/proc/sys/kernel/perf_event_max_sample_rate")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100_000);
+    let perf_high = 20_000.min(max_rate);
+    let configs = [
+        Profiler::None,
+        Profiler::Flamewatch { hz: 99, budget: None },
+        Profiler::Perf { hz: 99 },
+        Profiler::Flamewatch {
+            hz: 999,
+            budget: None,
+        },
+        Profiler::Perf { hz: 999 },
+        Profiler::Flamewatch {
+            hz: 20_000,
+            budget: Some(5.0),
+        },
+        Profiler::Perf { hz: perf_high },
+    ];
+    let target = targets.join("throughput-fp");
+    let work = std::env::temp_dir().join(format!("flamewatch-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&work)?;
+    println!(
+        "overhead benchmark: {} (1 thread, 512 KiB working set), {seconds} s per run, {rounds} rounds; \
+         each profiled run paired with a baseline run just before it",
+        target.display()
+    );
+    let mut results: Vec<Vec<Run>> = vec![Vec::new(); configs.len()];
+    for round in 1..=rounds {
+        for (i, &config) in configs.iter().enumerate().skip(1) {
+            let base = measure(Profiler::None, &target, agent, &work, seconds)
+                .with_context(|| format!("round {round}, baseline"))?;
+            let mut run = measure(config, &target, agent, &work, seconds)
+                .with_context(|| format!("round {round}, {}", config.label()))?;
+            run.ratio = run.ops_per_s / base.ops_per_s;
+            run.cpu_ratio = run.ops_per_cpu_s / base.ops_per_cpu_s;
+            eprintln!(
+                "  round {round}: {:<34} {:>12.0} ops/s, baseline {:>12.0}: ratio {:.4}",
+                config.label(),
+                run.ops_per_s,
+                base.ops_per_s,
+                run.ratio
+            );
+            results[0].push(Run {
+                ratio: 1.0,
+                cpu_ratio: 1.0,
+                ..base
+            });
+            results[i].push(run);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&work);
+
+    println!();
+    println!(
+        "{:<34} {:>14} {:>8} {:>9} {:>10} {:>10} {:>9} {:>13} {:>10}",
+        "configuration",
+        "ops/s median",
+        "ratio",
+        "ratio/CPU",
+        "slowdown",
+        "estimate",
+        "eff. Hz",
+        "profiler CPU",
+        "max RSS"
+    );
+    let mut verdicts = Vec::new();
+    for (config, runs) in configs.iter().zip(&results) {
+        let ops = median(runs.iter().map(|r| r.ops_per_s).collect());
+        let ratio = median(runs.iter().map(|r| r.ratio).collect());
+        let cpu_ratio = median(runs.iter().map(|r| r.cpu_ratio).collect());
+        let slowdown = (1.0 - ratio) * 100.0;
+        let est = runs.iter().filter_map(|r| r.estimate_pct).collect::<Vec<_>>();
+        let est = (!est.is_empty()).then(|| median(est));
+        let hz = runs.iter().filter_map(|r| r.effective_hz).collect::<Vec<_>>();
+        let hz = (!hz.is_empty()).then(|| median(hz));
+        let cpu = runs.iter().filter_map(|r| r.profiler_cpu_s).collect::<Vec<_>>();
+        let cpu = (!cpu.is_empty()).then(|| median(cpu) / seconds * 100.0);
+        let rss = runs.iter().filter_map(|r| r.profiler_maxrss_kib).max();
+        let opt =
+            |v: Option<f64>, unit: &str, prec: usize| v.map_or("-".into(), |v| format!("{v:.prec$}{unit}"));
+        println!(
+            "{:<34} {:>14.0} {:>8.4} {:>9.4} {:>10} {:>10} {:>9} {:>13} {:>10}",
+            config.label(),
+            ops,
+            ratio,
+            cpu_ratio,
+            if matches!(config, Profiler::None) {
+                "-".into()
+            } else {
+                format!("{slowdown:.2} %")
+            },
+            opt(est, " %", 2),
+            opt(hz, "", 0),
+            opt(cpu, " % core", 2),
+            rss.map_or("-".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0)),
+        );
+        if let Profiler::Flamewatch { hz: req, budget } = *config {
+            let goal = if budget.is_some() {
+                0.95
+            } else if req <= 99 {
+                0.995
+            } else {
+                0.0
+            };
+            if goal > 0.0 {
+                verdicts.push(format!(
+                    "{}: ratio {ratio:.4} {} goal {goal}",
+                    config.label(),
+                    if ratio >= goal { "meets" } else { "MISSES" }
+                ));
+            }
+            if let Some(est) = est {
+                let ok = est >= slowdown - 1.0;
+                verdicts.push(format!(
+                    "{}: estimate {est:.2} % vs measured {slowdown:.2} %: {}",
+                    config.label(),
+                    if ok {
+                        "within 1 point (or above)"
+                    } else {
+                        "UNDER-REPORTS by more than 1 point"
+                    }
+                ));
+            }
+        }
+    }
+    println!();
+    for v in verdicts {
+        println!("  {v}");
+    }
+    Ok(())
+}
+
+/// Runs the target once under `config`; returns its throughput while the
+/// profiler was attached.
+fn measure(config: Profiler, target: &Path, agent: &Path, work: &Path, seconds: f64) -> Result<Run> {
+    let mut child = Command::new(target)
+        .args(["--seconds", &seconds.to_string(), "--wait-start"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting the target")?;
+    let mut out = BufReader::new(child.stdout.take().context("stdout")?);
+    let mut banner = String::new();
+    out.read_line(&mut banner)?;
+    let pid = child.id();
+    let out_dir = work.join(format!("run-{pid}"));
+    let mut profiler: Option<Child> = match config {
+        Profiler::None => None,
+        Profiler::Flamewatch { hz, budget } => {
+            let mut cmd = Command::new(agent);
+            cmd.args([
+                "record",
+                "--pid",
+                &pid.to_string(),
+                "--freq",
+                &hz.to_string(),
+                "--duration",
+                "1h",
+            ])
+            .arg("--output")
+            .arg(&out_dir)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+            if let Some(b) = budget {
+                cmd.args(["--max-overhead", &b.to_string()]);
+            }
+            let mut agent = cmd.spawn().context("starting flamewatch")?;
+            wait_for_line(
+                agent.stderr.take().context("stderr")?,
+                "sampling at",
+                Duration::from_secs(20),
+            )?;
+            Some(agent)
+        }
+        Profiler::Perf { hz } => {
+            let data = work.join(format!("perf-{pid}.data"));
+            let perf = Command::new("perf")
+                .args([
+                    "record",
+                    "-g",
+                    "-F",
+                    &hz.to_string(),
+                    "-p",
+                    &pid.to_string(),
+                    "-o",
+                ])
+                .arg(&data)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("starting perf")?;
+            // perf opens its events within milliseconds; wait for its file.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !data.exists() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+            Some(perf)
+        }
+    };
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(pid as i32, libc::SIGUSR1) };
+    let mut line = String::new();
+    out.read_line(&mut line)?;
+    let _ = child.wait();
+    let field = |name: &str| -> Result<f64> {
+        line.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("target printed no {name}: {line:?}"))
+    };
+    let ops_per_s = field("ops_per_s")?;
+    let ops_per_cpu_s = field("ops")? / field("cpu_s")?.max(1e-9);
+    let mut run = Run {
+        ops_per_s,
+        ops_per_cpu_s,
+        ..Run::default()
+    };
+    if let Some(p) = profiler.take() {
+        let (stdout, usage) = wait_rusage(p)?;
+        run.profiler_cpu_s = Some(usage.0);
+        run.profiler_maxrss_kib = Some(usage.1);
+        if let Some(json) = stdout.lines().find(|l| l.ends_with(".json")) {
+            let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(json)?)?;
+            run.estimate_pct = summary["overhead"]["measured_pct"].as_f64();
+            run.effective_hz = summary["sampling"]["effective_hz"].as_f64();
+        }
+    }
+    let _ = std::fs::remove_dir_all(&out_dir);
+    Ok(run)
+}
+
+/// Reads `stream` until a line contains `needle`, then keeps draining it in
+/// the background (so the child never blocks on a full pipe).
+fn wait_for_line(stream: impl std::io::Read + Send + 'static, needle: &str, timeout: Duration) -> Result<()> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let needle = needle.to_owned();
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(stream);
+        let mut line = String::new();
+        let mut sent = false;
+        while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
+            if !sent && line.contains(&needle) {
+                let _ = tx.send(());
+                sent = true;
+            }
+            line.clear();
+        }
+    });
+    rx.recv_timeout(timeout)
+        .map_err(|_| anyhow::anyhow!("no '{}' line within {timeout:?}", "sampling at"))
+}
+
+/// Waits for a child; returns its stdout and (CPU seconds, max RSS KiB).
+fn wait_rusage(mut child: Child) -> Result<(String, (f64, i64))> {
+    let mut stdout = String::new();
+    if let Some(mut s) = child.stdout.take() {
+        std::io::Read::read_to_string(&mut s, &mut stdout)?;
+    }
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value for wait4 to fill.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waiting for our own child, writing into locals.
+    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
+    if pid < 0 {
+        bail!("wait4: {}", std::io::Error::last_os_error());
+    }
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    Ok((stdout, (tv(usage.ru_utime) + tv(usage.ru_stime), usage.ru_maxrss)))
+}
