@@ -34,6 +34,8 @@ pub enum LostReason {
     Collision,
     /// The kernel could not record it (errno).
     Error(i32),
+    /// A DWARF sample without readable user registers or stack.
+    NoUserStack,
 }
 
 /// One half (user or kernel) of a raw sample's stack.
@@ -41,10 +43,28 @@ pub enum LostReason {
 pub enum StackSlot {
     /// Instruction pointers, leaf first (as the kernel records them).
     Frames(Arc<[u64]>),
+    /// The part of a stack that could be unwound before the walk stopped
+    /// short of the outermost frame (leaf first).
+    Truncated(Arc<[u64]>),
     /// Counted but not recorded.
     Lost(LostReason),
     /// Not asked for or not applicable (no kernel stack for a user-mode sample).
     Absent,
+}
+
+impl StackSlot {
+    /// Addresses of a recorded stack (complete or not).
+    pub fn ips(&self) -> Option<&[u64]> {
+        match self {
+            Self::Frames(ips) | Self::Truncated(ips) => Some(ips),
+            Self::Lost(_) | Self::Absent => None,
+        }
+    }
+
+    /// Whether there are addresses.
+    pub fn has_frames(&self) -> bool {
+        self.ips().is_some()
+    }
 }
 
 /// Key of a raw sample: thread and its two stacks.
@@ -71,6 +91,13 @@ impl RawProfile {
     /// Adds a drained entry.
     pub fn add(&mut self, key: RawSampleKey, weight: Weight) {
         *self.samples.entry(key).or_default() += weight;
+    }
+
+    /// Adds everything of `other`.
+    pub fn merge(&mut self, other: RawProfile) {
+        for (k, w) in other.samples {
+            self.add(k, w);
+        }
     }
 }
 
@@ -114,6 +141,7 @@ fn lost_frame(reason: LostReason, kind: &str) -> FrameName {
     match reason {
         LostReason::Collision => format!("[lost {kind} stack: stack map collision]").into(),
         LostReason::Error(errno) => format!("[lost {kind} stack: errno {errno}]").into(),
+        LostReason::NoUserStack => format!("[lost {kind} stack: unreadable]").into(),
     }
 }
 
@@ -133,13 +161,18 @@ impl Profile {
                 frames.push(frame.clone());
             }
             match &key.user {
-                StackSlot::Frames(ips) => {
+                StackSlot::Frames(ips) | StackSlot::Truncated(ips) => {
+                    if matches!(key.user, StackSlot::Truncated(_)) {
+                        // Partial stacks are kept, under a marker instead of
+                        // pretending their outermost frame is a root.
+                        frames.push(FrameName::from("[truncated stack]"));
+                    }
                     // Leaf first in the kernel's record; flamegraphs want root first.
                     for (i, &ip) in ips.iter().enumerate().rev() {
                         // The interrupted instruction is the leaf only when the
                         // sample hit user mode; in a syscall the first user
                         // address is the return point after the syscall.
-                        let is_leaf = i == 0 && !matches!(key.kernel, StackSlot::Frames(_));
+                        let is_leaf = i == 0 && !key.kernel.has_frames();
                         frames.extend(symbols.user(tgid, ip, is_leaf));
                     }
                 }
@@ -147,7 +180,7 @@ impl Profile {
                 StackSlot::Absent => {}
             }
             match &key.kernel {
-                StackSlot::Frames(ips) => {
+                StackSlot::Frames(ips) | StackSlot::Truncated(ips) => {
                     for (i, &ip) in ips.iter().enumerate().rev() {
                         frames.extend(symbols.kernel(ip, i == 0));
                     }

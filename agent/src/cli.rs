@@ -5,7 +5,10 @@ use std::{path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{RecordConfig, MAX_FREQ_HZ};
+use crate::{
+    config::{RecordConfig, MAX_FREQ_HZ},
+    unwind::UnwindMode,
+};
 
 /// flamewatch: an eBPF profiler agent for production processes.
 #[derive(Debug, Parser)]
@@ -67,6 +70,17 @@ pub struct RecordArgs {
     #[arg(long, value_name = "PCT", value_parser = parse_pct,
           default_value_t = RecordConfig::default().max_overhead_pct)]
     pub max_overhead: f64,
+    /// How to unwind user stacks: `auto` uses DWARF (.eh_frame) for targets
+    /// whose executable has no frame pointers, `fp` walks frame pointers in
+    /// the kernel (cheapest), `dwarf` always copies the stack for unwinding.
+    #[arg(long, value_enum, default_value_t = RecordConfig::default().unwind)]
+    pub unwind: UnwindMode,
+    /// Bytes of user stack copied per sample in DWARF mode (deeper stacks
+    /// need more; truncated stacks are counted in the summary).
+    #[arg(long, value_name = "BYTES",
+          value_parser = clap::value_parser!(u32).range(512..=flamewatch_common::MAX_STACK_WINDOW as i64),
+          default_value_t = RecordConfig::default().stack_window)]
+    pub stack_window: u32,
 }
 
 /// A percentage in (0, 100].
@@ -140,6 +154,8 @@ impl RecordArgs {
             per_thread: self.per_thread,
             kernel_stacks: !self.no_kernel,
             max_overhead_pct: self.max_overhead,
+            unwind: self.unwind,
+            stack_window: self.stack_window,
             ..RecordConfig::default()
         }
     }

@@ -3,6 +3,8 @@
 
 use std::{path::PathBuf, time::Duration};
 
+use crate::unwind::UnwindMode;
+
 /// Settings of one profiling session (`flamewatch record`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct RecordConfig {
@@ -24,6 +26,10 @@ pub struct RecordConfig {
     pub top_functions: usize,
     /// Overhead budget, percent of the target's CPU time.
     pub max_overhead_pct: f64,
+    /// How user stacks are unwound.
+    pub unwind: UnwindMode,
+    /// Bytes of user stack copied per sample in DWARF mode.
+    pub stack_window: u32,
 }
 
 impl Default for RecordConfig {
@@ -38,6 +44,8 @@ impl Default for RecordConfig {
             drain_interval: Duration::from_secs(1),
             top_functions: 25,
             max_overhead_pct: 5.0,
+            unwind: UnwindMode::Auto,
+            stack_window: flamewatch_common::DEFAULT_STACK_WINDOW as u32,
         }
     }
 }

@@ -11,6 +11,7 @@ mod sampling;
 mod session;
 mod symbolize;
 mod target;
+mod unwind;
 
 use std::process::ExitCode;
 

@@ -25,6 +25,7 @@ use crate::{
     sampling::{period_for, Sampler, SamplingError},
     symbolize::{self, MapsCache},
     target::{self, Target},
+    unwind::{self, consumer::Consumer},
 };
 
 /// Errors of a session.
@@ -94,6 +95,7 @@ struct Tracked {
     /// Counters at the end of the previous interval.
     last_cpu_ns: u64,
     last_samples: u64,
+    last_dwarf_samples: u64,
     /// Session totals for the summary.
     overhead_ns: f64,
     cpu_ns: u64,
@@ -169,9 +171,30 @@ pub async fn record(
         // Mappings first: a target that exits at once is still symbolized.
         let _ = maps.capture(t.pid);
     }
+    let choices: HashMap<u32, unwind::Choice> = targets
+        .iter()
+        .map(|t| (t.pid, unwind::choose(config.unwind, t.pid)))
+        .collect();
+    let any_dwarf = choices.values().any(|c| c.dwarf);
     let _stats = BpfStats::enable();
-    let mut ebpf = bpf::load()?;
+    let mut ebpf = bpf::load(any_dwarf)?;
     let mut sampler = Sampler::new(&mut ebpf)?;
+    sampler.set_stack_window(config.stack_window)?;
+    let consumer = if any_dwarf {
+        let ring = ebpf
+            .take_map("STACK_SAMPLES")
+            .ok_or(bpf::BpfError::MissingMap("STACK_SAMPLES"))?;
+        let ring = aya::maps::RingBuf::try_from(ring).map_err(|source| bpf::BpfError::Map {
+            name: "STACK_SAMPLES",
+            source,
+        })?;
+        Some(Consumer::start(ring).map_err(|source| SessionError::Output {
+            path: "unwinder thread".into(),
+            source,
+        })?)
+    } else {
+        None
+    };
     let prog_stats = |ebpf: &aya::Ebpf| cost::program_stats(ebpf).remove(SAMPLE_PROG).unwrap_or_default();
     let calibration =
         tokio::task::block_in_place(|| calibrate::calibration(sampler.prog_fd(), || prog_stats(&ebpf)));
@@ -193,8 +216,10 @@ pub async fn record(
             );
         }
         let session_id = session_id(kind, started_at, t.pid);
-        let threads = sampler.add_target(&t, config.kernel_stacks, period_for(hz))?;
-        info!(pid = t.pid, comm = %t.comm, threads, "sampling at {hz} Hz");
+        let choice = &choices[&t.pid];
+        let threads = sampler.add_target(&t, config.kernel_stacks, choice.dwarf, period_for(hz))?;
+        info!(pid = t.pid, comm = %t.comm, threads, "sampling at {hz} Hz, unwinding with {}: {}",
+              if choice.dwarf { "DWARF" } else { "frame pointers" }, choice.reason);
         tracked.push(Tracked {
             claim: registry.claim(t.pid, &session_id, hz),
             target: t,
@@ -204,6 +229,7 @@ pub async fn record(
             governor,
             last_cpu_ns: 0,
             last_samples: 0,
+            last_dwarf_samples: 0,
             overhead_ns: 0.0,
             cpu_ns: 0,
             max_pct: 0.0,
@@ -220,6 +246,7 @@ pub async fn record(
     let mut last_tick = Instant::now();
     let mut last_prog = prog_stats(&ebpf);
     let mut last_agent_cpu = cost::process_cpu_ns();
+    let mut last_unwind_cpu = 0u64;
     let (mut housekeeping_ns, mut bpf_run) = (0u64, cost::ProgStats::default());
     loop {
         let remaining = config.duration.map(|d| d.saturating_sub(start.elapsed()));
@@ -243,24 +270,33 @@ pub async fn record(
         last_prog = prog;
         bpf_run.run_ns += prog_delta.run_ns;
         bpf_run.runs += prog_delta.runs;
+        // The unwinder's CPU time grows with the DWARF sampling rate.
+        let unwind_cpu = consumer.as_ref().map_or(0, |c| {
+            c.shared().cpu_ns.load(std::sync::atomic::Ordering::Relaxed)
+        });
+        let unwind_ns = unwind_cpu.saturating_sub(last_unwind_cpu);
+        last_unwind_cpu = unwind_cpu;
         let agent_cpu = cost::process_cpu_ns();
         housekeeping_ns += agent_cpu
             .saturating_sub(last_agent_cpu)
-            .saturating_sub(processing_ns);
+            .saturating_sub(processing_ns + unwind_ns);
         last_agent_cpu = agent_cpu;
 
         // Samples of each target this interval (for attributing shared costs).
-        let interval: Vec<(u64, u64)> = tracked
+        let interval: Vec<(u64, u64, u64)> = tracked
             .iter()
             .map(|t| {
-                let samples = sampler.target_stats(t.target.pid).map_or(0, |s| s.samples);
-                (samples.saturating_sub(t.last_samples), samples)
+                let st = sampler.target_stats(t.target.pid).unwrap_or_default();
+                let dwarf = st.dwarf_samples.saturating_sub(t.last_dwarf_samples);
+                (st.samples.saturating_sub(t.last_samples), st.samples, dwarf)
             })
             .collect();
-        let all_samples: u64 = interval.iter().map(|(d, _)| d).sum::<u64>().max(1);
+        let all_samples: u64 = interval.iter().map(|(d, _, _)| d).sum::<u64>().max(1);
+        let all_dwarf: u64 = interval.iter().map(|(_, _, d)| d).sum::<u64>().max(1);
         let elapsed = start.elapsed().as_secs_f64();
         let mut status = (0u64, Vec::new(), 0.0f64);
-        for (t, (samples, total_samples)) in tracked.iter_mut().zip(interval) {
+        for (t, (samples, total_samples, dwarf_samples)) in tracked.iter_mut().zip(interval) {
+            t.last_dwarf_samples += dwarf_samples;
             if t.exited_after.is_some() {
                 continue;
             }
@@ -275,7 +311,8 @@ pub async fn record(
                     target_cpu_ns: cpu_delta,
                     samples,
                     bpf_ns: (samples as f64 * prog_delta.mean_ns()) as u64,
-                    processing_ns: processing_ns * samples / all_samples,
+                    processing_ns: processing_ns * samples / all_samples
+                        + unwind_ns * dwarf_samples / all_dwarf,
                 },
                 calibration.interrupt_ns,
             );
@@ -345,6 +382,16 @@ pub async fn record(
         .collect();
     // Detach before the (CPU-heavy) symbolization: the targets stop paying now.
     drop(sampler);
+    let (unwind_stats, unwinder_cpu_ns) = match consumer {
+        Some(c) => {
+            let shared = c.shared().clone();
+            let rest = tokio::task::block_in_place(|| c.finish());
+            raw.merge(rest);
+            let stats = shared.stats.lock().map(|s| s.clone()).unwrap_or_default();
+            (stats, shared.cpu_ns.load(std::sync::atomic::Ordering::Relaxed))
+        }
+        None => (HashMap::new(), 0),
+    };
     drop(ebpf);
 
     let pids: Vec<u32> = tracked.iter().map(|t| t.target.pid).collect();
@@ -427,6 +474,28 @@ pub async fn record(
                     user_errors: st.user_stack_errors,
                     kernel_collisions: st.kernel_stack_collisions,
                     kernel_errors: st.kernel_stack_errors,
+                },
+                unwind: {
+                    let choice = &choices[&pid];
+                    let u = unwind_stats.get(&pid).copied().unwrap_or_default();
+                    summary::UnwindInfo {
+                        mode: if choice.dwarf { "dwarf" } else { "fp" }.into(),
+                        requested: format!("{:?}", config.unwind).to_lowercase(),
+                        reason: choice.reason.clone(),
+                        executable: choice.executable.clone(),
+                        stack_window: config.stack_window,
+                        dwarf_samples: u.samples,
+                        complete: u.complete,
+                        truncated_window: u.truncated_window,
+                        truncated_error: u.truncated_error,
+                        no_user_stack: u.no_user_stack,
+                        lost: st.dwarf_lost,
+                        // Shared by the DWARF targets in proportion to their samples.
+                        unwinder_cpu_s: round3(
+                            unwinder_cpu_ns as f64 / 1e9 * u.samples as f64
+                                / unwind_stats.values().map(|s| s.samples).sum::<u64>().max(1) as f64,
+                        ),
+                    }
                 },
                 overhead,
                 top_n: config.top_functions,
@@ -519,6 +588,8 @@ pub struct ReportMeta {
     pub lost_samples: u64,
     /// Stack errors.
     pub stack_errors: summary::StackErrors,
+    /// Unwinding.
+    pub unwind: summary::UnwindInfo,
     /// Cost and governor timeline.
     pub overhead: summary::OverheadInfo,
     /// Length of `top_functions`.
@@ -585,6 +656,7 @@ pub fn write_report(
             threads_at_start: meta.threads_at_start,
             child_process_samples: meta.child_process_samples,
             stack_errors: meta.stack_errors,
+            unwind: meta.unwind,
         },
         overhead: meta.overhead,
         top_functions: profile.top_functions(meta.top_n),

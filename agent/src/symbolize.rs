@@ -21,7 +21,7 @@ use blazesym::symbolize::{
 use blazesym::MaybeDefault;
 use tracing::debug;
 
-use crate::aggregate::{FrameName, RawProfile, StackSlot, Symbols};
+use crate::aggregate::{FrameName, RawProfile, Symbols};
 
 /// A file mapped executable by a target.
 #[derive(Debug)]
@@ -251,14 +251,14 @@ pub fn symbolize(raw: &RawProfile, maps: &MapsCache, pids: &[u32]) -> SymbolTabl
     let mut user: HashMap<u32, HashSet<u64>> = HashMap::new();
     let mut kernel: HashSet<u64> = HashSet::new();
     for key in raw.samples.keys().filter(|k| pids.contains(&k.tgid)) {
-        let in_kernel = matches!(key.kernel, StackSlot::Frames(_));
-        if let StackSlot::Frames(ips) = &key.user {
+        let in_kernel = key.kernel.has_frames();
+        if let Some(ips) = key.user.ips() {
             let set = user.entry(key.tgid).or_default();
             for (i, &ip) in ips.iter().enumerate() {
                 set.insert(lookup_addr(ip, i == 0 && !in_kernel));
             }
         }
-        if let StackSlot::Frames(ips) = &key.kernel {
+        if let Some(ips) = key.kernel.ips() {
             for (i, &ip) in ips.iter().enumerate() {
                 kernel.insert(lookup_addr(ip, i == 0));
             }
@@ -353,6 +353,7 @@ pub fn symbolize(raw: &RawProfile, maps: &MapsCache, pids: &[u32]) -> SymbolTabl
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::aggregate::StackSlot;
 
     /// Test that maps lines parse, including paths with spaces and anonymous maps.
     #[test]

@@ -20,12 +20,73 @@ pub const MAX_TARGETS: u32 = 64;
 pub mod target_flags {
     /// Record kernel stacks for this target.
     pub const KERNEL_STACKS: u32 = 1 << 0;
+    /// Copy registers and a window of the user stack to userspace for DWARF
+    /// unwinding, instead of walking frame pointers in the kernel.
+    pub const DWARF: u32 = 1 << 1;
 }
 
 /// Index into [`GlobalConfig`]-array entries (`CONFIG` map).
 pub mod config_index {
     /// Which generation of the sample maps the kernel writes to (0 or 1).
     pub const GENERATION: u32 = 0;
+    /// Bytes of user stack copied per DWARF sample (≤ [`super::MAX_STACK_WINDOW`]).
+    pub const STACK_WINDOW: u32 = 1;
+}
+
+/// Largest user stack window a DWARF sample can carry. A [`StackSample`]
+/// lives in a per-CPU array, whose values are limited to 32 KiB.
+pub const MAX_STACK_WINDOW: usize = 30 * 1024;
+
+/// Default user stack window (`--stack-window`).
+pub const DEFAULT_STACK_WINDOW: usize = 16 * 1024;
+
+/// Bits of [`StackSampleHeader::flags`].
+pub mod sample_flags {
+    /// The sample interrupted kernel code; the user registers come from the
+    /// task's saved user context (the syscall or interrupt entry).
+    pub const IN_KERNEL: u32 = 1 << 0;
+    /// The user registers could not be read.
+    pub const NO_USER_REGS: u32 = 1 << 1;
+}
+
+/// What a DWARF sample sends to userspace: registers, kernel stack, and the
+/// number of user stack bytes that follow the header in [`StackSample`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct StackSampleHeader {
+    /// Process id.
+    pub tgid: u32,
+    /// Thread id.
+    pub tid: u32,
+    /// Sampling period, ns of CPU time (the sample's weight).
+    pub period_ns: u64,
+    /// User instruction pointer.
+    pub ip: u64,
+    /// User stack pointer (the copied window starts here).
+    pub sp: u64,
+    /// User frame pointer (rbp), for frames without unwind info.
+    pub bp: u64,
+    /// Bytes of user stack copied after the header.
+    pub stack_len: u32,
+    /// Kernel frames in `kernel_ips` (0 for a sample in user mode).
+    pub kernel_frames: u32,
+    /// [`sample_flags`] bits.
+    pub flags: u32,
+    /// Explicit padding.
+    pub _pad: u32,
+    /// Kernel instruction pointers, leaf first.
+    pub kernel_ips: [u64; MAX_STACK_DEPTH],
+}
+
+/// A DWARF sample as built in the kernel's per-CPU scratch: only the header
+/// and `stack_len` bytes of `stack` are sent.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct StackSample {
+    /// Registers and kernel stack.
+    pub header: StackSampleHeader,
+    /// The user stack from `header.sp` up.
+    pub stack: [u8; MAX_STACK_WINDOW],
 }
 
 /// What the kernel knows of one target process, keyed by tgid in `TARGETS`.
@@ -86,6 +147,12 @@ pub struct TargetStats {
     pub kernel_stack_errors: u64,
     /// Samples lost because the aggregation map was full.
     pub map_full: u64,
+    /// DWARF samples sent to userspace.
+    pub dwarf_samples: u64,
+    /// DWARF samples lost: ring buffer full.
+    pub dwarf_lost: u64,
+    /// DWARF samples whose user stack could not be read at all.
+    pub dwarf_stack_unreadable: u64,
 }
 
 /// Samples that hit a process inheriting a target's perf event without being
@@ -106,10 +173,13 @@ mod pod {
     unsafe impl aya::Pod for super::SampleValue {}
     unsafe impl aya::Pod for super::TargetStats {}
     unsafe impl aya::Pod for super::ForeignStats {}
+    unsafe impl aya::Pod for super::StackSampleHeader {}
 }
 
 // No padding surprises: each size is the sum of its fields.
 const _: () = assert!(core::mem::size_of::<TargetInfo>() == 8);
 const _: () = assert!(core::mem::size_of::<SampleKey>() == 16);
 const _: () = assert!(core::mem::size_of::<SampleValue>() == 16);
-const _: () = assert!(core::mem::size_of::<TargetStats>() == 56);
+const _: () = assert!(core::mem::size_of::<StackSampleHeader>() == 56 + 8 * MAX_STACK_DEPTH);
+const _: () = assert!(core::mem::size_of::<StackSample>() <= 32 * 1024);
+const _: () = assert!(core::mem::size_of::<TargetStats>() == 80);

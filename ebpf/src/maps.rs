@@ -2,9 +2,11 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, StackTrace},
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf, StackTrace},
 };
-use flamewatch_common::{ForeignStats, SampleKey, SampleValue, TargetInfo, TargetStats, MAX_TARGETS};
+use flamewatch_common::{
+    ForeignStats, SampleKey, SampleValue, StackSample, TargetInfo, TargetStats, MAX_TARGETS,
+};
 
 /// The processes being profiled, keyed by tgid. Every program's first (and,
 /// for non-targets, only) lookup.
@@ -52,3 +54,15 @@ pub static STACKS_0: StackTrace = StackTrace::with_max_entries(STACK_ENTRIES, 0)
 /// User and kernel stacks, generation 1.
 #[map]
 pub static STACKS_1: StackTrace = StackTrace::with_max_entries(STACK_ENTRIES, 0);
+
+/// Scratch space to build one DWARF sample (registers, kernel stack, user
+/// stack window) before it is copied to the ring buffer: ~31 KiB is far more
+/// than the 512-byte BPF stack, and per-CPU values cap at 32 KiB.
+#[map]
+pub static SCRATCH: PerCpuArray<StackSample> = PerCpuArray::with_max_entries(1, 0);
+
+/// DWARF samples on their way to the agent's unwinder. The agent sizes it at
+/// load time (`EbpfLoader::set_max_entries`): a page when no target needs
+/// DWARF, and ~0.5 s of samples at the requested rate otherwise.
+#[map]
+pub static STACK_SAMPLES: RingBuf = RingBuf::with_byte_size(4096, 0);

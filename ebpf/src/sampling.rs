@@ -1,20 +1,32 @@
 //! On-CPU sampling: a perf_event program on the software cpu-clock, opened by
 //! the agent on the target's threads only.
 //!
-//! For each sample: is the current process a target? record its user and
-//! kernel stack ids and add one sample (and its period, the time weight) to
-//! the current generation's aggregation map. Nothing goes to userspace per
-//! sample.
+//! For each sample: is the current process a target? Then, for a target
+//! with frame pointers, record its user and kernel stack ids and add one
+//! sample (and its period, the time weight) to the current generation's
+//! aggregation map: nothing goes to userspace per sample. For a target
+//! without frame pointers (DWARF mode), copy the user registers, the kernel
+//! stack and a window of the user stack to the ring buffer instead, for the
+//! agent to unwind with the binaries' .eh_frame (as `perf --call-graph
+//! dwarf` does, but online).
 
 use aya_ebpf::{
-    bindings::BPF_F_USER_STACK,
-    helpers::bpf_get_current_pid_tgid,
+    bindings::{pt_regs, BPF_F_USER_STACK, BPF_RB_NO_WAKEUP},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_probe_read_kernel,
+        generated::{bpf_get_current_task_btf, bpf_get_stack, bpf_probe_read_user, bpf_task_pt_regs},
+    },
     maps::{PerCpuHashMap, StackTrace},
     programs::{tracing::StackIdContext as _, PerfEventContext},
 };
-use flamewatch_common::{config_index, target_flags, SampleKey, SampleValue, TargetStats, NO_STACK};
+use flamewatch_common::{
+    config_index, sample_flags, target_flags, SampleKey, SampleValue, StackSampleHeader, TargetStats,
+    DEFAULT_STACK_WINDOW, MAX_STACK_DEPTH, MAX_STACK_WINDOW, NO_STACK,
+};
 
-use crate::maps::{CONFIG, COUNTS_0, COUNTS_1, FOREIGN, STACKS_0, STACKS_1, TARGETS, TARGET_STATS};
+use crate::maps::{
+    CONFIG, COUNTS_0, COUNTS_1, FOREIGN, SCRATCH, STACKS_0, STACKS_1, STACK_SAMPLES, TARGETS, TARGET_STATS,
+};
 
 const EEXIST: i32 = 17;
 
@@ -46,6 +58,19 @@ pub fn try_sample(ctx: &PerfEventContext) -> Result<(), i64> {
 
     // SAFETY: ctx points at the kernel's bpf_perf_event_data for this sample.
     let period = unsafe { (*ctx.ctx).sample_period };
+    stats.samples += 1;
+    stats.period_ns += period;
+    if target.flags & target_flags::DWARF != 0 {
+        dwarf_sample(
+            ctx,
+            tgid,
+            tid,
+            period,
+            target.flags & target_flags::KERNEL_STACKS != 0,
+            stats,
+        );
+        return Ok(());
+    }
 
     let user_stack_id = match ctx.get_stackid(stacks, u64::from(BPF_F_USER_STACK)) {
         Ok(id) => id as i32,
@@ -78,9 +103,6 @@ pub fn try_sample(ctx: &PerfEventContext) -> Result<(), i64> {
         NO_STACK
     };
 
-    stats.samples += 1;
-    stats.period_ns += period;
-
     let key = SampleKey {
         tgid,
         tid,
@@ -105,4 +127,119 @@ pub fn try_sample(ctx: &PerfEventContext) -> Result<(), i64> {
         }
     }
     Ok(())
+}
+
+/// Builds a DWARF sample in the per-CPU scratch and sends the used part.
+fn dwarf_sample(
+    ctx: &PerfEventContext,
+    tgid: u32,
+    tid: u32,
+    period: u64,
+    kernel: bool,
+    stats: &mut TargetStats,
+) {
+    let Some(sample) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: per-CPU scratch, not shared with any other program run on this CPU.
+    let sample = unsafe { &mut *sample };
+    let h = &mut sample.header;
+    h.tgid = tgid;
+    h.tid = tid;
+    h.period_ns = period;
+    h.flags = 0;
+    h.kernel_frames = 0;
+    h.stack_len = 0;
+
+    // SAFETY: the interrupted registers, inside the context the kernel passed.
+    let regs = unsafe { &(*ctx.ctx).regs };
+    let user = if regs.cs & 3 == 3 {
+        // Interrupted in user mode: these are the user registers.
+        (regs.rip, regs.rsp, regs.rbp)
+    } else {
+        // Interrupted in the kernel: the user registers are the ones saved
+        // at kernel entry (task_pt_regs), see bpf_task_pt_regs in
+        // kernel/trace/bpf_trace.c.
+        h.flags |= sample_flags::IN_KERNEL;
+        if kernel {
+            // SAFETY: bpf_get_stack writes at most the given size into our buffer.
+            let n = unsafe {
+                bpf_get_stack(
+                    ctx.ctx.cast(),
+                    h.kernel_ips.as_mut_ptr().cast(),
+                    (MAX_STACK_DEPTH * 8) as u32,
+                    0,
+                )
+            };
+            if n > 0 {
+                h.kernel_frames = (n as u32) / 8;
+            }
+        }
+        // SAFETY: BTF task pointer of the current task, then a checked copy.
+        let saved = unsafe {
+            let task = bpf_get_current_task_btf();
+            let regs = bpf_task_pt_regs(task) as *const pt_regs;
+            bpf_probe_read_kernel(regs)
+        };
+        match saved {
+            Ok(r) => (r.rip, r.rsp, r.rbp),
+            Err(_) => {
+                h.flags |= sample_flags::NO_USER_REGS;
+                (0, 0, 0)
+            }
+        }
+    };
+    h.ip = user.0;
+    h.sp = user.1;
+    h.bp = user.2;
+
+    // The window above sp; halve it until the read stays inside mapped
+    // memory (a thread's stack may hold less than the window).
+    let window = CONFIG
+        .get(config_index::STACK_WINDOW)
+        .copied()
+        .filter(|w| *w != 0)
+        .unwrap_or(DEFAULT_STACK_WINDOW as u32);
+    let mut len = if window as usize > MAX_STACK_WINDOW {
+        MAX_STACK_WINDOW as u32
+    } else {
+        window
+    };
+    let mut copied: u32 = 0;
+    if user.1 != 0 {
+        for _ in 0..6 {
+            if len < 64 || len as usize > MAX_STACK_WINDOW {
+                break;
+            }
+            // SAFETY: len ≤ MAX_STACK_WINDOW bytes into the scratch's stack array.
+            let ret = unsafe {
+                bpf_probe_read_user(
+                    sample.stack.as_mut_ptr().cast(),
+                    len,
+                    user.1 as *const core::ffi::c_void,
+                )
+            };
+            if ret == 0 {
+                copied = len;
+                break;
+            }
+            len /= 2;
+        }
+    }
+    if copied == 0 {
+        stats.dwarf_stack_unreadable += 1;
+    }
+    sample.header.stack_len = copied;
+    let size = core::mem::size_of::<StackSampleHeader>() + copied as usize;
+    if size > core::mem::size_of_val(sample) {
+        return;
+    }
+    // SAFETY: `size` bytes from the start of the scratch value, all inside it.
+    let bytes = unsafe { core::slice::from_raw_parts(sample as *const _ as *const u8, size) };
+    // No wakeup per sample: the agent polls, so the sampled thread never pays
+    // for waking it.
+    match STACK_SAMPLES.output::<[u8]>(bytes, u64::from(BPF_RB_NO_WAKEUP)) {
+        Ok(()) => stats.dwarf_samples += 1,
+        Err(_) => stats.dwarf_lost += 1,
+    }
 }

@@ -21,17 +21,42 @@ use anyhow::{bail, Context as _, Result};
 #[derive(Clone, Copy, Debug)]
 enum Profiler {
     None,
-    Flamewatch { hz: u64, budget: Option<f64> },
-    Perf { hz: u64 },
+    Flamewatch {
+        hz: u64,
+        budget: Option<f64>,
+        unwind: &'static str,
+    },
+    Perf {
+        hz: u64,
+        dwarf: bool,
+    },
 }
 
 impl Profiler {
     fn label(self) -> String {
+        let unwind = |u: &str| {
+            if u == "auto" {
+                String::new()
+            } else {
+                format!(", --unwind {u}")
+            }
+        };
         match self {
             Self::None => "baseline (no profiler)".into(),
-            Self::Flamewatch { hz, budget: None } => format!("flamewatch {hz} Hz"),
-            Self::Flamewatch { hz, budget: Some(b) } => format!("flamewatch {hz} Hz, {b} % budget"),
-            Self::Perf { hz } => format!("perf record -g {hz} Hz"),
+            Self::Flamewatch {
+                hz,
+                budget: None,
+                unwind: u,
+            } => format!("flamewatch {hz} Hz{}", unwind(u)),
+            Self::Flamewatch {
+                hz,
+                budget: Some(b),
+                unwind: u,
+            } => {
+                format!("flamewatch {hz} Hz, {b} % budget{}", unwind(u))
+            }
+            Self::Perf { hz, dwarf: false } => format!("perf record -g {hz} Hz"),
+            Self::Perf { hz, dwarf: true } => format!("perf --call-graph dwarf {hz} Hz"),
         }
     }
 }
@@ -46,15 +71,72 @@ struct Run {
     cpu_ratio: f64,
     estimate_pct: Option<f64>,
     effective_hz: Option<f64>,
+    /// DWARF samples unwound and the unwinder's CPU seconds.
+    unwound: Option<(f64, f64)>,
     profiler_cpu_s: Option<f64>,
     profiler_maxrss_kib: Option<i64>,
 }
 
 /// Entry point of `cargo xtask bench`.
 pub fn run(which: &str, rounds: usize, seconds: f64, agent: &Path, targets: &Path) -> Result<()> {
+    crate::setup::packages(&[("perf", "linux-perf")])?;
+    let max_rate: u64 = std::fs::read_to_string("/proc/sys/kernel/perf_event_max_sample_rate")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100_000);
     match which {
-        "overhead" => overhead(rounds, seconds, agent, targets),
-        other => bail!("unknown benchmark '{other}' (available: overhead)"),
+        "overhead" => {
+            let perf_high = 20_000.min(max_rate);
+            let fw = |hz, budget| Profiler::Flamewatch {
+                hz,
+                budget,
+                unwind: "auto",
+            };
+            compare(
+                "overhead",
+                &targets.join("throughput-fp"),
+                &[
+                    fw(99, None),
+                    Profiler::Perf { hz: 99, dwarf: false },
+                    fw(999, None),
+                    Profiler::Perf {
+                        hz: 999,
+                        dwarf: false,
+                    },
+                    fw(20_000, Some(5.0)),
+                    Profiler::Perf {
+                        hz: perf_high,
+                        dwarf: false,
+                    },
+                ],
+                rounds,
+                seconds,
+                agent,
+            )
+        }
+        "unwind" => {
+            let fw = |hz, unwind| Profiler::Flamewatch {
+                hz,
+                budget: Some(100.0),
+                unwind,
+            };
+            compare(
+                "unwind (production build, no frame pointers; budget lifted to 100 % to measure the raw cost)",
+                &targets.join("throughput"),
+                &[
+                    fw(99, "fp"),
+                    fw(99, "dwarf"),
+                    Profiler::Perf { hz: 99, dwarf: true },
+                    fw(999, "fp"),
+                    fw(999, "dwarf"),
+                    Profiler::Perf { hz: 999, dwarf: true },
+                ],
+                rounds,
+                seconds,
+                agent,
+            )
+        }
+        other => bail!("unknown benchmark '{other}' (available: overhead, unwind)"),
     }
 }
 
@@ -68,33 +150,24 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-fn overhead(rounds: usize, seconds: f64, agent: &Path, targets: &Path) -> Result<()> {
-    crate::setup::packages(&[("perf", "linux-perf")])?;
-    let max_rate: u64 = std::fs::read_to_string("/proc/sys/kernel/perf_event_max_sample_rate")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100_000);
-    let perf_high = 20_000.min(max_rate);
-    let configs = [
-        Profiler::None,
-        Profiler::Flamewatch { hz: 99, budget: None },
-        Profiler::Perf { hz: 99 },
-        Profiler::Flamewatch {
-            hz: 999,
-            budget: None,
-        },
-        Profiler::Perf { hz: 999 },
-        Profiler::Flamewatch {
-            hz: 20_000,
-            budget: Some(5.0),
-        },
-        Profiler::Perf { hz: perf_high },
-    ];
-    let target = targets.join("throughput-fp");
+/// Measures `profiled` configurations against paired baseline runs of
+/// `target` and prints the table.
+fn compare(
+    title: &str,
+    target: &Path,
+    profiled: &[Profiler],
+    rounds: usize,
+    seconds: f64,
+    agent: &Path,
+) -> Result<()> {
+    let configs: Vec<Profiler> = std::iter::once(Profiler::None)
+        .chain(profiled.iter().copied())
+        .collect();
+    let target = target.to_owned();
     let work = std::env::temp_dir().join(format!("flamewatch-bench-{}", std::process::id()));
     std::fs::create_dir_all(&work)?;
     println!(
-        "overhead benchmark: {} (1 thread, 512 KiB working set), {seconds} s per run, {rounds} rounds; \
+        "{title} benchmark: {} (1 thread, 512 KiB working set), {seconds} s per run, {rounds} rounds; \
          each profiled run paired with a baseline run just before it",
         target.display()
     );
@@ -126,7 +199,7 @@ fn overhead(rounds: usize, seconds: f64, agent: &Path, targets: &Path) -> Result
 
     println!();
     println!(
-        "{:<34} {:>14} {:>8} {:>9} {:>10} {:>10} {:>9} {:>13} {:>10}",
+        "{:<44} {:>12} {:>7} {:>9} {:>9} {:>9} {:>7} {:>12} {:>9} {:>13}",
         "configuration",
         "ops/s median",
         "ratio",
@@ -135,7 +208,8 @@ fn overhead(rounds: usize, seconds: f64, agent: &Path, targets: &Path) -> Result
         "estimate",
         "eff. Hz",
         "profiler CPU",
-        "max RSS"
+        "max RSS",
+        "unwound/s/core"
     );
     let mut verdicts = Vec::new();
     for (config, runs) in configs.iter().zip(&results) {
@@ -150,10 +224,15 @@ fn overhead(rounds: usize, seconds: f64, agent: &Path, targets: &Path) -> Result
         let cpu = runs.iter().filter_map(|r| r.profiler_cpu_s).collect::<Vec<_>>();
         let cpu = (!cpu.is_empty()).then(|| median(cpu) / seconds * 100.0);
         let rss = runs.iter().filter_map(|r| r.profiler_maxrss_kib).max();
+        let unwound: (f64, f64) = runs
+            .iter()
+            .filter_map(|r| r.unwound)
+            .fold((0.0, 0.0), |(n, s), (dn, ds)| (n + dn, s + ds));
+        let per_core = (unwound.1 > 0.0).then(|| unwound.0 / unwound.1);
         let opt =
             |v: Option<f64>, unit: &str, prec: usize| v.map_or("-".into(), |v| format!("{v:.prec$}{unit}"));
         println!(
-            "{:<34} {:>14.0} {:>8.4} {:>9.4} {:>10} {:>10} {:>9} {:>13} {:>10}",
+            "{:<44} {:>12.0} {:>7.4} {:>9.4} {:>9} {:>9} {:>7} {:>12} {:>9} {:>13}",
             config.label(),
             ops,
             ratio,
@@ -167,14 +246,13 @@ fn overhead(rounds: usize, seconds: f64, agent: &Path, targets: &Path) -> Result
             opt(hz, "", 0),
             opt(cpu, " % core", 2),
             rss.map_or("-".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0)),
+            opt(per_core, "", 0),
         );
-        if let Profiler::Flamewatch { hz: req, budget } = *config {
-            let goal = if budget.is_some() {
-                0.95
-            } else if req <= 99 {
-                0.995
-            } else {
-                0.0
+        if let Profiler::Flamewatch { hz: req, budget, .. } = *config {
+            let goal = match budget {
+                Some(b) if b <= 5.0 => 0.95,
+                None if req <= 99 => 0.995,
+                _ => 0.0,
             };
             if goal > 0.0 {
                 verdicts.push(format!(
@@ -219,10 +297,12 @@ fn measure(config: Profiler, target: &Path, agent: &Path, work: &Path, seconds: 
     let out_dir = work.join(format!("run-{pid}"));
     let mut profiler: Option<Child> = match config {
         Profiler::None => None,
-        Profiler::Flamewatch { hz, budget } => {
+        Profiler::Flamewatch { hz, budget, unwind } => {
             let mut cmd = Command::new(agent);
             cmd.args([
                 "record",
+                "--unwind",
+                unwind,
                 "--pid",
                 &pid.to_string(),
                 "--freq",
@@ -246,18 +326,17 @@ fn measure(config: Profiler, target: &Path, agent: &Path, work: &Path, seconds: 
             )?;
             Some(agent)
         }
-        Profiler::Perf { hz } => {
+        Profiler::Perf { hz, dwarf } => {
             let data = work.join(format!("perf-{pid}.data"));
+            let graph: &[&str] = if dwarf {
+                &["--call-graph", "dwarf"]
+            } else {
+                &["-g"]
+            };
             let perf = Command::new("perf")
-                .args([
-                    "record",
-                    "-g",
-                    "-F",
-                    &hz.to_string(),
-                    "-p",
-                    &pid.to_string(),
-                    "-o",
-                ])
+                .arg("record")
+                .args(graph)
+                .args(["-F", &hz.to_string(), "-p", &pid.to_string(), "-o"])
                 .arg(&data)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -298,6 +377,12 @@ fn measure(config: Profiler, target: &Path, agent: &Path, work: &Path, seconds: 
             let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(json)?)?;
             run.estimate_pct = summary["overhead"]["measured_pct"].as_f64();
             run.effective_hz = summary["sampling"]["effective_hz"].as_f64();
+            let u = &summary["sampling"]["unwind"];
+            if let (Some(n), Some(cpu)) = (u["dwarf_samples"].as_f64(), u["unwinder_cpu_s"].as_f64()) {
+                if n > 0.0 {
+                    run.unwound = Some((n, cpu));
+                }
+            }
         }
     }
     let _ = std::fs::remove_dir_all(&out_dir);

@@ -18,6 +18,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("ss", "iproute2"),
     ("setpriv", "util-linux"),
     ("mount", "mount"),
+    // The unwinding tests profile the distribution's python (no frame pointers).
+    ("/usr/bin/python3", "python3"),
 ];
 
 /// Runs every setup step.

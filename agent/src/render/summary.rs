@@ -67,6 +67,51 @@ pub struct SamplingInfo {
     /// Samples whose stacks could not be recorded (still counted, shown as
     /// `[lost … stack]` frames).
     pub stack_errors: StackErrors,
+    /// How user stacks were unwound.
+    pub unwind: UnwindInfo,
+}
+
+/// How user stacks were unwound, and how well.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct UnwindInfo {
+    /// `fp` (frame pointers, in the kernel) or `dwarf` (.eh_frame, from
+    /// stack copies).
+    pub mode: String,
+    /// What was asked for (`auto`, `fp`, `dwarf`).
+    pub requested: String,
+    /// Why this mode.
+    pub reason: String,
+    /// Frame pointer check of the executable, when made.
+    pub executable: Option<ExecutableCheck>,
+    /// Bytes of user stack copied per DWARF sample.
+    pub stack_window: u32,
+    /// DWARF samples unwound in userspace.
+    pub dwarf_samples: u64,
+    /// Of those, stacks that reached their outermost frame.
+    pub complete: u64,
+    /// Stacks cut short by the window (partial stacks are still used).
+    pub truncated_window: u64,
+    /// Stacks cut short by an unwinding failure (still used).
+    pub truncated_error: u64,
+    /// DWARF samples without a readable user stack.
+    pub no_user_stack: u64,
+    /// DWARF samples lost because the ring buffer was full.
+    pub lost: u64,
+    /// CPU time the agent spent unwinding, seconds.
+    pub unwinder_cpu_s: f64,
+}
+
+/// Whether an executable's functions set up frame pointers.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExecutableCheck {
+    /// The file.
+    pub path: String,
+    /// Verdict.
+    pub frame_pointers: bool,
+    /// Functions examined.
+    pub functions_checked: usize,
+    /// Of which set up a frame pointer.
+    pub with_frame_pointer: usize,
 }
 
 /// What profiling cost the target (see `governor::cost` for the formula).
@@ -174,6 +219,13 @@ mod tests {
                 child_process_samples: 0,
                 stack_errors: StackErrors {
                     user_collisions: 1,
+                    ..Default::default()
+                },
+                unwind: UnwindInfo {
+                    mode: "fp".into(),
+                    requested: "auto".into(),
+                    reason: "the executable keeps frame pointers".into(),
+                    stack_window: 16384,
                     ..Default::default()
                 },
             },

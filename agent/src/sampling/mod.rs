@@ -182,6 +182,13 @@ impl Sampler {
         Ok(())
     }
 
+    /// Bytes of user stack copied per DWARF sample.
+    pub fn set_stack_window(&mut self, bytes: u32) -> Result<(), SamplingError> {
+        self.config
+            .set(config_index::STACK_WINDOW, bytes, 0)
+            .map_err(map_err("CONFIG"))
+    }
+
     /// The loaded sampling program (for calibration).
     pub fn prog_fd(&self) -> std::os::fd::RawFd {
         self.prog_fd.as_fd().as_raw_fd()
@@ -194,6 +201,7 @@ impl Sampler {
         &mut self,
         target: &Target,
         kernel_stacks: bool,
+        dwarf: bool,
         period_ns: u64,
     ) -> Result<usize, SamplingError> {
         let pid = target.pid;
@@ -208,11 +216,13 @@ impl Sampler {
             }
         })?;
         self.stats.set(slot, zero, 0).map_err(map_err("TARGET_STATS"))?;
-        let flags = if kernel_stacks {
-            target_flags::KERNEL_STACKS
-        } else {
-            0
-        };
+        let mut flags = 0;
+        if kernel_stacks {
+            flags |= target_flags::KERNEL_STACKS;
+        }
+        if dwarf {
+            flags |= target_flags::DWARF;
+        }
         self.target_map
             .insert(pid, TargetInfo { slot, flags }, 0)
             .map_err(map_err("TARGETS"))?;
@@ -335,6 +345,9 @@ impl Sampler {
             acc.kernel_stack_collisions += s.kernel_stack_collisions;
             acc.kernel_stack_errors += s.kernel_stack_errors;
             acc.map_full += s.map_full;
+            acc.dwarf_samples += s.dwarf_samples;
+            acc.dwarf_lost += s.dwarf_lost;
+            acc.dwarf_stack_unreadable += s.dwarf_stack_unreadable;
             acc
         }))
     }
@@ -498,44 +511,70 @@ mod tests {
         }
         let stop = Arc::new(AtomicBool::new(false));
         let (first, first_tid) = busy_thread(stop.clone());
-        let mut ebpf = crate::bpf::load().expect("load eBPF");
+        let mut ebpf = crate::bpf::load(false).expect("load eBPF");
         let mut sampler = Sampler::new(&mut ebpf).expect("sampler");
         let me = Target {
             pid: std::process::id(),
             comm: "test".into(),
             exe: None,
         };
-        sampler.add_target(&me, false, period_for(100)).expect("attach");
+        sampler
+            .add_target(&me, false, false, period_for(100))
+            .expect("attach");
         let (late, late_tid) = busy_thread(stop.clone());
 
+        // Rates per CPU-second of each thread: other tests may share the cores.
+        let cpu = |tid: u32| -> f64 {
+            let text = std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat")).unwrap();
+            text.split_whitespace().next().unwrap().parse::<f64>().unwrap() / 1e9
+        };
+        let rate = |samples: u64, cpu_s: f64| samples as f64 / cpu_s.max(1e-3);
+        // Enough CPU time for ~50 samples at the slow rate, however busy
+        // the machine is.
+        let run_for_cpu = |tid: u32, from: f64| {
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            while cpu(tid) - from < 0.5 && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        };
+
         let mut before = RawProfile::default();
-        std::thread::sleep(Duration::from_millis(1000));
+        let late0 = cpu(late_tid);
+        run_for_cpu(late_tid, late0);
         sampler.drain_all(&mut before).expect("drain");
-        let late_slow = samples_by_tid(&before, late_tid);
+        let late_slow = rate(samples_by_tid(&before, late_tid), cpu(late_tid) - late0);
         assert!(
-            (50..=150).contains(&late_slow),
+            (60.0..=140.0).contains(&late_slow),
             "late thread at ~100 Hz: {late_slow}"
         );
 
         sampler.set_period(me.pid, period_for(1000)).expect("set period");
         let mut after = before.clone();
-        std::thread::sleep(Duration::from_millis(1000));
+        let (late1, first1) = (cpu(late_tid), cpu(first_tid));
+        run_for_cpu(late_tid, late1);
+        run_for_cpu(first_tid, first1);
         sampler.drain_all(&mut after).expect("drain");
-        let late_fast = samples_by_tid(&after, late_tid) - late_slow;
-        let first_fast = samples_by_tid(&after, first_tid) - samples_by_tid(&before, first_tid);
+        let late_fast = rate(
+            samples_by_tid(&after, late_tid) - samples_by_tid(&before, late_tid),
+            cpu(late_tid) - late1,
+        );
+        let first_fast = rate(
+            samples_by_tid(&after, first_tid) - samples_by_tid(&before, first_tid),
+            cpu(first_tid) - first1,
+        );
         stop.store(true, Ordering::Relaxed);
         first.join().unwrap();
         late.join().unwrap();
         assert!(
-            (600..=1300).contains(&late_fast),
+            (700.0..=1300.0).contains(&late_fast),
             "late thread now at ~1000 Hz: {late_fast}"
         );
         assert!(
-            (600..=1300).contains(&first_fast),
+            (700.0..=1300.0).contains(&first_fast),
             "first thread at ~1000 Hz: {first_fast}"
         );
         assert!(
-            sampler.target_cpu_ns(me.pid) > 1_500_000_000,
+            sampler.target_cpu_ns(me.pid) > 500_000_000,
             "CPU time counted across the re-open"
         );
     }

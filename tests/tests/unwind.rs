@@ -1,0 +1,134 @@
+//! Complete stacks for binaries without frame pointers: DWARF unwinding of
+//! stack copies, end to end.
+
+use std::process::Command;
+
+use flamewatch_e2e::*;
+use serde_json::Value;
+
+struct Recorded {
+    summary: Value,
+    stacks: Vec<(Vec<String>, u64)>,
+}
+
+fn record(pid: u32, args: &[&str]) -> Recorded {
+    let dir = output_dir();
+    let pid = pid.to_string();
+    let mut all = vec!["record", "--pid", &pid, "--output", dir.path().to_str().unwrap()];
+    all.extend_from_slice(args);
+    let out = flamewatch(&all);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    Recorded {
+        summary: read_json(&printed_files(&out.stdout, "json")[0]),
+        stacks: read_folded(&printed_files(&out.stdout, "folded")[0]),
+    }
+}
+
+/// Share (percent) of the samples whose stack contains `frame`.
+fn share_with(stacks: &[(Vec<String>, u64)], frame: &str) -> f64 {
+    let total: u64 = stacks.iter().map(|(_, n)| n).sum();
+    let with: u64 = stacks
+        .iter()
+        .filter(|(s, _)| s.iter().any(|f| f == frame))
+        .map(|(_, n)| n)
+        .sum();
+    100.0 * with as f64 / total.max(1) as f64
+}
+
+fn shared_leaf_target() -> TestProcess {
+    // The production-like build: -O2, no frame pointers.
+    let mut cmd = Command::new(target_bin("hotpaths"));
+    cmd.args(["--shared-leaf", "--ratio", "3:1", "--seconds", "60"]);
+    TestProcess::spawn_ready(cmd)
+}
+
+/// Test that on an -O2 binary without frame pointers, a 3:1 split reached
+/// through one shared leaf is recovered (±5 points) with its callers, and
+/// that `auto` chose DWARF for that reason.
+#[test]
+fn dwarf_recovers_callers() {
+    if !privileged("dwarf_recovers_callers") {
+        return;
+    }
+    let target = shared_leaf_target();
+    let r = record(target.pid(), &["--duration", "5s", "--freq", "199"]);
+    let u = &r.summary["sampling"]["unwind"];
+    assert_eq!(u["mode"], "dwarf", "{u:#}");
+    assert_eq!(u["requested"], "auto");
+    assert_eq!(u["executable"]["frame_pointers"], false, "{u:#}");
+    let a = share_with(&r.stacks, "path_a");
+    let b = share_with(&r.stacks, "path_b");
+    assert!(
+        (a - 75.0).abs() <= 5.0 && (b - 25.0).abs() <= 5.0,
+        "path_a {a}%, path_b {b}%\n{:?}",
+        r.stacks
+    );
+    assert!(
+        share_with(&r.stacks, "main") >= 95.0,
+        "callers down to main: {:?}",
+        r.stacks
+    );
+    assert!(self_pct(&r.summary, "shared_leaf") > 90.0);
+    let complete = u["complete"].as_f64().unwrap() / u["dwarf_samples"].as_f64().unwrap();
+    assert!(complete >= 0.95, "{u:#}");
+}
+
+/// Test that the same target with `--unwind fp` loses the callers: this is
+/// what the DWARF unwinder fixes.
+#[test]
+fn frame_pointers_lose_callers() {
+    if !privileged("frame_pointers_lose_callers") {
+        return;
+    }
+    let target = shared_leaf_target();
+    let r = record(target.pid(), &["--duration", "3s", "--unwind", "fp"]);
+    assert_eq!(r.summary["sampling"]["unwind"]["mode"], "fp");
+    let a = share_with(&r.stacks, "path_a");
+    let main = share_with(&r.stacks, "main");
+    assert!(
+        a < 20.0 && main < 20.0,
+        "fp unwinding should not see the callers here: path_a {a}%, main {main}%"
+    );
+}
+
+/// Test that a CPU-bound pure-Python script run by the system's python3
+/// (no frame pointers) unwinds through the interpreter loop to Py_RunMain
+/// for at least 90 % of samples.
+#[test]
+fn python_reaches_py_runmain() {
+    if !privileged("python_reaches_py_runmain") {
+        return;
+    }
+    let script = workspace_root().join("tests/targets/busy.py");
+    let mut cmd = Command::new("/usr/bin/python3");
+    cmd.arg(&script).arg("60");
+    let target = TestProcess::spawn_ready(cmd);
+    let r = record(target.pid(), &["--duration", "4s", "--freq", "199"]);
+    assert_eq!(r.summary["sampling"]["unwind"]["mode"], "dwarf");
+    let runmain = share_with(&r.stacks, "Py_RunMain");
+    let eval = share_with(&r.stacks, "_PyEval_EvalFrameDefault");
+    assert!(runmain >= 90.0, "Py_RunMain in {runmain}% of samples");
+    assert!(eval >= 90.0, "interpreter loop in {eval}% of samples");
+}
+
+/// Test that a stack window too small to hold the stack is counted as
+/// truncation, and the partial stacks are still in the profile.
+#[test]
+fn small_window_truncates_visibly() {
+    if !privileged("small_window_truncates_visibly") {
+        return;
+    }
+    let target = shared_leaf_target();
+    let r = record(
+        target.pid(),
+        &["--duration", "3s", "--unwind", "dwarf", "--stack-window", "512"],
+    );
+    let u = &r.summary["sampling"]["unwind"];
+    let truncated = u["truncated_window"].as_u64().unwrap();
+    assert!(truncated * 2 > u["dwarf_samples"].as_u64().unwrap(), "{u:#}");
+    assert!(share_with(&r.stacks, "[truncated stack]") > 50.0);
+    assert!(
+        self_pct(&r.summary, "shared_leaf") > 90.0,
+        "partial stacks still counted"
+    );
+}
