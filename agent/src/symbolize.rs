@@ -125,8 +125,14 @@ impl MapsCache {
     /// the process is gone (its earlier capture stays).
     pub fn capture(&mut self, pid: u32) -> std::io::Result<bool> {
         let text = fs::read_to_string(format!("/proc/{pid}/maps"))?;
+        Ok(self.capture_text(pid, text))
+    }
+
+    /// Records the executable mappings listed in `text` (the contents of
+    /// /proc/PID/maps) unless it is what was last recorded.
+    fn capture_text(&mut self, pid: u32, text: String) -> bool {
         if self.last_text.get(&pid) == Some(&text) {
-            return Ok(false);
+            return false;
         }
         let mut fresh = Vec::new();
         for line in parse_maps(&text) {
@@ -162,7 +168,7 @@ impl MapsCache {
         entry.extend(fresh);
         entry.sort_by_key(|m| m.start);
         self.last_text.insert(pid, text);
-        Ok(true)
+        true
     }
 
     fn module_file(&mut self, pid: u32, line: &MapsLine) -> Option<Arc<ModuleFile>> {
@@ -371,6 +377,24 @@ mod tests {
         assert_eq!(lines[1].inode, 1234);
         assert_eq!(lines[2].path, "[vdso]");
         assert_eq!(lines[3].path, "");
+    }
+
+    /// Test that unchanged maps are not processed again, and that a new
+    /// mapping replaces the older one it overlaps while others stay.
+    #[test]
+    fn capture_keeps_history() {
+        let mut maps = MapsCache::default();
+        let a = "1000-2000 r-xp 00000000 00:00 0 [vdso]\n3000-4000 r-xp 00000000 00:00 0 \n".to_owned();
+        assert!(maps.capture_text(7, a.clone()));
+        assert!(!maps.capture_text(7, a), "unchanged");
+        let b = "1000-2000 r-xp 00000000 00:00 0 [vdso]\n3800-4800 r-xp 00000000 00:00 0 \n".to_owned();
+        assert!(maps.capture_text(7, b));
+        assert!(matches!(maps.lookup(7, 0x1800).unwrap().kind, MappingKind::Vdso));
+        assert_eq!(maps.lookup(7, 0x3900).unwrap().start, 0x3800);
+        assert!(
+            maps.lookup(7, 0x3100).is_none(),
+            "replaced by the overlapping mapping"
+        );
     }
 
     /// Test that our own code symbolizes through a captured mapping, with the
