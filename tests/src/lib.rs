@@ -256,3 +256,301 @@ pub fn loaded_program_ids() -> Vec<u32> {
         .map(|p| p.id())
         .collect()
 }
+
+// ---- Helpers for the target stand-ins (logcaster, game-server): free
+// ports, /proc readings, TIME_WAIT counts, captured output. ----
+
+/// A TCP port nobody listens on, for a target to listen on. It is picked
+/// below the ephemeral range when there is room, so that client sockets of
+/// tests running meanwhile cannot take it before the target binds it.
+pub fn free_tcp_port() -> u16 {
+    free_port(|port| std::net::TcpListener::bind(("0.0.0.0", port)).is_ok())
+}
+
+/// A UDP port nobody is bound to (see [`free_tcp_port`]).
+pub fn free_udp_port() -> u16 {
+    free_port(|port| std::net::UdpSocket::bind(("0.0.0.0", port)).is_ok())
+}
+
+fn free_port(available: impl Fn(u16) -> bool) -> u16 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static CALLS: AtomicU64 = AtomicU64::new(0);
+    let ephemeral_low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    if ephemeral_low >= 12000 {
+        // A cheap pseudo-random walk, different per process and per call.
+        let mut x = u64::from(std::process::id()) << 32
+            ^ std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos().into())
+            ^ CALLS
+                .fetch_add(1, Ordering::Relaxed)
+                .wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let span = u64::from(ephemeral_low - 10000);
+        for _ in 0..200 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let port = 10000 + (x % span) as u16;
+            if available(port) {
+                return port;
+            }
+        }
+    }
+    // No room below the ephemeral range: let the kernel pick one.
+    let port = std::net::TcpListener::bind("0.0.0.0:0")
+        .and_then(|l| l.local_addr())
+        .expect("binding an ephemeral port")
+        .port();
+    assert!(available(port), "port {port} is free");
+    port
+}
+
+/// A process's resident set size in KiB (VmRSS); None once it is gone.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// The fields of a /proc `stat` file after the command name (which may hold
+/// spaces): `[0]` is the state, `[11]` utime, `[12]` stime.
+fn stat_fields(path: &str) -> Option<Vec<String>> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let rest = &text[text.rfind(')')? + 1..];
+    Some(rest.split_whitespace().map(str::to_owned).collect())
+}
+
+fn clock_ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks > 0 {
+        ticks as f64
+    } else {
+        100.0
+    }
+}
+
+fn stat_cpu_seconds(path: &str) -> Option<f64> {
+    let f = stat_fields(path)?;
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / clock_ticks_per_second())
+}
+
+/// CPU time (user + system) a process has used, in seconds, from
+/// /proc/PID/stat; None once it is gone.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    stat_cpu_seconds(&format!("/proc/{pid}/stat"))
+}
+
+/// Cores a process keeps busy over `interval` (1.0: one core all the time),
+/// from its CPU time before and after.
+pub fn cpu_cores_over(pid: u32, interval: Duration) -> f64 {
+    let start = Instant::now();
+    let before = cpu_seconds(pid).expect("process is alive");
+    std::thread::sleep(interval);
+    let after = cpu_seconds(pid).expect("process is alive");
+    (after - before) / start.elapsed().as_secs_f64()
+}
+
+/// One thread of a process, as /proc/PID/task/TID shows it.
+#[derive(Clone, Debug)]
+pub struct ThreadInfo {
+    /// Thread id.
+    pub tid: u32,
+    /// Its name (`comm`).
+    pub name: String,
+    /// Scheduler state: R, S, D, ...
+    pub state: char,
+    /// Kernel function it sleeps in ("0" when running or unreadable).
+    pub wchan: String,
+    /// Number of the system call it is blocked in, when readable.
+    pub syscall: Option<i64>,
+    /// CPU time it has used, in seconds.
+    pub cpu_seconds: f64,
+}
+
+impl ThreadInfo {
+    /// Whether it sleeps in a futex wait (as a thread parked in
+    /// pthread_mutex_lock does).
+    pub fn in_futex_wait(&self) -> bool {
+        // futex(2) is system call 202 on x86_64 and 98 on aarch64.
+        let futex_nr = if cfg!(target_arch = "aarch64") { 98 } else { 202 };
+        self.state == 'S' && (self.wchan.contains("futex") || self.syscall == Some(futex_nr))
+    }
+}
+
+/// The threads of a process (empty once it is gone).
+pub fn threads(pid: u32) -> Vec<ThreadInfo> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    let mut threads: Vec<ThreadInfo> = dir
+        .filter_map(|e| {
+            let tid: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+            let base = format!("/proc/{pid}/task/{tid}");
+            let fields = stat_fields(&format!("{base}/stat"))?;
+            Some(ThreadInfo {
+                tid,
+                name: std::fs::read_to_string(format!("{base}/comm"))
+                    .ok()?
+                    .trim()
+                    .to_owned(),
+                state: fields.first()?.chars().next()?,
+                wchan: std::fs::read_to_string(format!("{base}/wchan")).unwrap_or_default(),
+                syscall: std::fs::read_to_string(format!("{base}/syscall"))
+                    .ok()
+                    .and_then(|s| s.split_whitespace().next()?.parse().ok()),
+                cpu_seconds: stat_cpu_seconds(&format!("{base}/stat"))?,
+            })
+        })
+        .collect();
+    threads.sort_by_key(|t| t.tid);
+    threads
+}
+
+/// TCP sockets in TIME_WAIT, counted by `ss -Htan state time-wait FILTER`
+/// (e.g. `( sport = :9999 )`).
+pub fn time_wait_count(filter: &str) -> usize {
+    let out = Command::new("ss")
+        .args(["-Htan", "state", "time-wait", filter])
+        .output()
+        .expect("running ss (iproute2)");
+    assert!(
+        out.status.success(),
+        "ss: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .count()
+}
+
+/// TIME_WAIT sockets whose local port is `port`: those of the side that
+/// closed first, when a server listening on `port` did.
+pub fn time_wait_on_local_port(port: u16) -> usize {
+    time_wait_count(&format!("( sport = :{port} )"))
+}
+
+/// TIME_WAIT sockets whose remote port is `port`: those of clients of a
+/// server on `port` that closed first.
+pub fn time_wait_on_remote_port(port: u16) -> usize {
+    time_wait_count(&format!("( dport = :{port} )"))
+}
+
+/// Everything a process printed after its banner, collected in the
+/// background by [`TestProcess::spawn_ready_captured`].
+#[derive(Clone, Default)]
+pub struct Captured {
+    stdout: std::sync::Arc<std::sync::Mutex<String>>,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Captured {
+    /// Stdout so far (after the banner).
+    pub fn stdout(&self) -> String {
+        self.stdout
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
+
+fn collect_into(stream: impl std::io::Read + Send + 'static, into: std::sync::Arc<std::sync::Mutex<String>>) {
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(stream);
+        let mut line = String::new();
+        while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
+            into.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push_str(&line);
+            line.clear();
+        }
+    });
+}
+
+impl TestProcess {
+    /// Like [`TestProcess::spawn_ready`] (waits for the banner line), but
+    /// keeps everything it prints afterwards on stdout and stderr.
+    pub fn spawn_ready_captured(mut cmd: Command) -> (Self, Captured) {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
+        let captured = Captured::default();
+        collect_into(child.stderr.take().expect("piped"), captured.stderr.clone());
+        let mut reader = BufReader::new(child.stdout.take().expect("piped"));
+        let mut banner = String::new();
+        reader.read_line(&mut banner).expect("target prints a banner");
+        collect_into(reader, captured.stdout.clone());
+        (Self { child, banner }, captured)
+    }
+}
+
+/// Least-squares slope of `(x, y)` points (0 with fewer than two).
+pub fn slope(points: &[(f64, f64)]) -> f64 {
+    let n = points.len() as f64;
+    if points.len() < 2 {
+        return 0.0;
+    }
+    let (mx, my) = points
+        .iter()
+        .fold((0.0, 0.0), |(sx, sy), (x, y)| (sx + x / n, sy + y / n));
+    let (num, den) = points.iter().fold((0.0, 0.0), |(a, b), (x, y)| {
+        (a + (x - mx) * (y - my), b + (x - mx) * (x - mx))
+    });
+    if den == 0.0 {
+        0.0
+    } else {
+        num / den
+    }
+}
+
+/// The `key=value` pairs of a line (such as the targets' report lines),
+/// values that parse as numbers only.
+pub fn numeric_fields(line: &str) -> std::collections::HashMap<String, f64> {
+    line.split_whitespace()
+        .filter_map(|kv| {
+            let (k, v) = kv.split_once('=')?;
+            Some((k.to_owned(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Seconds a thread has spent running on a CPU and waiting on a run queue
+/// for one, from /proc/PID/task/TID/schedstat (None when the kernel does not
+/// keep them). Together they tell a thread that never sleeps (busy) from one
+/// that sleeps, whatever the machine's load.
+pub fn thread_sched_seconds(pid: u32, tid: u32) -> Option<(f64, f64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/schedstat")).ok()?;
+    let mut fields = text.split_whitespace().map(|f| f.parse::<u64>().ok());
+    let (run, wait) = (fields.next()??, fields.next()??);
+    Some((run as f64 / 1e9, wait as f64 / 1e9))
+}
+
+/// Over `interval`, the share of wall time a thread spent on a CPU, and the
+/// share it spent runnable (on a CPU or waiting for one): ~1 for a thread
+/// that never sleeps, even when a loaded machine gives it less CPU.
+pub fn thread_busy_over(pid: u32, tid: u32, interval: Duration) -> (f64, f64) {
+    let start = Instant::now();
+    let (run0, wait0) = thread_sched_seconds(pid, tid).expect("schedstat of a live thread");
+    std::thread::sleep(interval);
+    let (run1, wait1) = thread_sched_seconds(pid, tid).expect("schedstat of a live thread");
+    let wall = start.elapsed().as_secs_f64();
+    ((run1 - run0) / wall, (run1 - run0 + wait1 - wait0) / wall)
+}
