@@ -46,6 +46,9 @@ pub enum StackSlot {
     /// The part of a stack that could be unwound before the walk stopped
     /// short of the outermost frame (leaf first).
     Truncated(Arc<[u64]>),
+    /// Frames known only by name, leaf first (a kernel stack read from
+    /// /proc/PID/task/TID/stack for a thread blocked before we watched).
+    Named(Arc<[FrameName]>),
     /// Counted but not recorded.
     Lost(LostReason),
     /// Not asked for or not applicable (no kernel stack for a user-mode sample).
@@ -57,13 +60,13 @@ impl StackSlot {
     pub fn ips(&self) -> Option<&[u64]> {
         match self {
             Self::Frames(ips) | Self::Truncated(ips) => Some(ips),
-            Self::Lost(_) | Self::Absent => None,
+            Self::Named(_) | Self::Lost(_) | Self::Absent => None,
         }
     }
 
-    /// Whether there are addresses.
+    /// Whether there is a stack (addresses or names).
     pub fn has_frames(&self) -> bool {
-        self.ips().is_some()
+        self.ips().is_some() || matches!(self, Self::Named(_))
     }
 }
 
@@ -125,6 +128,9 @@ pub struct BuildOptions {
     pub per_thread: bool,
     /// Thread names for `per_thread` (tid -> comm).
     pub thread_names: HashMap<u32, String>,
+    /// A frame added at the leaf of every stack (e.g. `[off-cpu]` in wall
+    /// profiles, where on- and off-CPU time share one graph).
+    pub leaf_marker: Option<FrameName>,
 }
 
 /// A symbolized profile of one process.
@@ -135,6 +141,50 @@ pub struct Profile {
     /// Number of synthetic frames at the root of every stack (process, and
     /// thread with `per_thread`); they are not functions.
     pub synthetic_depth: usize,
+}
+
+/// The frames of one raw sample, root first: process, thread (with
+/// `per_thread`), user frames (under `[truncated stack]` when partial), then
+/// kernel frames, then the leaf marker.
+pub fn frames_for(key: &RawSampleKey, symbols: &dyn Symbols, opts: &BuildOptions) -> Vec<FrameName> {
+    let mut frames = vec![FrameName::from(opts.process_name.as_str())];
+    if opts.per_thread {
+        let name = opts.thread_names.get(&key.tid).map_or("?", String::as_str);
+        frames.push(format!("{name}/{}", key.tid).into());
+    }
+    match &key.user {
+        StackSlot::Frames(ips) | StackSlot::Truncated(ips) => {
+            if matches!(key.user, StackSlot::Truncated(_)) {
+                // Partial stacks are kept, under a marker instead of
+                // pretending their outermost frame is a root.
+                frames.push(FrameName::from("[truncated stack]"));
+            }
+            for (i, &ip) in ips.iter().enumerate().rev() {
+                // The interrupted instruction is the leaf only when the
+                // sample hit user mode; in a syscall the first user address
+                // is the return point after the syscall.
+                let is_leaf = i == 0 && !key.kernel.has_frames();
+                frames.extend(symbols.user(key.tgid, ip, is_leaf));
+            }
+        }
+        StackSlot::Named(names) => frames.extend(names.iter().rev().cloned()),
+        StackSlot::Lost(reason) => frames.push(lost_frame(*reason, "user")),
+        StackSlot::Absent => {}
+    }
+    match &key.kernel {
+        StackSlot::Frames(ips) | StackSlot::Truncated(ips) => {
+            for (i, &ip) in ips.iter().enumerate().rev() {
+                frames.extend(symbols.kernel(ip, i == 0));
+            }
+        }
+        StackSlot::Named(names) => frames.extend(names.iter().rev().cloned()),
+        StackSlot::Lost(reason) => frames.push(lost_frame(*reason, "kernel")),
+        StackSlot::Absent => {}
+    }
+    if let Some(marker) = &opts.leaf_marker {
+        frames.push(marker.clone());
+    }
+    frames
 }
 
 fn lost_frame(reason: LostReason, kind: &str) -> FrameName {
@@ -148,51 +198,19 @@ fn lost_frame(reason: LostReason, kind: &str) -> FrameName {
 impl Profile {
     /// Builds the profile of `tgid` from `raw`, looking frames up in `symbols`.
     pub fn build(raw: &RawProfile, tgid: u32, symbols: &dyn Symbols, opts: &BuildOptions) -> Self {
-        let mut stacks: BTreeMap<Vec<FrameName>, Weight> = BTreeMap::new();
-        let process: FrameName = opts.process_name.as_str().into();
-        let mut thread_frames: HashMap<u32, FrameName> = HashMap::new();
-        for (key, weight) in raw.samples.iter().filter(|(k, _)| k.tgid == tgid) {
-            let mut frames = vec![process.clone()];
-            if opts.per_thread {
-                let frame = thread_frames.entry(key.tid).or_insert_with(|| {
-                    let name = opts.thread_names.get(&key.tid).map_or("?", String::as_str);
-                    format!("{name}/{}", key.tid).into()
-                });
-                frames.push(frame.clone());
-            }
-            match &key.user {
-                StackSlot::Frames(ips) | StackSlot::Truncated(ips) => {
-                    if matches!(key.user, StackSlot::Truncated(_)) {
-                        // Partial stacks are kept, under a marker instead of
-                        // pretending their outermost frame is a root.
-                        frames.push(FrameName::from("[truncated stack]"));
-                    }
-                    // Leaf first in the kernel's record; flamegraphs want root first.
-                    for (i, &ip) in ips.iter().enumerate().rev() {
-                        // The interrupted instruction is the leaf only when the
-                        // sample hit user mode; in a syscall the first user
-                        // address is the return point after the syscall.
-                        let is_leaf = i == 0 && !key.kernel.has_frames();
-                        frames.extend(symbols.user(tgid, ip, is_leaf));
-                    }
-                }
-                StackSlot::Lost(reason) => frames.push(lost_frame(*reason, "user")),
-                StackSlot::Absent => {}
-            }
-            match &key.kernel {
-                StackSlot::Frames(ips) | StackSlot::Truncated(ips) => {
-                    for (i, &ip) in ips.iter().enumerate().rev() {
-                        frames.extend(symbols.kernel(ip, i == 0));
-                    }
-                }
-                StackSlot::Lost(reason) => frames.push(lost_frame(*reason, "kernel")),
-                StackSlot::Absent => {}
-            }
-            *stacks.entry(frames).or_default() += *weight;
-        }
-        Self {
-            stacks,
+        let mut profile = Self {
+            stacks: BTreeMap::new(),
             synthetic_depth: 1 + usize::from(opts.per_thread),
+        };
+        profile.add_raw(raw, tgid, symbols, opts);
+        profile
+    }
+
+    /// Adds the samples of `tgid` in `raw` (another kind of weight for a
+    /// wall profile, say) with `opts`' labels.
+    pub fn add_raw(&mut self, raw: &RawProfile, tgid: u32, symbols: &dyn Symbols, opts: &BuildOptions) {
+        for (key, weight) in raw.samples.iter().filter(|(k, _)| k.tgid == tgid) {
+            *self.stacks.entry(frames_for(key, symbols, opts)).or_default() += *weight;
         }
     }
 
@@ -341,6 +359,7 @@ pub(crate) mod tests {
             process_name: "demo".into(),
             per_thread,
             thread_names: [(100, "demo".to_owned()), (101, "worker".to_owned())].into(),
+            leaf_marker: None,
         }
     }
 
@@ -396,6 +415,40 @@ pub(crate) mod tests {
             top.iter().all(|f| f.name != "demo"),
             "the process frame is not a function"
         );
+    }
+
+    /// Test that named kernel frames (from /proc) and a leaf marker land in
+    /// the right places.
+    #[test]
+    fn named_frames_and_marker() {
+        let mut raw = RawProfile::default();
+        raw.add(
+            RawSampleKey {
+                tgid: 100,
+                tid: 100,
+                user: StackSlot::Frames([2, 1].into()),
+                kernel: StackSlot::Named(["schedule_[k]".into(), "futex_wait_[k]".into()].into()),
+            },
+            Weight {
+                samples: 1,
+                period_ns: 5_000_000,
+            },
+        );
+        let o = BuildOptions {
+            leaf_marker: Some("[off-cpu]".into()),
+            ..opts(false)
+        };
+        let p = Profile::build(&raw, 100, &FakeSymbols, &o);
+        let (stack, w) = p.stacks.iter().next().unwrap();
+        assert_eq!(
+            stack,
+            &stack_of(&["demo", "f1", "f2", "futex_wait_[k]", "schedule_[k]", "[off-cpu]"])
+        );
+        assert_eq!(w.period_ns, 5_000_000);
+    }
+
+    fn stack_of(frames: &[&str]) -> Vec<FrameName> {
+        stack(frames)
     }
 
     /// Test that a lower sampling rate (longer period) weighs more per sample.

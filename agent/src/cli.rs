@@ -6,7 +6,7 @@ use std::{path::PathBuf, time::Duration};
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
-    config::{RecordConfig, MAX_FREQ_HZ},
+    config::{Mode, RecordConfig, TargetConfig, TcpConfig, WatchConfig, MAX_FREQ_HZ},
     unwind::UnwindMode,
 };
 
@@ -24,6 +24,104 @@ pub struct Cli {
 pub enum Command {
     /// Profile running processes' CPU stacks into a flamegraph.
     Record(RecordArgs),
+    /// Watch running processes' TCP connections live: opened, closed,
+    /// resets, TIME_WAIT entered and now, by port.
+    Tcp(TcpArgs),
+    /// Run the agent: watch processes, raise alerts, profile on schedules
+    /// and emergencies.
+    Watch(WatchArgs),
+    /// Ask a running `flamewatch watch` for a profile now.
+    Trigger(TriggerArgs),
+}
+
+/// `flamewatch watch`.
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    /// TOML configuration (see configs/ for the presets).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// A process to watch by name (repeatable); followed across restarts.
+    /// LogCaster and the game server have built-in presets.
+    #[arg(long = "process", value_name = "NAME")]
+    pub processes: Vec<String>,
+    /// A process to watch by pid (repeatable).
+    #[arg(long = "pid", value_name = "PID", value_parser = clap::value_parser!(u32).range(1..))]
+    pub pids: Vec<u32>,
+    /// Folder for profiles and alerts (default: from the config, or flamegraphs/).
+    #[arg(long, value_name = "DIR")]
+    pub output: Option<PathBuf>,
+    /// Alert records, JSON lines (default: <output>/alerts.jsonl).
+    #[arg(long, value_name = "FILE")]
+    pub alerts: Option<PathBuf>,
+    /// POST every alert record to this URL.
+    #[arg(long, value_name = "URL")]
+    pub webhook: Option<String>,
+    /// Overhead budget of profiling sessions, percent of the target's CPU.
+    #[arg(long, value_name = "PCT", value_parser = parse_pct)]
+    pub max_overhead: Option<f64>,
+    /// Control socket for `flamewatch trigger` (root only).
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
+}
+
+impl WatchArgs {
+    /// The configuration: the file (if any), then the flags over it.
+    pub fn to_config(&self) -> Result<WatchConfig, String> {
+        let mut config = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+                toml::from_str::<WatchConfig>(&text).map_err(|e| format!("{}: {e}", path.display()))?
+            }
+            None => WatchConfig::default(),
+        };
+        let target = |process: Option<String>, pid: Option<u32>| TargetConfig {
+            process,
+            pid,
+            rules: Vec::new(),
+            schedules: Vec::new(),
+        };
+        config
+            .targets
+            .extend(self.processes.iter().map(|p| target(Some(p.clone()), None)));
+        config
+            .targets
+            .extend(self.pids.iter().map(|&p| target(None, Some(p))));
+        if let Some(o) = &self.output {
+            config.output = o.clone();
+        }
+        if let Some(a) = &self.alerts {
+            config.alerts = Some(a.clone());
+        }
+        if let Some(w) = &self.webhook {
+            config.webhook = Some(w.clone());
+        }
+        if let Some(m) = self.max_overhead {
+            config.max_overhead_pct = m;
+        }
+        if let Some(c) = &self.control_socket {
+            config.control_socket = c.clone();
+        }
+        if config.targets.is_empty() {
+            return Err(
+                "nothing to watch: give --process NAME, --pid PID or a --config with [[target]]s".into(),
+            );
+        }
+        Ok(config)
+    }
+}
+
+/// `flamewatch trigger`.
+#[derive(Debug, Args)]
+pub struct TriggerArgs {
+    #[command(flatten)]
+    pub targets: TargetArgs,
+    /// Session length.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration,
+          default_value_t = DurationArg(RecordConfig::default().duration))]
+    pub duration: DurationArg,
+    /// The daemon's control socket.
+    #[arg(long, value_name = "PATH", default_value_os_t = WatchConfig::default().control_socket)]
+    pub control_socket: PathBuf,
 }
 
 /// Which processes to attach to.
@@ -81,6 +179,34 @@ pub struct RecordArgs {
           value_parser = clap::value_parser!(u32).range(512..=flamewatch_common::MAX_STACK_WINDOW as i64),
           default_value_t = RecordConfig::default().stack_window)]
     pub stack_window: u32,
+    /// `cpu`: where CPU time goes; `offcpu`: where threads wait (blocked
+    /// time by stack); `wall`: both, per thread, in one graph.
+    #[arg(long, value_enum, default_value_t = RecordConfig::default().mode)]
+    pub mode: Mode,
+    /// Shortest off-CPU block recorded (offcpu and wall modes).
+    #[arg(long, value_name = "DURATION", value_parser = parse_min_block,
+          default_value_t = MinBlock(RecordConfig::default().min_block))]
+    pub min_block: MinBlock,
+}
+
+/// A `--min-block` duration, possibly zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MinBlock(pub Duration);
+
+impl std::fmt::Display for MinBlock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", humantime::format_duration(self.0))
+    }
+}
+
+/// A duration, possibly zero (`0`, `500us`, `1ms`).
+fn parse_min_block(text: &str) -> Result<MinBlock, String> {
+    if text.trim() == "0" {
+        return Ok(MinBlock(Duration::ZERO));
+    }
+    humantime::parse_duration(text.trim())
+        .map(MinBlock)
+        .map_err(|e| format!("invalid duration '{text}' ({e}); examples: 0, 500us, 1ms"))
 }
 
 /// A percentage in (0, 100].
@@ -143,6 +269,31 @@ fn parse_label(text: &str) -> Result<String, String> {
     Ok(text.to_owned())
 }
 
+/// `flamewatch tcp`.
+#[derive(Debug, Args)]
+pub struct TcpArgs {
+    #[command(flatten)]
+    pub targets: TargetArgs,
+    /// How long to watch (e.g. 30s, 2m); `0`/`forever` runs until Ctrl-C.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration,
+          default_value_t = DurationArg(TcpConfig::default().duration))]
+    pub duration: DurationArg,
+    /// Also print every state change and reset of the targets' sockets.
+    #[arg(long, default_value_t = TcpConfig::default().events)]
+    pub events: bool,
+}
+
+impl TcpArgs {
+    /// The settings these arguments ask for.
+    pub fn to_config(&self) -> TcpConfig {
+        TcpConfig {
+            duration: self.duration.0,
+            events: self.events,
+            ..TcpConfig::default()
+        }
+    }
+}
+
 impl RecordArgs {
     /// The session settings these arguments ask for.
     pub fn to_config(&self) -> RecordConfig {
@@ -156,6 +307,8 @@ impl RecordArgs {
             max_overhead_pct: self.max_overhead,
             unwind: self.unwind,
             stack_window: self.stack_window,
+            mode: self.mode,
+            min_block: self.min_block.0,
             ..RecordConfig::default()
         }
     }
@@ -174,6 +327,7 @@ mod tests {
     fn record(args: &[&str]) -> RecordArgs {
         match parse(args).expect("parses").command {
             Command::Record(r) => r,
+            other => panic!("not record: {other:?}"),
         }
     }
 
@@ -257,6 +411,40 @@ mod tests {
         for args in cases {
             let err = parse(args).expect_err(&format!("{args:?} must be rejected"));
             assert_ne!(err.kind(), ErrorKind::DisplayHelp, "{args:?}");
+            assert_eq!(err.exit_code(), 2, "{args:?}");
+        }
+    }
+
+    fn tcp(args: &[&str]) -> TcpArgs {
+        match parse(args).expect("parses").command {
+            Command::Tcp(t) => t,
+            other => panic!("not tcp: {other:?}"),
+        }
+    }
+
+    /// Test that `tcp` takes its defaults from `TcpConfig::default()` and
+    /// parses its options.
+    #[test]
+    fn tcp_arguments() {
+        assert_eq!(tcp(&["tcp", "--pid", "1"]).to_config(), TcpConfig::default());
+        let t = tcp(&["tcp", "--process", "logcaster", "--duration", "10s", "--events"]);
+        assert_eq!(t.targets.processes, ["logcaster"]);
+        let c = t.to_config();
+        assert_eq!(c.duration, Some(Duration::from_secs(10)));
+        assert!(c.events);
+    }
+
+    /// Test that bad `tcp` input is a usage error (exit status 2).
+    #[test]
+    fn tcp_bad_input_is_a_usage_error() {
+        let cases: &[&[&str]] = &[
+            &["tcp"],
+            &["tcp", "--pid", "1", "--process", "x"],
+            &["tcp", "--pid", "0"],
+            &["tcp", "--pid", "1", "--duration", "soon"],
+        ];
+        for args in cases {
+            let err = parse(args).expect_err(&format!("{args:?} must be rejected"));
             assert_eq!(err.exit_code(), 2, "{args:?}");
         }
     }

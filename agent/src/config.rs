@@ -30,6 +30,34 @@ pub struct RecordConfig {
     pub unwind: UnwindMode,
     /// Bytes of user stack copied per sample in DWARF mode.
     pub stack_window: u32,
+    /// What to profile: on-CPU samples, off-CPU time, or both (wall).
+    pub mode: Mode,
+    /// Shortest block recorded off CPU (as bcc offcputime's --min-block-time).
+    pub min_block: Duration,
+}
+
+/// What a profile measures (`--mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Where the CPU time goes (sampled stacks).
+    Cpu,
+    /// Where threads wait (blocked time by stack).
+    Offcpu,
+    /// Both, per thread: what each thread spent its wall-clock time on.
+    Wall,
+}
+
+impl Mode {
+    /// Samples on-CPU stacks.
+    pub fn on_cpu(self) -> bool {
+        self != Self::Offcpu
+    }
+
+    /// Traces off-CPU time.
+    pub fn off_cpu(self) -> bool {
+        self != Self::Cpu
+    }
 }
 
 impl Default for RecordConfig {
@@ -46,6 +74,8 @@ impl Default for RecordConfig {
             max_overhead_pct: 5.0,
             unwind: UnwindMode::Auto,
             stack_window: flamewatch_common::DEFAULT_STACK_WINDOW as u32,
+            mode: Mode::Cpu,
+            min_block: Duration::from_millis(1),
         }
     }
 }
@@ -53,3 +83,223 @@ impl Default for RecordConfig {
 /// Highest sampling frequency accepted: the cpu-clock event's period is
 /// clamped by the kernel to 10 µs (perf_swevent_set_period), i.e. 100 kHz.
 pub const MAX_FREQ_HZ: u64 = 100_000;
+
+/// Settings of TCP tracking (`flamewatch tcp`, and the `tcp` section of
+/// `record` summaries).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcpConfig {
+    /// How long to watch; `None` runs until Ctrl-C (or every target exits).
+    pub duration: Option<Duration>,
+    /// How often the table is redrawn (and the kernel's counters read).
+    pub refresh: Duration,
+    /// Ports listed per target by TIME_WAIT count.
+    pub top_ports: usize,
+    /// Print every transition and reset of the targets (detail events).
+    pub events: bool,
+}
+
+impl Default for TcpConfig {
+    fn default() -> Self {
+        Self {
+            duration: None,
+            refresh: Duration::from_secs(1),
+            top_ports: 5,
+            events: false,
+        }
+    }
+}
+
+/// Settings of the daemon (`flamewatch watch`), read from TOML.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WatchConfig {
+    /// Folder of profiles and the alert stream.
+    pub output: PathBuf,
+    /// Alert records (JSON lines); `<output>/alerts.jsonl` when unset.
+    pub alerts: Option<PathBuf>,
+    /// URL the alert records are POSTed to.
+    pub webhook: Option<String>,
+    /// Overhead budget of every session, percent of the target's CPU.
+    pub max_overhead_pct: f64,
+    /// Profiling sessions at once, all targets together.
+    pub max_sessions: usize,
+    /// How often metrics are read and rules evaluated.
+    #[serde(with = "humantime_serde_opt")]
+    pub interval: Duration,
+    /// Emergency sessions (started by critical and emergency alerts).
+    pub emergency: EmergencyConfig,
+    /// Where `flamewatch trigger` finds the daemon.
+    pub control_socket: PathBuf,
+    /// The processes to watch.
+    #[serde(rename = "target")]
+    pub targets: Vec<TargetConfig>,
+}
+
+impl Default for WatchConfig {
+    fn default() -> Self {
+        Self {
+            output: RecordConfig::default().output,
+            alerts: None,
+            webhook: None,
+            max_overhead_pct: RecordConfig::default().max_overhead_pct,
+            max_sessions: 3,
+            interval: Duration::from_secs(1),
+            emergency: EmergencyConfig::default(),
+            control_socket: PathBuf::from(crate::control::SOCKET),
+            targets: Vec::new(),
+        }
+    }
+}
+
+impl WatchConfig {
+    /// Where alert records go.
+    pub fn alerts_path(&self) -> PathBuf {
+        self.alerts
+            .clone()
+            .unwrap_or_else(|| self.output.join("alerts.jsonl"))
+    }
+}
+
+/// Emergency profiling.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EmergencyConfig {
+    /// Session length.
+    #[serde(with = "humantime_serde_opt")]
+    pub duration: Duration,
+    /// Sampling ceiling (still governed by the budget).
+    pub freq_hz: u64,
+    /// At most one emergency session per target within this time.
+    #[serde(with = "humantime_serde_opt")]
+    pub cooldown: Duration,
+}
+
+impl Default for EmergencyConfig {
+    fn default() -> Self {
+        Self {
+            duration: Duration::from_secs(30),
+            freq_hz: 499,
+            cooldown: Duration::from_secs(600),
+        }
+    }
+}
+
+/// One watched process.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetConfig {
+    /// Process name (comm or executable name); followed across restarts.
+    #[serde(default)]
+    pub process: Option<String>,
+    /// Or a pid (not followed: a new process has a new pid).
+    #[serde(default)]
+    pub pid: Option<u32>,
+    /// Rules evaluated every interval.
+    #[serde(default, rename = "rule")]
+    pub rules: Vec<crate::alerts::Rule>,
+    /// Baseline profiles on a schedule.
+    #[serde(default, rename = "schedule")]
+    pub schedules: Vec<ScheduleConfig>,
+}
+
+impl TargetConfig {
+    /// How the target is named in logs.
+    pub fn describe(&self) -> String {
+        match (&self.process, self.pid) {
+            (Some(p), _) => p.clone(),
+            (None, Some(pid)) => format!("pid {pid}"),
+            (None, None) => "?".into(),
+        }
+    }
+}
+
+/// A scheduled (baseline) profile.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleConfig {
+    /// When, as a cron expression with seconds: `0 */15 * * * *` is every
+    /// 15 minutes.
+    pub cron: String,
+    /// For how long.
+    #[serde(with = "humantime_serde_opt", default = "default_schedule_duration")]
+    pub duration: Duration,
+    /// Sampling ceiling.
+    #[serde(default = "default_schedule_freq")]
+    pub freq_hz: u64,
+}
+
+fn default_schedule_duration() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn default_schedule_freq() -> u64 {
+    RecordConfig::default().freq_hz
+}
+
+/// Durations in TOML as humantime strings (`"30s"`, `"10m"`).
+mod humantime_serde_opt {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Built-in presets, by process name (the files in configs/).
+pub const PRESETS: &[(&str, &str)] = &[
+    ("logcaster", include_str!("../../configs/logcaster.toml")),
+    ("game-server", include_str!("../../configs/game-server.toml")),
+];
+
+/// Rules for a process without a preset: the generic anomalies.
+pub fn default_rules() -> Vec<crate::alerts::Rule> {
+    toml::from_str::<WatchConfig>(include_str!("../../configs/default.toml"))
+        .expect("configs/default.toml is valid (tested)")
+        .targets
+        .remove(0)
+        .rules
+}
+
+/// The preset of `name`, if there is one: its target section.
+pub fn preset(name: &str) -> Option<TargetConfig> {
+    let text = PRESETS.iter().find(|(n, _)| *n == name)?.1;
+    let config: WatchConfig = toml::from_str(text).expect("presets are valid (tested)");
+    config.targets.into_iter().next()
+}
+
+#[cfg(test)]
+mod watch_tests {
+    use super::*;
+
+    /// Test that the presets and the default rules parse, each with rules.
+    #[test]
+    fn presets_parse() {
+        for (name, _) in PRESETS {
+            let t = preset(name).expect("preset");
+            assert_eq!(t.process.as_deref(), Some(*name));
+            assert!(t.rules.len() >= 3, "{name}");
+            assert!(!t.schedules.is_empty());
+            for s in &t.schedules {
+                assert!(s.cron.parse::<cron::Schedule>().is_ok(), "{}", s.cron);
+            }
+        }
+        assert!(default_rules().len() >= 3);
+    }
+
+    /// Test that a config with unknown keys is refused (typos are errors).
+    #[test]
+    fn unknown_keys_refused() {
+        assert!(toml::from_str::<WatchConfig>("outptu = 'x'").is_err());
+        let c: WatchConfig = toml::from_str("interval = '2s'\n[emergency]\nduration = '5s'").unwrap();
+        assert_eq!(c.interval, Duration::from_secs(2));
+        assert_eq!(c.emergency.duration, Duration::from_secs(5));
+        assert_eq!(c.emergency.freq_hz, 499);
+    }
+}

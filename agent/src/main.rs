@@ -2,15 +2,23 @@
 //! map errors to exit codes (2: bad input, 1: failure).
 
 mod aggregate;
+mod alerts;
 mod bpf;
 mod cli;
 mod config;
+mod control;
+mod daemon;
+mod detect;
 mod governor;
+mod http;
+mod metrics;
+mod offcpu;
 mod render;
 mod sampling;
 mod session;
 mod symbolize;
 mod target;
+mod tcp;
 mod unwind;
 
 use std::process::ExitCode;
@@ -126,7 +134,57 @@ fn stop_on_signals() -> Result<watch::Receiver<bool>, Failure> {
 async fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Record(args) => record(args).await,
+        Command::Tcp(args) => tcp_live(args).await,
+        Command::Watch(args) => watch(args).await,
+        Command::Trigger(args) => trigger(args).await,
     }
+}
+
+async fn watch(args: cli::WatchArgs) -> Result<(), Failure> {
+    let stop = stop_on_signals()?;
+    let config = args.to_config().map_err(|e| Failure::usage(anyhow::anyhow!(e)))?;
+    let config_socket = config.control_socket.clone();
+    if let Some(missing) = target::missing_privileges() {
+        return Err(Failure::usage(anyhow::anyhow!(missing)));
+    }
+    let daemon = daemon::Daemon::new(config).map_err(Failure::usage)?;
+    let socket = config_socket;
+    daemon.run(&socket, stop).await?;
+    Ok(())
+}
+
+async fn trigger(args: cli::TriggerArgs) -> Result<(), Failure> {
+    let duration = args.duration.0.unwrap_or(std::time::Duration::from_secs(30));
+    let req = control::Request {
+        process: args.targets.processes.first().cloned(),
+        pid: args.targets.pids.first().copied(),
+        duration_s: duration.as_secs_f64(),
+    };
+    // The session, its symbolization, and some slack.
+    let timeout = duration + std::time::Duration::from_secs(120);
+    let reply = control::trigger(&args.control_socket, &req, timeout)
+        .await
+        .map_err(Failure::usage)?;
+    if !reply.ok {
+        return Err(Failure::usage(anyhow::anyhow!(reply
+            .error
+            .unwrap_or_else(|| "the daemon refused".into()))));
+    }
+    for f in reply.files {
+        println!("{f}");
+    }
+    Ok(())
+}
+
+async fn tcp_live(args: cli::TcpArgs) -> Result<(), Failure> {
+    let stop = stop_on_signals()?;
+    let config = args.to_config();
+    let targets = target::resolve(&args.targets.pids, &args.targets.processes).map_err(Failure::usage)?;
+    if let Some(missing) = target::missing_privileges() {
+        return Err(Failure::usage(anyhow::anyhow!(missing)));
+    }
+    tcp::live::run(&config, targets, stop).await?;
+    Ok(())
 }
 
 async fn record(args: RecordArgs) -> Result<(), Failure> {

@@ -12,15 +12,18 @@ use std::{
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use crate::tcp::{summary::TcpSummary, TcpOptions, TcpTracker};
 use crate::{
-    aggregate::{BuildOptions, Profile, RawProfile},
+    aggregate::{frames_for, BuildOptions, Profile, RawProfile},
     bpf,
+    config::Mode,
     config::RecordConfig,
     governor::{
         budget, calibrate,
         cost::{self, BpfStats, IntervalInput},
         Decision, Governor, GovernorConfig, Observation,
     },
+    offcpu::{self, OffCpuTracer},
     render::{self, flamegraph, folded, summary, RenderError},
     sampling::{period_for, Sampler, SamplingError},
     symbolize::{self, MapsCache},
@@ -40,6 +43,9 @@ pub enum SessionError {
     /// Writing a report failed.
     #[error(transparent)]
     Render(#[from] RenderError),
+    /// Off-CPU tracing failed.
+    #[error(transparent)]
+    OffCpu(#[from] offcpu::OffCpuError),
     /// Other sessions use the target's overhead budget.
     #[error(transparent)]
     Budget(#[from] budget::BudgetError),
@@ -57,8 +63,12 @@ pub enum SessionError {
 /// Why a session was started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SessionKind {
-    /// `flamewatch record`.
+    /// `flamewatch record`, or `flamewatch trigger` to a daemon.
     OnDemand,
+    /// From a schedule (a baseline).
+    Scheduled,
+    /// Started by an alert.
+    Emergency,
 }
 
 impl SessionKind {
@@ -66,6 +76,8 @@ impl SessionKind {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::OnDemand => "on-demand",
+            Self::Scheduled => "scheduled",
+            Self::Emergency => "emergency",
         }
     }
 }
@@ -96,6 +108,8 @@ struct Tracked {
     last_cpu_ns: u64,
     last_samples: u64,
     last_dwarf_samples: u64,
+    /// Off-CPU program time on this target's switches, at the last interval.
+    last_off_prog_ns: u64,
     /// Session totals for the summary.
     overhead_ns: f64,
     cpu_ns: u64,
@@ -145,6 +159,8 @@ impl Progress {
 
 /// Name of the sampling program (for its run-time statistics).
 const SAMPLE_PROG: &str = "flamewatch_sample";
+/// Name of the off-CPU program.
+const OFFCPU_PROG: &str = "flamewatch_offcpu";
 
 /// Runs one recording session over `targets` until `config.duration`
 /// elapses, `stop` turns true, or every target has exited.
@@ -163,7 +179,7 @@ pub async fn record(
     // Refuse before touching anything when other sessions use the budget.
     let mut budgets = HashMap::new();
     for t in &targets {
-        budgets.insert(t.pid, registry.available(t.pid, config.max_overhead_pct)?);
+        budgets.insert(t.pid, registry.available(t.pid, config.max_overhead_pct, None)?);
     }
     let base_period_ns = period_for(config.freq_hz);
     let mut maps = MapsCache::default();
@@ -179,8 +195,24 @@ pub async fn record(
     let _stats = BpfStats::enable();
     let mut ebpf = bpf::load(any_dwarf)?;
     let mut sampler = Sampler::new(&mut ebpf)?;
+    // TCP state tracking for the summary's `tcp` section. Not essential to a
+    // profile: if it cannot attach, say why and profile without it.
+    let mut tcp = TcpTracker::new(&mut ebpf, TcpOptions::default())
+        .inspect_err(|e| warn!("TCP tracking unavailable: {e}"))
+        .ok();
+    let (mut last_tcp_prog, mut last_tcp_processing) = (cost::ProgStats::default(), 0u64);
+    let mut last_tcp_events = HashMap::<u32, u64>::new();
     sampler.set_stack_window(config.stack_window)?;
-    let consumer = if any_dwarf {
+    let mut offcpu = if config.mode.off_cpu() {
+        Some(OffCpuTracer::attach(
+            &mut ebpf,
+            config.min_block.as_nanos() as u64,
+        )?)
+    } else {
+        None
+    };
+    // The consumer unwinds DWARF samples and joins off-CPU begins with ends.
+    let consumer = if any_dwarf || offcpu.is_some() {
         let ring = ebpf
             .take_map("STACK_SAMPLES")
             .ok_or(bpf::BpfError::MissingMap("STACK_SAMPLES"))?;
@@ -188,10 +220,28 @@ pub async fn record(
             name: "STACK_SAMPLES",
             source,
         })?;
-        Some(Consumer::start(ring).map_err(|source| SessionError::Output {
-            path: "unwinder thread".into(),
-            source,
-        })?)
+        // DWARF targets' off-CPU blocks end in their own ring.
+        let ends = match offcpu {
+            Some(_) => {
+                let map = ebpf
+                    .take_map("OFFCPU_ENDS")
+                    .ok_or(bpf::BpfError::MissingMap("OFFCPU_ENDS"))?;
+                Some(
+                    aya::maps::RingBuf::try_from(map).map_err(|source| bpf::BpfError::Map {
+                        name: "OFFCPU_ENDS",
+                        source,
+                    })?,
+                )
+            }
+            None => None,
+        };
+        let min_block_ns = config.min_block.as_nanos() as u64;
+        Some(
+            Consumer::start(ring, ends, min_block_ns).map_err(|source| SessionError::Output {
+                path: "unwinder thread".into(),
+                source,
+            })?,
+        )
     } else {
         None
     };
@@ -200,6 +250,7 @@ pub async fn record(
         tokio::task::block_in_place(|| calibrate::calibration(sampler.prog_fd(), || prog_stats(&ebpf)));
 
     let mut tracked = Vec::new();
+    let mut idle_at_start = HashMap::new();
     for t in targets {
         let mut governor = Governor::new(GovernorConfig {
             budget_pct: budgets[&t.pid],
@@ -217,8 +268,25 @@ pub async fn record(
         }
         let session_id = session_id(kind, started_at, t.pid);
         let choice = &choices[&t.pid];
-        let threads = sampler.add_target(&t, config.kernel_stacks, choice.dwarf, period_for(hz))?;
-        info!(pid = t.pid, comm = %t.comm, threads, "sampling at {hz} Hz, unwinding with {}: {}",
+        if let Some(Err(e)) = tcp.as_mut().map(|tcp| tcp.add_target(t.pid)) {
+            warn!(pid = t.pid, "TCP tracking of this target failed: {e}");
+        }
+        let period = config.mode.on_cpu().then(|| period_for(hz));
+        let threads = sampler.add_target(&t, config.kernel_stacks, choice.dwarf, period)?;
+        if let Some(o) = offcpu.as_mut() {
+            let (begins, idle) = o.add_target(t.pid, config.stack_window as usize)?;
+            if let Some(Ok(mut seeded)) = consumer.as_ref().map(|c| c.shared().seeded.lock()) {
+                seeded.extend(begins);
+            }
+            idle_at_start.extend(idle);
+        }
+        let cpu0 = sampler.target_cpu_ns(t.pid);
+        let what = match config.mode {
+            Mode::Cpu => format!("sampling at {hz} Hz"),
+            Mode::Offcpu => "tracing off-CPU time".to_owned(),
+            Mode::Wall => format!("sampling at {hz} Hz and tracing off-CPU time"),
+        };
+        info!(pid = t.pid, comm = %t.comm, threads, "{what}, unwinding with {}: {}",
               if choice.dwarf { "DWARF" } else { "frame pointers" }, choice.reason);
         tracked.push(Tracked {
             claim: registry.claim(t.pid, &session_id, hz),
@@ -227,9 +295,10 @@ pub async fn record(
             exited_after: None,
             thread_names: HashMap::new(),
             governor,
-            last_cpu_ns: 0,
+            last_cpu_ns: cpu0,
             last_samples: 0,
             last_dwarf_samples: 0,
+            last_off_prog_ns: 0,
             overhead_ns: 0.0,
             cpu_ns: 0,
             max_pct: 0.0,
@@ -241,7 +310,13 @@ pub async fn record(
     }
 
     let start = Instant::now();
+    let start_mono_ns = cost::monotonic_ns();
     let mut raw = RawProfile::default();
+    let mut off_raw = RawProfile::default();
+    let off_prog_stats = |ebpf: &aya::Ebpf| cost::program_stats(ebpf).remove(OFFCPU_PROG).unwrap_or_default();
+    let mut last_off_prog = off_prog_stats(&ebpf);
+    let mut off_machine_ns = 0u64;
+    let mut off_every = 1u64;
     let mut progress = Progress::new();
     let mut last_tick = Instant::now();
     let mut last_prog = prog_stats(&ebpf);
@@ -263,6 +338,25 @@ pub async fn record(
         }
         let mut processing_ns = 0;
         cost::timed(&mut processing_ns, || sampler.drain(&mut raw))?;
+        if let Some(o) = offcpu.as_mut() {
+            cost::timed(&mut processing_ns, || o.drain(&mut off_raw));
+        }
+        // The sched_switch program runs on every context switch of the
+        // machine. Each target pays the run time on its own switches (the
+        // program times that path); the rest runs for other processes and
+        // is reported as the machine's cost.
+        let off_prog = off_prog_stats(&ebpf);
+        let off_ns = off_prog.since(last_off_prog).run_ns;
+        last_off_prog = off_prog;
+        let mut off_target_ns: HashMap<u32, u64> = HashMap::new();
+        if let Some(o) = offcpu.as_ref() {
+            for t in tracked.iter_mut() {
+                let total = sampler.slot(t.target.pid).map_or(0, |slot| o.stats(slot).prog_ns);
+                off_target_ns.insert(t.target.pid, total.saturating_sub(t.last_off_prog_ns));
+                t.last_off_prog_ns = total;
+            }
+        }
+        off_machine_ns += off_ns.saturating_sub(off_target_ns.values().sum());
         let dt = last_tick.elapsed().as_secs_f64();
         last_tick = Instant::now();
         let prog = prog_stats(&ebpf);
@@ -282,6 +376,33 @@ pub async fn record(
             .saturating_sub(processing_ns + unwind_ns);
         last_agent_cpu = agent_cpu;
 
+        // TCP counters. Each target is charged, for its own TCP events, the
+        // TCP programs' mean run time and the agent's event decoding.
+        let (tcp_mean_ns, tcp_processing_ns) = tcp.as_mut().map_or((0.0, 0), |tcp| {
+            if let Err(e) = tokio::task::block_in_place(|| tcp.poll()) {
+                warn!("TCP tracking: {e}");
+            }
+            let (prog, _) = tcp.program_stats();
+            let delta = prog.since(last_tcp_prog);
+            last_tcp_prog = prog;
+            let processing = tcp.processing_ns();
+            let processing_delta = processing.saturating_sub(last_tcp_processing);
+            last_tcp_processing = processing;
+            (delta.mean_ns(), processing_delta)
+        });
+        let tcp_deltas: HashMap<u32, u64> = tracked
+            .iter()
+            .map(|t| {
+                let pid = t.target.pid;
+                let events = tcp.as_ref().map_or(0, |tcp| tcp.events(pid));
+                (
+                    pid,
+                    events.saturating_sub(last_tcp_events.insert(pid, events).unwrap_or(0)),
+                )
+            })
+            .collect();
+        let all_tcp_events = tcp_deltas.values().sum::<u64>().max(1);
+
         // Samples of each target this interval (for attributing shared costs).
         let interval: Vec<(u64, u64, u64)> = tracked
             .iter()
@@ -295,6 +416,7 @@ pub async fn record(
         let all_dwarf: u64 = interval.iter().map(|(_, _, d)| d).sum::<u64>().max(1);
         let elapsed = start.elapsed().as_secs_f64();
         let mut status = (0u64, Vec::new(), 0.0f64);
+        let mut worst_off_pct = 0.0f64;
         for (t, (samples, total_samples, dwarf_samples)) in tracked.iter_mut().zip(interval) {
             t.last_dwarf_samples += dwarf_samples;
             if t.exited_after.is_some() {
@@ -305,14 +427,19 @@ pub async fn record(
             let cpu_delta = cpu.saturating_sub(t.last_cpu_ns);
             t.last_cpu_ns = cpu;
             t.last_samples = total_samples;
-            let hz = t.governor.hz();
+            // Without CPU sampling there is no rate to govern.
+            let hz = if config.mode.on_cpu() { t.governor.hz() } else { 0 };
+            let tcp_delta = tcp_deltas.get(&pid).copied().unwrap_or(0);
             let c = cost::overhead(
                 IntervalInput {
                     target_cpu_ns: cpu_delta,
                     samples,
-                    bpf_ns: (samples as f64 * prog_delta.mean_ns()) as u64,
+                    bpf_ns: (samples as f64 * prog_delta.mean_ns()) as u64
+                        + (tcp_delta as f64 * tcp_mean_ns) as u64
+                        + off_target_ns.get(&pid).copied().unwrap_or(0),
                     processing_ns: processing_ns * samples / all_samples
-                        + unwind_ns * dwarf_samples / all_dwarf,
+                        + unwind_ns * dwarf_samples / all_dwarf
+                        + tcp_processing_ns * tcp_delta / all_tcp_events,
                 },
                 calibration.interrupt_ns,
             );
@@ -321,7 +448,7 @@ pub async fn record(
             t.max_pct = t.max_pct.max(c.overhead_pct);
             t.hz_seconds += hz as f64 * dt;
             t.covered_s += dt;
-            if hz == 0 {
+            if hz == 0 && config.mode.on_cpu() {
                 t.paused_s += dt;
             }
             t.timeline.push(summary::TimelinePoint {
@@ -342,23 +469,56 @@ pub async fn record(
                 );
                 t.exited_after = Some(after);
                 sampler.remove_target(pid);
+                if let Some(o) = offcpu.as_mut() {
+                    // The pid may be reused by an unrelated process.
+                    o.remove_target(pid)?;
+                }
                 continue;
             }
             let _ = maps.capture(pid);
-            if config.per_thread {
+            if config.per_thread || config.mode == Mode::Wall {
                 remember_thread_names(t);
             }
             // Other sessions on this target may have started or ended.
-            if let Ok(available) = registry.available(pid, config.max_overhead_pct) {
+            if let Ok(available) = registry.available(pid, config.max_overhead_pct, Some(&t.claim)) {
                 t.governor.set_budget(available);
             }
-            let decision = t.governor.observe(Observation {
-                hz,
-                overhead_pct: c.overhead_pct,
-                target_cpu_ns: cpu_delta,
-            });
-            apply(&mut sampler, t, decision, hz, c.overhead_pct)?;
+            if config.mode.on_cpu() {
+                let decision = t.governor.observe(Observation {
+                    hz,
+                    overhead_pct: c.overhead_pct,
+                    target_cpu_ns: cpu_delta,
+                });
+                apply(&mut sampler, t, decision, hz, c.overhead_pct)?;
+            }
+            if cpu_delta >= crate::governor::MIN_SIGNAL_CPU_NS {
+                let off = off_target_ns.get(&pid).copied().unwrap_or(0);
+                worst_off_pct = worst_off_pct.max(100.0 * off as f64 / cpu_delta as f64);
+            }
             t.claim.update(round3(c.overhead_pct), t.governor.hz());
+        }
+        if let Some(o) = offcpu.as_mut() {
+            // Off-CPU cost grows with how often the targets block: trace 1
+            // switch-out in N. Off-CPU may use the budget alone (offcpu
+            // mode) or half of it (wall mode, beside CPU sampling).
+            let budget = tracked
+                .iter()
+                .map(|t| t.governor.budget_pct())
+                .fold(f64::MAX, f64::min);
+            let share = if config.mode == Mode::Offcpu {
+                budget
+            } else {
+                budget / 2.0
+            };
+            let next = offcpu_every(off_every, worst_off_pct, share);
+            if next != off_every {
+                info!(
+                    "off-CPU tracing costs {worst_off_pct:.2} % (share of budget {share:.1} %): \
+                       recording 1 switch-out in {next}"
+                );
+                o.set_sample_every(next)?;
+                off_every = next;
+            }
         }
         progress.update(
             start.elapsed(),
@@ -373,8 +533,31 @@ pub async fn record(
     }
     progress.finish();
     let elapsed = start.elapsed();
+    // TCP counters and TIME_WAIT now at the very end, then detach.
+    let tcp_summaries: HashMap<u32, TcpSummary> = tcp.as_mut().map_or_else(HashMap::new, |tcp| {
+        if let Err(e) = tokio::task::block_in_place(|| tcp.poll()) {
+            warn!("TCP tracking: {e}");
+        }
+        tracked
+            .iter()
+            .filter_map(|t| Some((t.target.pid, tcp.summary(t.target.pid)?)))
+            .collect()
+    });
+    if let Some(tcp) = tcp {
+        tcp.detach(&mut ebpf);
+    }
 
     sampler.drain_all(&mut raw)?;
+    let pids: Vec<u32> = tracked.iter().map(|t| t.target.pid).collect();
+    let off_stats: HashMap<u32, flamewatch_common::offcpu::OffStats> =
+        offcpu.as_ref().map_or_else(HashMap::new, |o| {
+            pids.iter()
+                .filter_map(|&pid| Some((pid, o.stats(sampler.slot(pid)?))))
+                .collect()
+        });
+    if let Some(o) = offcpu.as_mut() {
+        o.drain(&mut off_raw);
+    }
     let child_process_samples = sampler.foreign_samples();
     let stats: HashMap<u32, _> = tracked
         .iter()
@@ -382,20 +565,43 @@ pub async fn record(
         .collect();
     // Detach before the (CPU-heavy) symbolization: the targets stop paying now.
     drop(sampler);
-    let (unwind_stats, unwinder_cpu_ns) = match consumer {
+    let (unwind_stats, unwinder_cpu_ns, mut begins) = match consumer {
         Some(c) => {
             let shared = c.shared().clone();
             let rest = tokio::task::block_in_place(|| c.finish());
-            raw.merge(rest);
+            raw.merge(rest.cpu);
+            off_raw.merge(rest.off);
             let stats = shared.stats.lock().map(|s| s.clone()).unwrap_or_default();
-            (stats, shared.cpu_ns.load(std::sync::atomic::Ordering::Relaxed))
+            (
+                stats,
+                shared.cpu_ns.load(std::sync::atomic::Ordering::Relaxed),
+                rest.begins,
+            )
         }
-        None => (HashMap::new(), 0),
+        None => (HashMap::new(), 0, Default::default()),
     };
+    // Threads still blocked now: their time so far counts, and they are
+    // listed (a deadlock shows here, even with no switch at all).
+    let still_blocked = offcpu.as_ref().map_or_else(Vec::new, |o| {
+        let now = cost::monotonic_ns();
+        tokio::task::block_in_place(|| {
+            offcpu::still_blocked(
+                o,
+                &mut begins,
+                &pids,
+                &idle_at_start,
+                (start_mono_ns, now),
+                config.stack_window as usize,
+                &mut off_raw,
+            )
+        })
+    });
+    drop(offcpu);
     drop(ebpf);
 
-    let pids: Vec<u32> = tracked.iter().map(|t| t.target.pid).collect();
-    let symbols = tokio::task::block_in_place(|| symbolize::symbolize(&raw, &maps, &pids));
+    let mut all_raw = raw.clone();
+    all_raw.merge(off_raw.clone());
+    let symbols = tokio::task::block_in_place(|| symbolize::symbolize(&all_raw, &maps, &pids));
     let agent_cpu_pct = round3(100.0 * housekeeping_ns as f64 / elapsed.as_nanos().max(1) as f64);
 
     let mut reports = Vec::new();
@@ -403,12 +609,76 @@ pub async fn record(
         let pid = t.target.pid;
         let label = config.label.clone().unwrap_or_else(|| sanitize(&t.target.comm));
         let stem = format!("{label}-{pid}-{}", compact_timestamp(started_at));
+        let mut thread_names = t.thread_names.clone();
+        for b in still_blocked.iter().filter(|b| b.pid == pid) {
+            thread_names.entry(b.tid).or_insert_with(|| b.comm.clone());
+        }
         let opts = BuildOptions {
             process_name: t.target.comm.clone(),
-            per_thread: config.per_thread,
-            thread_names: t.thread_names.clone(),
+            // Wall profiles answer "what did each thread spend its time on".
+            per_thread: config.per_thread || config.mode == Mode::Wall,
+            thread_names,
+            leaf_marker: None,
         };
-        let profile = Profile::build(&raw, pid, &symbols, &opts);
+        let profile = match config.mode {
+            Mode::Cpu => Profile::build(&raw, pid, &symbols, &opts),
+            Mode::Offcpu => Profile::build(&off_raw, pid, &symbols, &opts),
+            Mode::Wall => {
+                let mut p = Profile::build(&raw, pid, &symbols, &opts);
+                let marked = BuildOptions {
+                    leaf_marker: Some("[off-cpu]".into()),
+                    ..opts.clone()
+                };
+                p.add_raw(&off_raw, pid, &symbols, &marked);
+                p
+            }
+        };
+        let off_cpu = config.mode.off_cpu().then(|| {
+            let os = off_stats.get(&pid).copied().unwrap_or_default();
+            let blocked_threads = still_blocked
+                .iter()
+                .filter(|b| b.pid == pid)
+                .map(|b| summary::BlockedThreadInfo {
+                    tid: b.tid,
+                    comm: b.comm.clone(),
+                    state: b.state.to_string(),
+                    wchan: b.wchan.clone(),
+                    blocked_s: round3(b.blocked_s),
+                    since: if b.before_session {
+                        "before session"
+                    } else {
+                        "session"
+                    }
+                    .into(),
+                    stack: frames_for(
+                        &b.key,
+                        &symbols,
+                        &BuildOptions {
+                            per_thread: false,
+                            ..opts.clone()
+                        },
+                    )
+                    .iter()
+                    .skip(1)
+                    .map(|f| f.to_string())
+                    .collect(),
+                })
+                .collect();
+            let in_profile = Profile::build(&off_raw, pid, &symbols, &opts).total();
+            summary::OffCpuInfo {
+                // Shared by the session's targets; the same figure in each report.
+                other_processes_cpu_pct: round3(
+                    100.0 * off_machine_ns as f64 / elapsed.as_nanos().max(1) as f64,
+                ),
+                min_block_us: config.min_block.as_secs_f64() * 1e6,
+                blocks: in_profile.samples,
+                blocked_s: round3(in_profile.period_ns as f64 / 1e9),
+                short_blocks: os.short,
+                sample_every: off_every,
+                lost: os.lost + os.start_full,
+                blocked_threads,
+            }
+        });
         let duration = t.exited_after.unwrap_or(elapsed);
         let st = stats.get(&pid).copied().unwrap_or_default();
         let mut warnings = Vec::new();
@@ -498,13 +768,34 @@ pub async fn record(
                     }
                 },
                 overhead,
+                mode: config.mode,
+                cpu_weight: Profile::build(&raw, pid, &symbols, &opts).total(),
+                off_cpu,
                 top_n: config.top_functions,
                 warnings,
+                tcp: tcp_summaries.get(&pid).cloned(),
             },
         )?;
         reports.push(report);
     }
     Ok(reports)
+}
+
+/// Largest off-CPU sampling divisor.
+const MAX_OFFCPU_EVERY: u64 = 1024;
+
+/// The next 1-in-N off-CPU sampling: over its share of the budget, N grows
+/// to the power of two predicted to land at 80 % of it (cost ∝ 1/N); well
+/// under (40 %), N halves; in between it holds.
+fn offcpu_every(every: u64, pct: f64, share: f64) -> u64 {
+    if pct > share {
+        let factor = (pct / (0.8 * share)).ceil().max(2.0) as u64;
+        (every * factor.next_power_of_two()).min(MAX_OFFCPU_EVERY)
+    } else if pct < 0.4 * share && every > 1 {
+        every / 2
+    } else {
+        every
+    }
 }
 
 /// Carries out a governor decision, logging each change of rate.
@@ -592,10 +883,18 @@ pub struct ReportMeta {
     pub unwind: summary::UnwindInfo,
     /// Cost and governor timeline.
     pub overhead: summary::OverheadInfo,
+    /// What the profile measures.
+    pub mode: Mode,
+    /// CPU samples of the target (and the CPU time they stand for).
+    pub cpu_weight: crate::aggregate::Weight,
+    /// Off-CPU summary.
+    pub off_cpu: Option<summary::OffCpuInfo>,
     /// Length of `top_functions`.
     pub top_n: usize,
     /// Warnings for the summary.
     pub warnings: Vec<String>,
+    /// TCP activity of the target (when TCP tracking was on).
+    pub tcp: Option<TcpSummary>,
 }
 
 /// Writes `<stem>.folded`, `.svg` and `.json` into `dir`.
@@ -606,21 +905,36 @@ pub fn write_report(
     profile: &Profile,
     meta: ReportMeta,
 ) -> Result<Report, SessionError> {
-    let total = profile.total();
+    let total = meta.cpu_weight;
     let duration_s = (meta.duration.as_secs_f64() * 1000.0).round() / 1000.0;
-    let folded_text = folded::render(profile, meta.base_period_ns);
+    // CPU profiles count samples (at the requested rate); off-CPU and wall
+    // profiles count time, in microseconds.
+    let (what, unit, base) = match meta.mode {
+        Mode::Cpu => ("on-CPU", "samples", meta.base_period_ns),
+        Mode::Offcpu => ("off-CPU (time blocked)", "µs", 1_000),
+        Mode::Wall => ("wall clock (on- and off-CPU, per thread)", "µs", 1_000),
+    };
+    let folded_text = folded::render(profile, base);
+    let rate = if meta.mode.on_cpu() {
+        format!(
+            " at {:.0} Hz (requested {}), {} samples",
+            meta.effective_hz, meta.requested_hz, total.samples
+        )
+    } else {
+        String::new()
+    };
+    let blocked = meta.off_cpu.as_ref().map_or_else(String::new, |o| {
+        format!(", {:.1} s blocked in {} blocks", o.blocked_s, o.blocks)
+    });
     let title = flamegraph::Title {
-        title: format!("{} (pid {}): on-CPU", target.comm, target.pid),
+        title: format!("{} (pid {}): {what}", target.comm, target.pid),
         subtitle: format!(
-            "{} session, {:.1} s at {:.0} Hz (requested {}), {} samples, overhead {:.2} %",
+            "{} session, {:.1} s{rate}{blocked}, overhead {:.2} %",
             meta.kind.as_str(),
             duration_s,
-            meta.effective_hz,
-            meta.requested_hz,
-            total.samples,
             meta.overhead.measured_pct
         ),
-        count_name: "samples".into(),
+        count_name: unit.into(),
     };
     let svg = flamegraph::render(&folded_text, &title, false)?;
     let path = |ext: &str| dir.join(format!("{stem}.{ext}"));
@@ -634,12 +948,7 @@ pub fn write_report(
     let summary = summary::Summary {
         version: summary::VERSION,
         session: summary::SessionInfo {
-            id: format!(
-                "{}_{}_{}",
-                meta.kind.as_str(),
-                compact_timestamp(meta.started_at),
-                target.pid
-            ),
+            id: session_id(meta.kind, meta.started_at, target.pid),
             kind: meta.kind.as_str().to_owned(),
             started_at: humantime::format_rfc3339_seconds(meta.started_at).to_string(),
             duration_s,
@@ -658,8 +967,11 @@ pub fn write_report(
             stack_errors: meta.stack_errors,
             unwind: meta.unwind,
         },
+        mode: format!("{:?}", meta.mode).to_lowercase(),
+        off_cpu: meta.off_cpu,
         overhead: meta.overhead,
         top_functions: profile.top_functions(meta.top_n),
+        tcp: meta.tcp,
         files,
         warnings: meta.warnings,
     };
@@ -699,6 +1011,17 @@ mod tests {
     fn timestamps() {
         let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_317_300);
         assert_eq!(compact_timestamp(t), "20261122T031500Z");
+    }
+
+    /// Test that off-CPU sampling backs off fast over budget, returns
+    /// gently, and holds in between.
+    #[test]
+    fn offcpu_sampling_steps() {
+        assert_eq!(offcpu_every(1, 67.0, 5.0), 32);
+        assert_eq!(offcpu_every(32, 4.0, 5.0), 32);
+        assert_eq!(offcpu_every(32, 1.0, 5.0), 16);
+        assert_eq!(offcpu_every(1, 1.0, 5.0), 1);
+        assert_eq!(offcpu_every(512, 90.0, 5.0), MAX_OFFCPU_EVERY);
     }
 
     /// Test that process names are made safe for file names.

@@ -165,8 +165,13 @@ pub struct ProcStat {
 impl ProcStat {
     /// Reads /proc/PID/stat.
     pub fn read(pid: u32) -> io::Result<Self> {
-        let text = fs::read_to_string(format!("/proc/{pid}/stat"))?;
-        Self::parse(&text).ok_or_else(|| io::Error::other("malformed /proc/PID/stat"))
+        Self::read_path(&format!("/proc/{pid}/stat"))
+    }
+
+    /// Reads a stat file (a process's, or a thread's under task/).
+    pub fn read_path(path: &str) -> io::Result<Self> {
+        let text = fs::read_to_string(path)?;
+        Self::parse(&text).ok_or_else(|| io::Error::other("malformed stat file"))
     }
 
     /// Parses the text of a stat file. comm may hold spaces and parentheses,

@@ -6,6 +6,10 @@
 //! implement `aya::Pod` so the agent can read them out of maps.
 #![no_std]
 
+pub mod offcpu;
+
+pub mod tcp;
+
 /// Maximum frames of one stack (the kernel's `PERF_MAX_STACK_DEPTH`).
 pub const MAX_STACK_DEPTH: usize = 127;
 
@@ -47,6 +51,10 @@ pub mod sample_flags {
     pub const IN_KERNEL: u32 = 1 << 0;
     /// The user registers could not be read.
     pub const NO_USER_REGS: u32 = 1 << 1;
+    /// Not a CPU sample: the stacks of a target thread going off CPU; the
+    /// header's `_pad` carries the sequence number of the block, and an
+    /// [`super::offcpu::OffEnd`] with that number follows when it ends.
+    pub const OFFCPU_BEGIN: u32 = 1 << 2;
 }
 
 /// What a DWARF sample sends to userspace: registers, kernel stack, and the

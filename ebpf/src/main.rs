@@ -4,7 +4,9 @@
 #![no_main]
 
 mod maps;
+mod offcpu;
 mod sampling;
+mod tcp;
 
 use aya_ebpf::{macros::perf_event, programs::PerfEventContext};
 
@@ -13,6 +15,37 @@ use aya_ebpf::{macros::perf_event, programs::PerfEventContext};
 pub fn flamewatch_sample(ctx: PerfEventContext) -> u32 {
     let _ = sampling::try_sample(&ctx);
     // 0: the perf core does not write the sample to a ring buffer (we have none).
+    0
+}
+
+/// TCP state changes (`sock/inet_sock_set_state`), attached by the agent's
+/// TCP tracker.
+#[aya_ebpf::macros::tracepoint]
+pub fn flamewatch_tcp_state(ctx: aya_ebpf::programs::TracePointContext) -> u32 {
+    let _ = tcp::try_set_state(&ctx);
+    // A tracepoint program's return value is ignored.
+    0
+}
+
+/// Resets received (`tcp/tcp_receive_reset`).
+#[aya_ebpf::macros::tracepoint]
+pub fn flamewatch_tcp_rst_in(ctx: aya_ebpf::programs::TracePointContext) -> u32 {
+    let _ = tcp::try_receive_reset(&ctx);
+    0
+}
+
+/// Resets sent (`tcp/tcp_send_reset`).
+#[aya_ebpf::macros::tracepoint]
+pub fn flamewatch_tcp_rst_out(ctx: aya_ebpf::programs::TracePointContext) -> u32 {
+    let _ = tcp::try_send_reset(&ctx);
+    0
+}
+
+/// Context switches (`sched/sched_switch`), attached for off-CPU and wall
+/// profiles.
+#[aya_ebpf::macros::tracepoint]
+pub fn flamewatch_offcpu(ctx: aya_ebpf::programs::TracePointContext) -> u32 {
+    let _ = offcpu::try_sched_switch(&ctx);
     0
 }
 

@@ -66,3 +66,64 @@ pub static SCRATCH: PerCpuArray<StackSample> = PerCpuArray::with_max_entries(1, 
 /// DWARF, and ~0.5 s of samples at the requested rate otherwise.
 #[map]
 pub static STACK_SAMPLES: RingBuf = RingBuf::with_byte_size(4096, 0);
+
+// ---- TCP state tracking (ebpf/src/tcp.rs) ----
+// Its own target table: `flamewatch tcp` and `watch` track TCP on processes
+// they do not sample, so membership differs from `TARGETS`.
+
+/// Targets of TCP tracking: tgid → slot in `TCP_STATS`. Same bound as the
+/// sampler's table.
+#[map]
+pub static TCP_TARGETS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_TARGETS, 0);
+
+/// Live sockets of the targets: socket address → owner, recorded when a
+/// target connects, listens, closes, or a connection arrives on its
+/// listening port; forgotten at CLOSE (the address is reused at once).
+/// 64 Ki live connections across all targets (LogCaster collapses past ~1000;
+/// a busy proxy holds tens of thousands); ~4 MiB preallocated. A failed
+/// insert is counted (`untracked_sockets`).
+pub const TCP_SOCK_ENTRIES: u32 = 65536;
+
+/// See [`TCP_SOCK_ENTRIES`].
+#[map]
+pub static TCP_SOCKS: HashMap<u64, flamewatch_common::tcp::TcpSock> =
+    HashMap::with_max_entries(TCP_SOCK_ENTRIES, 0);
+
+/// Listening ports of the targets → tgid: connections accepted on them are
+/// the target's, whoever's context the handshake runs in. A process listens
+/// on a handful of ports: 16 per target. Overflow counted (`listen_map_full`).
+#[map]
+pub static TCP_LISTEN: HashMap<u32, u32> = HashMap::with_max_entries(16 * MAX_TARGETS, 0);
+
+/// Target sockets that just went to CLOSE, for the reset the kernel sends
+/// *after* setting CLOSE (tcp_disconnect, __tcp_close): an entry is needed
+/// for microseconds, so an LRU of 4 Ki covers any burst of closes; losing an
+/// old one only loses the attribution of a late reset.
+#[map]
+pub static TCP_RECENT_CLOSE: aya_ebpf::maps::LruHashMap<u64, flamewatch_common::tcp::TcpRecentClose> =
+    aya_ebpf::maps::LruHashMap::with_max_entries(4096, 0);
+
+/// Per-target TCP counters, indexed by the slot of `TCP_TARGETS`. Per CPU
+/// (no atomic fetch-add on the bpf target); 1.4 KiB per target and CPU.
+#[map]
+pub static TCP_STATS: PerCpuArray<flamewatch_common::tcp::TcpStats> =
+    PerCpuArray::with_max_entries(MAX_TARGETS, 0);
+
+/// TCP counters not tied to a target (index 0).
+#[map]
+pub static TCP_GLOBAL: PerCpuArray<flamewatch_common::tcp::TcpGlobalStats> =
+    PerCpuArray::with_max_entries(1, 0);
+
+/// TCP settings written by the agent (`tcp_config_index`).
+#[map]
+pub static TCP_CONFIG: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Size of [`TCP_EVENTS`]: 16 Ki events of 64 bytes (56 + the 8-byte ring
+/// header). The kernel wakes the agent when a quarter is filled (else it
+/// reads every 100 ms), leaving 12 Ki events of headroom for its latency.
+pub const TCP_EVENTS_BYTES: u32 = 1 << 20;
+
+/// Individual TCP events of the targets (TIME_WAIT entries; everything in
+/// detail mode). Full ring: counted per target (`lost_events`).
+#[map]
+pub static TCP_EVENTS: RingBuf = RingBuf::with_byte_size(TCP_EVENTS_BYTES, 0);

@@ -129,7 +129,7 @@ pub fn try_sample(ctx: &PerfEventContext) -> Result<(), i64> {
     Ok(())
 }
 
-/// Builds a DWARF sample in the per-CPU scratch and sends the used part.
+/// Sends a DWARF sample of the interrupted thread and counts the outcome.
 fn dwarf_sample(
     ctx: &PerfEventContext,
     tgid: u32,
@@ -138,8 +138,51 @@ fn dwarf_sample(
     kernel: bool,
     stats: &mut TargetStats,
 ) {
+    // SAFETY: the interrupted registers, inside the context the kernel passed.
+    let regs = unsafe { &(*ctx.ctx).regs };
+    // Interrupted in user mode: these are the user registers.
+    let user_regs = if regs.cs & 3 == 3 { Some(regs) } else { None };
+    match copy_stack(ctx.ctx.cast(), user_regs, tgid, tid, period, kernel, 0, 0) {
+        Copied::Sent { stack: true } => stats.dwarf_samples += 1,
+        Copied::Sent { stack: false } => {
+            stats.dwarf_samples += 1;
+            stats.dwarf_stack_unreadable += 1;
+        }
+        Copied::Lost => stats.dwarf_lost += 1,
+    }
+}
+
+/// Outcome of [`copy_stack`].
+pub enum Copied {
+    /// In the ring buffer (with or without a user stack).
+    Sent {
+        /// The user stack could be read.
+        stack: bool,
+    },
+    /// The ring buffer was full.
+    Lost,
+}
+
+/// Builds a DWARF record of the current thread in the per-CPU scratch —
+/// user registers, kernel stack, a window of the user stack — and sends the
+/// used part to `STACK_SAMPLES`. `user_regs` are the interrupted registers
+/// when they are the user's; otherwise the thread is in the kernel and its
+/// user registers are the ones saved at kernel entry.
+// Inlined: a BPF function takes at most five arguments in registers.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub fn copy_stack(
+    ctx: *mut core::ffi::c_void,
+    user_regs: Option<&pt_regs>,
+    tgid: u32,
+    tid: u32,
+    period: u64,
+    kernel: bool,
+    extra_flags: u32,
+    seq: u32,
+) -> Copied {
     let Some(sample) = SCRATCH.get_ptr_mut(0) else {
-        return;
+        return Copied::Lost;
     };
     // SAFETY: per-CPU scratch, not shared with any other program run on this CPU.
     let sample = unsafe { &mut *sample };
@@ -147,45 +190,43 @@ fn dwarf_sample(
     h.tgid = tgid;
     h.tid = tid;
     h.period_ns = period;
-    h.flags = 0;
+    h.flags = extra_flags;
     h.kernel_frames = 0;
     h.stack_len = 0;
+    h._pad = seq;
 
-    // SAFETY: the interrupted registers, inside the context the kernel passed.
-    let regs = unsafe { &(*ctx.ctx).regs };
-    let user = if regs.cs & 3 == 3 {
-        // Interrupted in user mode: these are the user registers.
-        (regs.rip, regs.rsp, regs.rbp)
-    } else {
-        // Interrupted in the kernel: the user registers are the ones saved
-        // at kernel entry (task_pt_regs), see bpf_task_pt_regs in
-        // kernel/trace/bpf_trace.c.
-        h.flags |= sample_flags::IN_KERNEL;
-        if kernel {
-            // SAFETY: bpf_get_stack writes at most the given size into our buffer.
-            let n = unsafe {
-                bpf_get_stack(
-                    ctx.ctx.cast(),
-                    h.kernel_ips.as_mut_ptr().cast(),
-                    (MAX_STACK_DEPTH * 8) as u32,
-                    0,
-                )
-            };
-            if n > 0 {
-                h.kernel_frames = (n as u32) / 8;
+    let user = match user_regs {
+        Some(r) => (r.rip, r.rsp, r.rbp),
+        None => {
+            h.flags |= sample_flags::IN_KERNEL;
+            if kernel {
+                // SAFETY: bpf_get_stack writes at most the given size into our buffer.
+                let n = unsafe {
+                    bpf_get_stack(
+                        ctx,
+                        h.kernel_ips.as_mut_ptr().cast(),
+                        (MAX_STACK_DEPTH * 8) as u32,
+                        0,
+                    )
+                };
+                if n > 0 {
+                    h.kernel_frames = (n as u32) / 8;
+                }
             }
-        }
-        // SAFETY: BTF task pointer of the current task, then a checked copy.
-        let saved = unsafe {
-            let task = bpf_get_current_task_btf();
-            let regs = bpf_task_pt_regs(task) as *const pt_regs;
-            bpf_probe_read_kernel(regs)
-        };
-        match saved {
-            Ok(r) => (r.rip, r.rsp, r.rbp),
-            Err(_) => {
-                h.flags |= sample_flags::NO_USER_REGS;
-                (0, 0, 0)
+            // The user registers saved at kernel entry (task_pt_regs), see
+            // bpf_task_pt_regs in kernel/trace/bpf_trace.c.
+            // SAFETY: BTF task pointer of the current task, then a checked copy.
+            let saved = unsafe {
+                let task = bpf_get_current_task_btf();
+                let regs = bpf_task_pt_regs(task) as *const pt_regs;
+                bpf_probe_read_kernel(regs)
+            };
+            match saved {
+                Ok(r) => (r.rip, r.rsp, r.rbp),
+                Err(_) => {
+                    h.flags |= sample_flags::NO_USER_REGS;
+                    (0, 0, 0)
+                }
             }
         }
     };
@@ -226,20 +267,17 @@ fn dwarf_sample(
             len /= 2;
         }
     }
-    if copied == 0 {
-        stats.dwarf_stack_unreadable += 1;
-    }
     sample.header.stack_len = copied;
     let size = core::mem::size_of::<StackSampleHeader>() + copied as usize;
     if size > core::mem::size_of_val(sample) {
-        return;
+        return Copied::Lost;
     }
     // SAFETY: `size` bytes from the start of the scratch value, all inside it.
     let bytes = unsafe { core::slice::from_raw_parts(sample as *const _ as *const u8, size) };
-    // No wakeup per sample: the agent polls, so the sampled thread never pays
-    // for waking it.
+    // No wakeup per record: the agent polls, so the sampled thread never
+    // pays for waking it.
     match STACK_SAMPLES.output::<[u8]>(bytes, u64::from(BPF_RB_NO_WAKEUP)) {
-        Ok(()) => stats.dwarf_samples += 1,
-        Err(_) => stats.dwarf_lost += 1,
+        Ok(()) => Copied::Sent { stack: copied != 0 },
+        Err(_) => Copied::Lost,
     }
 }

@@ -292,3 +292,33 @@ fn sigkill_leaves_nothing_loaded() {
         "programs {progs:?} outlived the agent"
     );
 }
+
+/// Test that on the frame-pointer game server with the `hot-path`
+/// incident, the known function comes first in `top_functions`.
+#[test]
+fn game_server_hot_path_first() {
+    if !privileged("game_server_hot_path_first") {
+        return;
+    }
+    let mut cmd = Command::new(target_bin("game-server-fp"));
+    cmd.args(["--port", &free_udp_port().to_string(), "--incident", "hot-path"]);
+    let target = TestProcess::spawn_ready(cmd);
+    let dir = output_dir();
+    let out = flamewatch(&[
+        "record",
+        "--pid",
+        &target.pid().to_string(),
+        "--duration",
+        "4s",
+        "--output",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let summary = read_json(&printed_files(&out.stdout, "json")[0]);
+    assert_eq!(
+        summary["top_functions"][0]["name"], "hot_path_pathfinding",
+        "{:#}",
+        summary["top_functions"]
+    );
+    assert!(self_pct(&summary, "hot_path_pathfinding") > 50.0);
+}

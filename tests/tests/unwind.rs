@@ -132,3 +132,31 @@ fn small_window_truncates_visibly() {
         "partial stacks still counted"
     );
 }
+
+/// Test that the production-like game server (-O2, no frame pointers) is
+/// unwound down to `main` for at least 95 % of samples, with its systems in
+/// `top_functions`.
+#[test]
+fn game_server_full_stacks() {
+    if !privileged("game_server_full_stacks") {
+        return;
+    }
+    let mut cmd = Command::new(target_bin("game-server"));
+    cmd.args(["--port", &free_udp_port().to_string(), "--players", "1500"]);
+    let target = TestProcess::spawn_ready(cmd);
+    let r = record(target.pid(), &["--duration", "4s", "--freq", "499"]);
+    assert_eq!(r.summary["sampling"]["unwind"]["mode"], "dwarf");
+    let main = share_with(&r.stacks, "main");
+    assert!(
+        main >= 95.0,
+        "main in {main}% of samples\n{:?}",
+        &r.stacks[..r.stacks.len().min(10)]
+    );
+    for system in ["physics_step", "ai_update", "serialize_snapshot"] {
+        assert!(
+            total_pct(&r.summary, system) > 1.0,
+            "{system} in top_functions: {:#}",
+            r.summary["top_functions"]
+        );
+    }
+}

@@ -17,6 +17,8 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
+mod tcp;
+
 /// One way of running the target.
 #[derive(Clone, Copy, Debug)]
 enum Profiler {
@@ -25,7 +27,10 @@ enum Profiler {
         hz: u64,
         budget: Option<f64>,
         unwind: &'static str,
+        mode: &'static str,
     },
+    /// `perf record -e sched:sched_switch -g`: perf's way to see off-CPU stacks.
+    PerfSched,
     Perf {
         hz: u64,
         dwarf: bool,
@@ -44,17 +49,28 @@ impl Profiler {
         match self {
             Self::None => "baseline (no profiler)".into(),
             Self::Flamewatch {
+                mode: "offcpu",
+                budget,
+                ..
+            } => {
+                format!("flamewatch --mode offcpu, {} % budget", budget.unwrap_or(5.0))
+            }
+            Self::Flamewatch { hz, mode: "wall", .. } => format!("flamewatch --mode wall {hz} Hz"),
+            Self::Flamewatch {
                 hz,
                 budget: None,
                 unwind: u,
+                ..
             } => format!("flamewatch {hz} Hz{}", unwind(u)),
             Self::Flamewatch {
                 hz,
                 budget: Some(b),
                 unwind: u,
+                ..
             } => {
                 format!("flamewatch {hz} Hz, {b} % budget{}", unwind(u))
             }
+            Self::PerfSched => "perf record -e sched:sched_switch -g".into(),
             Self::Perf { hz, dwarf: false } => format!("perf record -g {hz} Hz"),
             Self::Perf { hz, dwarf: true } => format!("perf --call-graph dwarf {hz} Hz"),
         }
@@ -91,10 +107,12 @@ pub fn run(which: &str, rounds: usize, seconds: f64, agent: &Path, targets: &Pat
                 hz,
                 budget,
                 unwind: "auto",
+                mode: "cpu",
             };
             compare(
                 "overhead",
                 &targets.join("throughput-fp"),
+                &[],
                 &[
                     fw(99, None),
                     Profiler::Perf { hz: 99, dwarf: false },
@@ -119,10 +137,12 @@ pub fn run(which: &str, rounds: usize, seconds: f64, agent: &Path, targets: &Pat
                 hz,
                 budget: Some(100.0),
                 unwind,
+                mode: "cpu",
             };
             compare(
                 "unwind (production build, no frame pointers; budget lifted to 100 % to measure the raw cost)",
                 &targets.join("throughput"),
+                &[],
                 &[
                     fw(99, "fp"),
                     fw(99, "dwarf"),
@@ -136,7 +156,30 @@ pub fn run(which: &str, rounds: usize, seconds: f64, agent: &Path, targets: &Pat
                 agent,
             )
         }
-        other => bail!("unknown benchmark '{other}' (available: overhead, unwind)"),
+        "tcp" => tcp::run(seconds, agent, targets),
+        "offcpu" => {
+            let fw = |mode, budget| Profiler::Flamewatch {
+                hz: 99,
+                budget,
+                unwind: "auto",
+                mode,
+            };
+            compare(
+                "off-CPU (sleepspin: ~50 µs of work / 50 µs sleep, thousands of context switches/s)",
+                &targets.join("sleepspin-fp"),
+                &["--spin-iters", "100000", "--sleep-us", "50"],
+                &[
+                    fw("offcpu", Some(5.0)),
+                    fw("offcpu", Some(100.0)),
+                    fw("wall", Some(5.0)),
+                    Profiler::PerfSched,
+                ],
+                rounds,
+                seconds,
+                agent,
+            )
+        }
+        other => bail!("unknown benchmark '{other}' (available: overhead, unwind, offcpu, tcp)"),
     }
 }
 
@@ -155,6 +198,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn compare(
     title: &str,
     target: &Path,
+    target_args: &[&str],
     profiled: &[Profiler],
     rounds: usize,
     seconds: f64,
@@ -174,9 +218,9 @@ fn compare(
     let mut results: Vec<Vec<Run>> = vec![Vec::new(); configs.len()];
     for round in 1..=rounds {
         for (i, &config) in configs.iter().enumerate().skip(1) {
-            let base = measure(Profiler::None, &target, agent, &work, seconds)
+            let base = measure(Profiler::None, &target, target_args, agent, &work, seconds)
                 .with_context(|| format!("round {round}, baseline"))?;
-            let mut run = measure(config, &target, agent, &work, seconds)
+            let mut run = measure(config, &target, target_args, agent, &work, seconds)
                 .with_context(|| format!("round {round}, {}", config.label()))?;
             run.ratio = run.ops_per_s / base.ops_per_s;
             run.cpu_ratio = run.ops_per_cpu_s / base.ops_per_cpu_s;
@@ -284,8 +328,16 @@ fn compare(
 
 /// Runs the target once under `config`; returns its throughput while the
 /// profiler was attached.
-fn measure(config: Profiler, target: &Path, agent: &Path, work: &Path, seconds: f64) -> Result<Run> {
+fn measure(
+    config: Profiler,
+    target: &Path,
+    target_args: &[&str],
+    agent: &Path,
+    work: &Path,
+    seconds: f64,
+) -> Result<Run> {
     let mut child = Command::new(target)
+        .args(target_args)
         .args(["--seconds", &seconds.to_string(), "--wait-start"])
         .stdout(Stdio::piped())
         .spawn()
@@ -297,10 +349,17 @@ fn measure(config: Profiler, target: &Path, agent: &Path, work: &Path, seconds: 
     let out_dir = work.join(format!("run-{pid}"));
     let mut profiler: Option<Child> = match config {
         Profiler::None => None,
-        Profiler::Flamewatch { hz, budget, unwind } => {
+        Profiler::Flamewatch {
+            hz,
+            budget,
+            unwind,
+            mode,
+        } => {
             let mut cmd = Command::new(agent);
             cmd.args([
                 "record",
+                "--mode",
+                mode,
                 "--unwind",
                 unwind,
                 "--pid",
@@ -319,24 +378,27 @@ fn measure(config: Profiler, target: &Path, agent: &Path, work: &Path, seconds: 
                 cmd.args(["--max-overhead", &b.to_string()]);
             }
             let mut agent = cmd.spawn().context("starting flamewatch")?;
+            // Logged once every target is attached, in every mode.
             wait_for_line(
                 agent.stderr.take().context("stderr")?,
-                "sampling at",
+                "unwinding with",
                 Duration::from_secs(20),
             )?;
             Some(agent)
         }
-        Profiler::Perf { hz, dwarf } => {
+        Profiler::Perf { .. } | Profiler::PerfSched => {
             let data = work.join(format!("perf-{pid}.data"));
-            let graph: &[&str] = if dwarf {
-                &["--call-graph", "dwarf"]
-            } else {
-                &["-g"]
+            let args: Vec<String> = match config {
+                Profiler::Perf { hz, dwarf: true } => {
+                    vec!["--call-graph".into(), "dwarf".into(), "-F".into(), hz.to_string()]
+                }
+                Profiler::Perf { hz, dwarf: false } => vec!["-g".into(), "-F".into(), hz.to_string()],
+                _ => vec!["-e".into(), "sched:sched_switch".into(), "-g".into()],
             };
             let perf = Command::new("perf")
                 .arg("record")
-                .args(graph)
-                .args(["-F", &hz.to_string(), "-p", &pid.to_string(), "-o"])
+                .args(&args)
+                .args(["-p", &pid.to_string(), "-o"])
                 .arg(&data)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -362,8 +424,12 @@ fn measure(config: Profiler, target: &Path, agent: &Path, work: &Path, seconds: 
             .and_then(|v| v.parse().ok())
             .with_context(|| format!("target printed no {name}: {line:?}"))
     };
-    let ops_per_s = field("ops_per_s")?;
-    let ops_per_cpu_s = field("ops")? / field("cpu_s")?.max(1e-9);
+    // throughput prints ops (and CPU time), sleepspin prints cycles.
+    let ops_per_s = field("ops_per_s").or_else(|_| field("cycles_per_s"))?;
+    let ops_per_cpu_s = match (field("ops"), field("cpu_s")) {
+        (Ok(ops), Ok(cpu)) => ops / cpu.max(1e-9),
+        _ => f64::NAN,
+    };
     let mut run = Run {
         ops_per_s,
         ops_per_cpu_s,

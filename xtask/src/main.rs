@@ -179,71 +179,121 @@ fn as_root(program: &Path) -> Command {
     }
 }
 
+/// A free TCP port on loopback.
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A child killed when dropped.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn demo() -> Result<()> {
     let agent = build_agent()?;
     let targets = build_target_programs()?;
     let output = root().join("flamegraphs");
-    let bin = targets.join("hotpaths-fp");
-    eprintln!(
-        "xtask: starting the demo target {} (two hot paths, 3:1)",
-        bin.display()
+    let (port, health) = (free_port()?, free_port()?);
+    // LogCaster as shipped (-O2, no frame pointers), with case 1 of its
+    // incident list: the accept loop spins on select() with a zero timeout.
+    eprintln!("xtask: starting LogCaster with the busy-loop incident, and clients sending 1000 lines/s");
+    let mut server = Killed(
+        Command::new(targets.join("logcaster"))
+            .args(["--port", &port.to_string(), "--health-port", &health.to_string()])
+            .args(["--incident", "busy-loop"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting logcaster")?,
     );
-    let mut target = Command::new(&bin)
-        .stdout(Stdio::null())
-        .spawn()
-        .context("starting the demo target")?;
-    std::thread::sleep(Duration::from_millis(300));
-    let result = (|| -> Result<()> {
-        let out = as_root(&agent)
+    let mut banner = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(server.0.stdout.take().context("stdout")?),
+        &mut banner,
+    )?;
+    let _load = Killed(
+        Command::new(targets.join("logcaster-load"))
             .args([
-                "record",
-                "--pid",
-                &target.id().to_string(),
+                "--port",
+                &port.to_string(),
+                "--connections",
+                "4",
+                "--rate",
+                "1000",
                 "--duration",
-                "10s",
-                "--label",
-                "demo",
+                "30",
             ])
-            .arg("--output")
-            .arg(&output)
-            .stderr(Stdio::inherit())
-            .output()
-            .context("running flamewatch record")?;
-        if !out.status.success() {
-            bail!("flamewatch record failed ({})", out.status);
-        }
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let json = stdout
-            .lines()
-            .find(|l| l.ends_with(".json"))
-            .context("no summary printed")?;
-        let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(json)?)?;
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting logcaster-load")?,
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let out = as_root(&agent)
+        .args(["record", "--pid", &server.0.id().to_string(), "--duration", "10s"])
+        .args(["--label", "logcaster-busy-loop", "--output"])
+        .arg(&output)
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running flamewatch record")?;
+    if !out.status.success() {
+        bail!("flamewatch record failed ({})", out.status);
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let json = stdout
+        .lines()
+        .find(|l| l.ends_with(".json"))
+        .context("no summary printed")?;
+    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(json)?)?;
+    println!(
+        "\nflamegraph: {}",
+        summary["files"]["svg"].as_str().unwrap_or("?")
+    );
+    println!(
+        "folded:     {}",
+        summary["files"]["folded"].as_str().unwrap_or("?")
+    );
+    println!("summary:    {json}");
+    println!(
+        "\n{} samples at {} Hz over {} s ({} unwinding: {}); overhead {} % of the target's CPU",
+        summary["sampling"]["samples"],
+        summary["sampling"]["requested_hz"],
+        summary["session"]["duration_s"],
+        summary["sampling"]["unwind"]["mode"].as_str().unwrap_or("?"),
+        summary["sampling"]["unwind"]["reason"].as_str().unwrap_or("?"),
+        summary["overhead"]["measured_pct"],
+    );
+    // The hottest user-space paths (kernel frames folded away): where the
+    // program is, as the flamegraph's widest towers show it.
+    let folded = std::fs::read_to_string(summary["files"]["folded"].as_str().unwrap_or_default())?;
+    let mut paths: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+    let mut total = 0;
+    for line in folded.lines() {
+        let Some((stack, n)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let n: u64 = n.parse().unwrap_or(0);
+        let user: Vec<&str> = stack.split(';').filter(|f| !f.ends_with("_[k]")).collect();
+        *paths.entry(user.join(";")).or_default() += n;
+        total += n;
+    }
+    let mut paths: Vec<(String, u64)> = paths.into_iter().collect();
+    paths.sort_by_key(|p| std::cmp::Reverse(p.1));
+    println!("hottest code paths (user frames, root first):");
+    for (path, n) in paths.iter().take(3) {
+        println!("  {:>6.2}%  {path}", 100.0 * *n as f64 / total.max(1) as f64);
+    }
+    println!("top functions by self time (total = with callees):");
+    for f in summary["top_functions"].as_array().into_iter().flatten().take(10) {
         println!(
-            "\nflamegraph: {}",
-            summary["files"]["svg"].as_str().unwrap_or("?")
+            "  {:>6.2}% self {:>6.2}% total  {}",
+            f["self_pct"].as_f64().unwrap_or(0.0),
+            f["total_pct"].as_f64().unwrap_or(0.0),
+            f["name"].as_str().unwrap_or("?")
         );
-        println!(
-            "folded:     {}",
-            summary["files"]["folded"].as_str().unwrap_or("?")
-        );
-        println!("summary:    {json}");
-        println!(
-            "\n{} samples at {} Hz over {} s; top functions by self time:",
-            summary["sampling"]["samples"],
-            summary["sampling"]["requested_hz"],
-            summary["session"]["duration_s"]
-        );
-        for f in summary["top_functions"].as_array().into_iter().flatten().take(8) {
-            println!(
-                "  {:>6.2}% self {:>6.2}% total  {}",
-                f["self_pct"].as_f64().unwrap_or(0.0),
-                f["total_pct"].as_f64().unwrap_or(0.0),
-                f["name"].as_str().unwrap_or("?")
-            );
-        }
-        Ok(())
-    })();
-    let _ = target.kill();
-    let _ = target.wait();
-    result
+    }
+    Ok(())
 }

@@ -1,8 +1,8 @@
 //! One overhead budget per target, shared by every session on the machine.
 //!
-//! Each agent process that samples a target keeps a claim file,
-//! `/run/flamewatch/budget/<target pid>/<agent pid>.json`, with the overhead
-//! it currently costs that target. A new session reads the others' claims:
+//! Each session that samples a target keeps a claim file,
+//! `/run/flamewatch/budget/<target pid>/<agent pid>-<session>.json`, with the
+//! overhead it currently costs that target (a daemon runs several sessions). A new session reads the others' claims:
 //! it is refused when they already use the budget (or hold the maximum
 //! number of sessions), and otherwise governs itself within what is left.
 //! Claims of dead agents are ignored and removed; a claim is removed when its
@@ -88,19 +88,18 @@ impl Registry {
         self.dir.join(target.to_string())
     }
 
-    /// Live claims of other agents on `target`.
-    pub fn others(&self, target: u32) -> Vec<ClaimRecord> {
-        let me = std::process::id();
+    /// Live claims on `target` other than `mine`.
+    pub fn others(&self, target: u32, mine: Option<&Claim>) -> Vec<ClaimRecord> {
         let Ok(entries) = std::fs::read_dir(self.target_dir(target)) else {
             return Vec::new();
         };
         let mut claims = Vec::new();
         for entry in entries.flatten() {
             let path = entry.path();
-            let Some(record) = read_claim(&path) else { continue };
-            if record.agent_pid == me {
+            if mine.is_some_and(|c| c.path == path) {
                 continue;
             }
+            let Some(record) = read_claim(&path) else { continue };
             if !crate::target::is_alive(record.agent_pid) {
                 let _ = std::fs::remove_file(&path);
                 continue;
@@ -111,9 +110,10 @@ impl Registry {
         claims
     }
 
-    /// The budget left for us on `target`, or why there is none.
-    pub fn available(&self, target: u32, budget_pct: f64) -> Result<f64, BudgetError> {
-        let others = self.others(target);
+    /// The budget left on `target` for a session holding `mine` (or for a
+    /// new one), or why there is none.
+    pub fn available(&self, target: u32, budget_pct: f64, mine: Option<&Claim>) -> Result<f64, BudgetError> {
+        let others = self.others(target, mine);
         let describe = || {
             others
                 .iter()
@@ -146,18 +146,29 @@ impl Registry {
         Ok(budget_pct - used)
     }
 
-    /// Registers our claim on `target`.
+    /// Registers a claim of `session` on `target`.
     pub fn claim(&self, target: u32, session: &str, hz: u64) -> Claim {
         let dir = self.target_dir(target);
         let _ = std::fs::create_dir_all(&dir);
+        let me = std::process::id();
         let record = ClaimRecord {
-            agent_pid: std::process::id(),
+            agent_pid: me,
             session: session.to_owned(),
             pct: 0.0,
             hz,
         };
+        let file: String = session
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
         let claim = Claim {
-            path: dir.join(format!("{}.json", std::process::id())),
+            path: dir.join(format!("{me}-{file}.json")),
             record,
         };
         claim.write();
@@ -221,10 +232,10 @@ mod tests {
     fn shares_budget() {
         let dir = tempfile::tempdir().unwrap();
         let reg = Registry::at(dir.path());
-        assert_eq!(reg.available(42, 5.0).unwrap(), 5.0);
+        assert_eq!(reg.available(42, 5.0, None).unwrap(), 5.0);
         write_other(&reg, 42, 1, 2.0); // pid 1 (init) is alive
         write_other(&reg, 42, 4_194_309, 3.0); // no such pid: stale
-        assert!((reg.available(42, 5.0).unwrap() - 3.0).abs() < 1e-9);
+        assert!((reg.available(42, 5.0, None).unwrap() - 3.0).abs() < 1e-9);
         assert!(
             !reg.target_dir(42).join("4194309.json").exists(),
             "stale claim removed"
@@ -237,7 +248,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let reg = Registry::at(dir.path());
         write_other(&reg, 42, 1, 4.8);
-        let err = reg.available(42, 5.0).unwrap_err();
+        let err = reg.available(42, 5.0, None).unwrap_err();
         assert!(err.to_string().contains("already profiled"), "{err}");
     }
 
@@ -250,7 +261,7 @@ mod tests {
         for pid in [1, 2, 3] {
             write_other(&reg, 42, pid, 0.1);
         }
-        let err = reg.available(42, 5.0).unwrap_err();
+        let err = reg.available(42, 5.0, None).unwrap_err();
         assert!(matches!(err, BudgetError::TooMany { count: 3, .. }), "{err}");
     }
 
@@ -261,9 +272,17 @@ mod tests {
         let reg = Registry::at(dir.path());
         let mut claim = reg.claim(7, "on-demand_x", 99);
         claim.update(0.5, 99);
-        let path = reg.target_dir(7).join(format!("{}.json", std::process::id()));
+        let path = reg
+            .target_dir(7)
+            .join(format!("{}-on-demand_x.json", std::process::id()));
         assert_eq!(read_claim(&path).unwrap().pct, 0.5);
-        assert!(reg.others(7).is_empty(), "our own claim is not someone else's");
+        assert!(
+            reg.others(7, Some(&claim)).is_empty(),
+            "a session's own claim is not another's"
+        );
+        // Another session of the same agent sees it, and shares the budget.
+        assert_eq!(reg.others(7, None).len(), 1);
+        assert!((reg.available(7, 5.0, None).unwrap() - 4.5).abs() < 1e-9);
         drop(claim);
         assert!(!path.exists());
         assert!(!reg.target_dir(7).exists());

@@ -40,6 +40,25 @@ pub fn render(folded: &str, title: &Title, deterministic: bool) -> Result<Vec<u8
     Ok(svg)
 }
 
+/// A differential flamegraph: `after`'s stacks, coloured by how their share
+/// changed since `before` (red: grew, blue: shrank), as FlameGraph's
+/// difffolded + flamegraph do. Counts are normalised, so a longer or busier
+/// session does not paint everything red.
+pub fn render_diff(before: &str, after: &str, title: &Title) -> Result<Vec<u8>, RenderError> {
+    let mut diff = Vec::new();
+    let opts = inferno::differential::Options {
+        normalize: true,
+        strip_hex: false,
+    };
+    inferno::differential::from_readers(opts, before.as_bytes(), after.as_bytes(), &mut diff).map_err(
+        |source| RenderError::Write {
+            path: "<diff>".into(),
+            source,
+        },
+    )?;
+    render(&String::from_utf8_lossy(&diff), title, false)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -64,6 +83,18 @@ mod tests {
             "function frames are drawn"
         );
         crate::render::assert_golden("small.svg", &svg);
+    }
+
+    /// Test that a differential flamegraph colours a grown stack red and a
+    /// shrunk one blue.
+    #[test]
+    fn differential() {
+        let before = "demo;main;hot 10\ndemo;main;cold 10\n";
+        let after = "demo;main;hot 18\ndemo;main;cold 2\n";
+        let svg = String::from_utf8(render_diff(before, after, &title()).expect("svg")).unwrap();
+        // inferno titles each frame with the change, e.g. "hot (18 samples, 90.00%; +40.00%)".
+        assert!(svg.contains("+40.00%"), "grown stack marked");
+        assert!(svg.contains("-40.00%"), "shrunk stack marked");
     }
 
     /// Test that an empty profile still yields a valid SVG (inferno rejects empty input).

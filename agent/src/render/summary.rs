@@ -19,10 +19,19 @@ pub struct Summary {
     pub targets: Vec<Target>,
     /// Sampling settings and counters.
     pub sampling: SamplingInfo,
+    /// What was profiled: `cpu`, `offcpu` or `wall`.
+    pub mode: String,
+    /// Off-CPU time (offcpu and wall modes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub off_cpu: Option<OffCpuInfo>,
     /// What the profiling cost the target, and how the governor steered.
     pub overhead: OverheadInfo,
     /// Functions with the most self time.
     pub top_functions: Vec<FunctionShare>,
+    /// TCP activity of the target: transitions, connections, resets,
+    /// TIME_WAIT entered and now (absent when TCP tracking was unavailable).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<crate::tcp::summary::TcpSummary>,
     /// Paths of the files written.
     pub files: Files,
     /// Things the reader should know (target exited early, lost stacks…).
@@ -112,6 +121,50 @@ pub struct ExecutableCheck {
     pub functions_checked: usize,
     /// Of which set up a frame pointer.
     pub with_frame_pointer: usize,
+}
+
+/// Off-CPU time of a session (offcpu and wall modes).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct OffCpuInfo {
+    /// What the sched_switch program cost on other processes' context
+    /// switches, percent of one core (the targets' own share is in
+    /// `overhead`).
+    pub other_processes_cpu_pct: f64,
+    /// Shortest block recorded, µs.
+    pub min_block_us: f64,
+    /// Blocks recorded.
+    pub blocks: u64,
+    /// Time blocked in them, seconds (plus the part of still-open blocks
+    /// inside the session).
+    pub blocked_s: f64,
+    /// Blocks shorter than the minimum (not in the profile).
+    pub short_blocks: u64,
+    /// Blocks lost (maps or ring buffers full).
+    pub lost: u64,
+    /// 1 switch-out in N was traced at the end (the governor raises N when
+    /// blocking often makes off-CPU tracing cost more than its share).
+    pub sample_every: u64,
+    /// Threads still blocked at the end, longest first.
+    pub blocked_threads: Vec<BlockedThreadInfo>,
+}
+
+/// A thread still blocked when the session ended.
+#[derive(Debug, Clone, Serialize)]
+pub struct BlockedThreadInfo {
+    /// Thread id.
+    pub tid: u32,
+    /// Thread name.
+    pub comm: String,
+    /// Scheduler state (S: sleeping, D: uninterruptible).
+    pub state: String,
+    /// Kernel function it waits in.
+    pub wchan: String,
+    /// How long it has been blocked, seconds.
+    pub blocked_s: f64,
+    /// `session` (the switch was seen) or `before session`.
+    pub since: String,
+    /// Its stack, root first.
+    pub stack: Vec<String>,
 }
 
 /// What profiling cost the target (see `governor::cost` for the formula).
@@ -229,6 +282,8 @@ mod tests {
                     ..Default::default()
                 },
             },
+            mode: "cpu".into(),
+            off_cpu: None,
             overhead: OverheadInfo {
                 budget_pct: 5.0,
                 measured_pct: 0.31,
@@ -244,6 +299,7 @@ mod tests {
                 }],
             },
             top_functions: profile.top_functions(20),
+            tcp: Some(crate::tcp::summary::tests::server_closing_first()),
             files: Files {
                 svg: "flamegraphs/demo-100-20261122T030000Z.svg".into(),
                 folded: "flamegraphs/demo-100-20261122T030000Z.folded".into(),

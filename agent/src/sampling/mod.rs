@@ -202,7 +202,7 @@ impl Sampler {
         target: &Target,
         kernel_stacks: bool,
         dwarf: bool,
-        period_ns: u64,
+        period_ns: Option<u64>,
     ) -> Result<usize, SamplingError> {
         let pid = target.pid;
         let used: Vec<u32> = self.targets.values().map(|t| t.slot).collect();
@@ -227,6 +227,21 @@ impl Sampler {
             .insert(pid, TargetInfo { slot, flags }, 0)
             .map_err(map_err("TARGETS"))?;
 
+        // Without a period the target is only registered (for the off-CPU
+        // tracer, which needs its slot and stack flags): no CPU sampling.
+        let Some(period_ns) = period_ns else {
+            self.targets.insert(
+                pid,
+                AttachedTarget {
+                    slot,
+                    events: Vec::new(),
+                    period_ns: 0,
+                    paused: true,
+                    closed_cpu_ns: 0,
+                },
+            );
+            return Ok(target::threads(pid).map(|t| t.len()).unwrap_or(0));
+        };
         let events = match open_events(pid, period_ns, self.prog_fd()) {
             Ok(events) => events,
             Err(e) => {
@@ -246,6 +261,11 @@ impl Sampler {
             },
         );
         Ok(n)
+    }
+
+    /// The target's slot in the kernel's per-target tables.
+    pub fn slot(&self, pid: u32) -> Option<u32> {
+        self.targets.get(&pid).map(|t| t.slot)
     }
 
     /// Changes `pid`'s sampling period without detaching it or losing data.
@@ -315,9 +335,16 @@ impl Sampler {
     }
 
     /// CPU time of `pid` counted by our events since it was added, ns (stops
-    /// advancing while paused).
+    /// advancing while paused). A target registered without sampling is
+    /// measured from /proc instead (at clock-tick resolution).
     pub fn target_cpu_ns(&self, pid: u32) -> u64 {
         self.targets.get(&pid).map_or(0, |t| {
+            if t.events.is_empty() && t.period_ns == 0 {
+                let ticks = target::ProcStat::read(pid).map_or(0, |s| s.utime + s.stime);
+                // SAFETY: sysconf has no preconditions.
+                let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+                return ticks * 1_000_000_000 / hz;
+            }
             t.closed_cpu_ns + t.events.iter().filter_map(|e| e.read_count().ok()).sum::<u64>()
         })
     }
@@ -519,7 +546,7 @@ mod tests {
             exe: None,
         };
         sampler
-            .add_target(&me, false, false, period_for(100))
+            .add_target(&me, false, false, Some(period_for(100)))
             .expect("attach");
         let (late, late_tid) = busy_thread(stop.clone());
 

@@ -16,7 +16,7 @@ use std::{
 };
 
 use aya::maps::{MapData, RingBuf};
-use flamewatch_common::{sample_flags, StackSampleHeader};
+use flamewatch_common::{offcpu::OffEnd, sample_flags, StackSampleHeader};
 use framehop::x86_64::CacheX86_64;
 
 use super::{Ending, FileCache, ProcessUnwinder, UnwindStats};
@@ -33,24 +33,47 @@ pub struct Shared {
     pub cpu_ns: AtomicU64,
     /// Per-target unwinding counters.
     pub stats: Mutex<HashMap<u32, UnwindStats>>,
+    /// Off-CPU begins known to userspace (threads already blocked when the
+    /// tracer attached), joined with their ends like the kernel's.
+    pub seeded: Mutex<Begins>,
+}
+
+/// The stacks of a DWARF target thread that went off CPU, waiting for the
+/// end of its block: (process, user stack, kernel stack), by (tid, seq).
+pub type Begins = HashMap<(u32, u32), (u32, StackSlot, StackSlot)>;
+
+/// What the consumer aggregated.
+#[derive(Default)]
+pub struct Output {
+    /// On-CPU samples.
+    pub cpu: RawProfile,
+    /// Off-CPU blocks (weight: blocks and nanoseconds).
+    pub off: RawProfile,
+    /// Blocks still in progress.
+    pub begins: Begins,
 }
 
 /// A running consumer.
 pub struct Consumer {
     stop: Arc<AtomicBool>,
     shared: Arc<Shared>,
-    handle: JoinHandle<RawProfile>,
+    handle: JoinHandle<Output>,
 }
 
 impl Consumer {
-    /// Starts draining `ring`.
-    pub fn start(ring: RingBuf<MapData>) -> std::io::Result<Self> {
+    /// Starts draining `ring` (and `ends`, the ends of off-CPU blocks;
+    /// blocks shorter than `min_block_ns` are dropped).
+    pub fn start(
+        ring: RingBuf<MapData>,
+        ends: Option<RingBuf<MapData>>,
+        min_block_ns: u64,
+    ) -> std::io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let shared = Arc::new(Shared::default());
         let (s, sh) = (stop.clone(), shared.clone());
         let handle = std::thread::Builder::new()
             .name("fw-unwind".into())
-            .spawn(move || run(ring, &s, &sh))?;
+            .spawn(move || run(ring, ends, min_block_ns, &s, &sh))?;
         Ok(Self { stop, shared, handle })
     }
 
@@ -60,14 +83,23 @@ impl Consumer {
     }
 
     /// Drains what is left and returns everything aggregated.
-    pub fn finish(self) -> RawProfile {
+    pub fn finish(self) -> Output {
         self.stop.store(true, Ordering::SeqCst);
         self.handle.join().unwrap_or_default()
     }
 }
 
-fn run(mut ring: RingBuf<MapData>, stop: &AtomicBool, shared: &Shared) -> RawProfile {
-    let mut profile = RawProfile::default();
+fn run(
+    mut ring: RingBuf<MapData>,
+    mut ends: Option<RingBuf<MapData>>,
+    min_block_ns: u64,
+    stop: &AtomicBool,
+    shared: &Shared,
+) -> Output {
+    let mut out = Output::default();
+    // Ends whose begin was not drained yet (the two rings are read one
+    // after the other), retried on the next round.
+    let mut early_ends: Vec<(OffEnd, u8)> = Vec::new();
     let mut files = FileCache::default();
     let mut procs: HashMap<u32, ProcessUnwinder> = HashMap::new();
     let mut cache = CacheX86_64::new();
@@ -75,6 +107,9 @@ fn run(mut ring: RingBuf<MapData>, stop: &AtomicBool, shared: &Shared) -> RawPro
     loop {
         // Stop only after a last full drain.
         let stopping = stop.load(Ordering::SeqCst);
+        if let Ok(mut seeded) = shared.seeded.lock() {
+            out.begins.extend(seeded.drain());
+        }
         let mut stats: HashMap<u32, UnwindStats> = HashMap::new();
         while let Some(item) = ring.next() {
             let bytes: &[u8] = &item;
@@ -118,7 +153,12 @@ fn run(mut ring: RingBuf<MapData>, stop: &AtomicBool, shared: &Shared) -> RawPro
             } else {
                 StackSlot::Absent
             };
-            profile.add(
+            if h.flags & sample_flags::OFFCPU_BEGIN != 0 {
+                // `_pad` carries the block's sequence number.
+                out.begins.insert((h.tid, h._pad), (h.tgid, user, kernel));
+                continue;
+            }
+            out.cpu.add(
                 RawSampleKey {
                     tgid: h.tgid,
                     tid: h.tid,
@@ -130,6 +170,41 @@ fn run(mut ring: RingBuf<MapData>, stop: &AtomicBool, shared: &Shared) -> RawPro
                     period_ns: h.period_ns,
                 },
             );
+        }
+        if let Some(ends) = ends.as_mut() {
+            let mut fresh = Vec::new();
+            while let Some(item) = ends.next() {
+                if item.len() >= std::mem::size_of::<OffEnd>() {
+                    // SAFETY: the kernel wrote an OffEnd record.
+                    fresh.push((
+                        unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<OffEnd>()) },
+                        0u8,
+                    ));
+                }
+            }
+            for (end, tries) in early_ends.drain(..).chain(fresh).collect::<Vec<_>>() {
+                match out.begins.remove(&(end.tid, end.seq)) {
+                    Some((tgid, user, kernel)) if end.blocked_ns >= min_block_ns => {
+                        // A sampled block stands for `weight` blocks.
+                        let w = u64::from(end.weight.max(1));
+                        out.off.add(
+                            RawSampleKey {
+                                tgid,
+                                tid: end.tid,
+                                user,
+                                kernel,
+                            },
+                            Weight {
+                                samples: w,
+                                period_ns: end.blocked_ns * w,
+                            },
+                        )
+                    }
+                    Some(_) => {}
+                    None if tries < 5 => early_ends.push((end, tries + 1)),
+                    None => {}
+                }
+            }
         }
         if let Ok(mut all) = shared.stats.lock() {
             for (pid, s) in stats {
@@ -145,7 +220,7 @@ fn run(mut ring: RingBuf<MapData>, stop: &AtomicBool, shared: &Shared) -> RawPro
             .cpu_ns
             .store(crate::governor::cost::thread_cpu_ns(), Ordering::Relaxed);
         if stopping {
-            return profile;
+            return out;
         }
         std::thread::sleep(POLL);
     }

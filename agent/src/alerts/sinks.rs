@@ -1,0 +1,200 @@
+//! Where alert records go: a JSON-lines file, the log, and a webhook.
+//!
+//! The webhook is served by its own task from a bounded queue, with a
+//! timeout, retries and backoff: a slow or dead receiver never blocks the
+//! daemon's loop (records that do not fit the queue are dropped and counted).
+
+use std::{
+    io::Write as _,
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
+
+use super::{AlertRecord, Status};
+use crate::detect::Severity;
+
+/// Records waiting for the webhook at most.
+pub const WEBHOOK_QUEUE: usize = 1024;
+/// Attempts per record.
+pub const WEBHOOK_ATTEMPTS: u32 = 4;
+/// Timeout of one attempt.
+pub const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Counters of the webhook.
+#[derive(Debug, Default)]
+pub struct WebhookStats {
+    /// Records delivered.
+    pub sent: AtomicU64,
+    /// Records given up on after every attempt.
+    pub failed: AtomicU64,
+    /// Records dropped because the queue was full.
+    pub dropped: AtomicU64,
+}
+
+/// All the sinks of the daemon.
+pub struct Sinks {
+    jsonl: PathBuf,
+    webhook: Option<mpsc::Sender<AlertRecord>>,
+    /// Webhook counters.
+    pub webhook_stats: Arc<WebhookStats>,
+}
+
+impl Sinks {
+    /// Sinks writing to `jsonl`, and POSTing to `webhook` when given.
+    pub fn new(jsonl: &Path, webhook: Option<String>) -> Self {
+        let stats = Arc::new(WebhookStats::default());
+        let webhook = webhook.map(|url| {
+            let (tx, rx) = mpsc::channel(WEBHOOK_QUEUE);
+            tokio::spawn(webhook_task(url, rx, stats.clone()));
+            tx
+        });
+        Self {
+            jsonl: jsonl.to_owned(),
+            webhook,
+            webhook_stats: stats,
+        }
+    }
+
+    /// Emits a record everywhere.
+    pub fn emit(&self, record: &AlertRecord) {
+        let line = match serde_json::to_string(record) {
+            Ok(l) => l,
+            Err(e) => {
+                error!("serializing an alert: {e}");
+                return;
+            }
+        };
+        let who = format!("{} (pid {})", record.target.comm, record.target.pid);
+        match (record.status, record.severity) {
+            (Status::Resolved, _) => info!("RESOLVED {} on {who}: {}", record.rule, record.message),
+            (Status::Profile, _) => {
+                info!(
+                    "profile of {} on {who}: {}",
+                    record.rule,
+                    record.profile.as_ref().map_or("", |p| &p.svg)
+                )
+            }
+            (Status::Firing, Severity::Warning) => {
+                warn!("ALERT {} on {who}: {}", record.rule, record.message)
+            }
+            (Status::Firing, _) => error!(
+                "ALERT {} ({:?}) on {who}: {}",
+                record.rule, record.severity, record.message
+            ),
+        }
+        if let Err(e) = append_line(&self.jsonl, &line) {
+            error!("writing {}: {e}", self.jsonl.display());
+        }
+        if let Some(tx) = &self.webhook {
+            if tx.try_send(record.clone()).is_err() {
+                self.webhook_stats.dropped.fetch_add(1, Ordering::Relaxed);
+                warn!("webhook queue full: alert record dropped");
+            }
+        }
+    }
+}
+
+fn append_line(path: &Path, line: &str) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+    // One write per record: lines of concurrent writers do not interleave.
+    f.write_all(format!("{line}\n").as_bytes())
+}
+
+async fn webhook_task(url: String, mut rx: mpsc::Receiver<AlertRecord>, stats: Arc<WebhookStats>) {
+    let client = match crate::http::client(WEBHOOK_TIMEOUT) {
+        Ok(c) => c,
+        Err(e) => {
+            error!("webhook client: {e}");
+            return;
+        }
+    };
+    while let Some(record) = rx.recv().await {
+        let mut delay = Duration::from_millis(500);
+        let mut delivered = false;
+        for attempt in 1..=WEBHOOK_ATTEMPTS {
+            match client.post(&url).json(&record).send().await {
+                Ok(r) if r.status().is_success() => {
+                    delivered = true;
+                    break;
+                }
+                Ok(r) => warn!("webhook {url}: HTTP {} (attempt {attempt})", r.status()),
+                Err(e) => warn!("webhook {url}: {e} (attempt {attempt})"),
+            }
+            tokio::time::sleep(delay).await;
+            delay *= 2;
+        }
+        let counter = if delivered { &stats.sent } else { &stats.failed };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::alerts::AlertTarget;
+
+    fn record() -> AlertRecord {
+        AlertRecord {
+            time: "2026-11-22T03:00:00Z".into(),
+            status: Status::Firing,
+            target: AlertTarget {
+                pid: 1,
+                comm: "x".into(),
+            },
+            rule: "r".into(),
+            severity: Severity::Critical,
+            metric: "cpu_pct".into(),
+            value: 1.0,
+            threshold: 0.5,
+            message: "m".into(),
+            profile: None,
+            blocked: Vec::new(),
+        }
+    }
+
+    /// Test that records are appended as one JSON object per line.
+    #[tokio::test]
+    async fn jsonl_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/alerts.jsonl");
+        let sinks = Sinks::new(&path, None);
+        sinks.emit(&record());
+        sinks.emit(&record());
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), 2);
+        let back: AlertRecord = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+        assert_eq!(back, record());
+    }
+
+    /// Test that an unreachable webhook is retried, then counted as failed,
+    /// without blocking `emit`.
+    #[tokio::test(start_paused = true)]
+    async fn webhook_failure_is_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        // Port 9 (discard) on loopback: refused at once.
+        let sinks = Sinks::new(&dir.path().join("a.jsonl"), Some("http://127.0.0.1:9/".into()));
+        let t = std::time::Instant::now();
+        sinks.emit(&record());
+        assert!(
+            t.elapsed() < Duration::from_millis(50),
+            "emit does not wait for the webhook"
+        );
+        for _ in 0..100 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if sinks.webhook_stats.failed.load(Ordering::Relaxed) == 1 {
+                return;
+            }
+        }
+        panic!("webhook failure never counted");
+    }
+}

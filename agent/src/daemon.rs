@@ -1,0 +1,714 @@
+//! `flamewatch watch`: the daemon left running beside production processes.
+//!
+//! Every interval (1 s) it finds its targets (following restarts), samples
+//! their metrics (/proc, and the TCP tracker in the kernel), evaluates their
+//! rules, and turns findings into alert records. Critical and emergency
+//! alerts start an emergency profile (a stuck target gets an off-CPU one);
+//! schedules start baseline profiles; `flamewatch trigger` starts on-demand
+//! ones. Profiles are the same sessions as `flamewatch record`, under the
+//! same per-target overhead budget, at most `max_sessions` at once.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    str::FromStr as _,
+    time::{Duration, Instant},
+};
+
+use chrono::{DateTime, Utc};
+use tokio::{
+    sync::{oneshot, watch},
+    task::JoinSet,
+};
+use tracing::{info, warn};
+
+use crate::{
+    aggregate::{frames_for, BuildOptions, RawProfile, RawSampleKey, Weight},
+    alerts::{
+        sinks::Sinks, AlertRecord, AlertState, AlertTarget, BlockedEvidence, ProfileLinks, Rule, Status,
+        Transition,
+    },
+    bpf,
+    config::{Mode, RecordConfig, TargetConfig, WatchConfig},
+    control::{self, Reply},
+    detect::{Check, Context, Finding, Severity},
+    metrics::{Metric, ProcSampler, TargetMetrics},
+    offcpu::blocked,
+    render::{self, flamegraph},
+    session::{self, Report, SessionKind},
+    symbolize::{self, MapsCache},
+    target::{self, Target},
+    tcp::{TcpOptions, TcpTracker},
+};
+
+/// Errors of the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// Nothing to watch.
+    #[error("nothing to watch: give --process/--pid or targets in the config")]
+    NoTargets,
+    /// A target is configured without a name or pid.
+    #[error("a [[target]] needs `process` or `pid`")]
+    BadTarget,
+    /// A schedule does not parse.
+    #[error("schedule '{cron}' of {target}: {source}")]
+    Schedule {
+        /// Expression.
+        cron: String,
+        /// Target.
+        target: String,
+        /// Cause.
+        #[source]
+        source: cron::error::Error,
+    },
+    /// The control socket cannot be opened.
+    #[error("control socket {path}: {source}")]
+    Control {
+        /// Path.
+        path: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What a finished session reports back to the loop.
+struct SessionDone {
+    target: usize,
+    pid: u32,
+    kind: SessionKind,
+    result: Result<Vec<Report>, String>,
+    /// The firing alert that started it (emergencies).
+    alert: Option<AlertRecord>,
+    /// Where to answer (on-demand sessions).
+    reply: Option<oneshot::Sender<Reply>>,
+}
+
+/// One watched process.
+struct Watched {
+    spec: TargetConfig,
+    /// The live process, when there is one.
+    process: Option<Target>,
+    metrics: TargetMetrics,
+    states: HashMap<String, AlertState>,
+    gone_reported: bool,
+    last_emergency: Option<Instant>,
+    schedules: Vec<(cron::Schedule, Duration, u64, DateTime<Utc>)>,
+    /// Folded stacks of the latest baseline (for differential flamegraphs).
+    baseline: Option<PathBuf>,
+}
+
+impl Watched {
+    /// Finds (or re-finds) the process.
+    fn resolve(&self) -> Option<Target> {
+        match (&self.spec.process, self.spec.pid) {
+            (Some(name), _) => target::find_by_name(name).into_iter().next(),
+            (None, Some(pid)) => Target::from_pid(pid).ok().filter(Target::is_alive),
+            _ => None,
+        }
+    }
+}
+
+/// The daemon.
+pub struct Daemon {
+    config: WatchConfig,
+    sinks: Sinks,
+    watched: Vec<Watched>,
+    sampler: ProcSampler,
+    tcp: Option<(aya::Ebpf, TcpTracker)>,
+    sessions: JoinSet<SessionDone>,
+    start: Instant,
+}
+
+/// A built-in or generic rule set for `spec` when it has none.
+fn with_rules(mut spec: TargetConfig) -> TargetConfig {
+    if spec.rules.is_empty() {
+        let preset = spec.process.as_deref().and_then(crate::config::preset);
+        match preset {
+            Some(p) => {
+                spec.rules = p.rules;
+                if spec.schedules.is_empty() {
+                    spec.schedules = p.schedules;
+                }
+            }
+            None => spec.rules = crate::config::default_rules(),
+        }
+    }
+    spec
+}
+
+impl Daemon {
+    /// Prepares the daemon for `config`.
+    pub fn new(config: WatchConfig) -> Result<Self, DaemonError> {
+        if config.targets.is_empty() {
+            return Err(DaemonError::NoTargets);
+        }
+        let mut watched = Vec::new();
+        for spec in config.targets.iter().cloned().map(with_rules) {
+            if spec.process.is_none() && spec.pid.is_none() {
+                return Err(DaemonError::BadTarget);
+            }
+            let mut schedules = Vec::new();
+            for s in &spec.schedules {
+                let parsed = cron::Schedule::from_str(&s.cron).map_err(|source| DaemonError::Schedule {
+                    cron: s.cron.clone(),
+                    target: spec.describe(),
+                    source,
+                })?;
+                let next = parsed.upcoming(Utc).next().unwrap_or_else(Utc::now);
+                schedules.push((parsed, s.duration, s.freq_hz, next));
+            }
+            watched.push(Watched {
+                spec,
+                process: None,
+                metrics: TargetMetrics::default(),
+                states: HashMap::new(),
+                gone_reported: false,
+                last_emergency: None,
+                schedules,
+                baseline: None,
+            });
+        }
+        let sinks = Sinks::new(&config.alerts_path(), config.webhook.clone());
+        Ok(Self {
+            config,
+            sinks,
+            watched,
+            sampler: ProcSampler::default(),
+            tcp: None,
+            sessions: JoinSet::new(),
+            start: Instant::now(),
+        })
+    }
+
+    /// Runs until `stop` turns true, listening for `flamewatch trigger` on
+    /// `socket`.
+    pub async fn run(mut self, socket: &Path, mut stop: watch::Receiver<bool>) -> Result<(), DaemonError> {
+        std::fs::create_dir_all(&self.config.output).ok();
+        let mut control = control::serve(socket).map_err(|source| DaemonError::Control {
+            path: socket.display().to_string(),
+            source,
+        })?;
+        // TCP counters for every target, all the time (cheap: a tracepoint on
+        // TCP state changes). Without them the TCP rules stay silent.
+        self.tcp = match bpf::load(false).map_err(|e| e.to_string()).and_then(|mut ebpf| {
+            TcpTracker::new(&mut ebpf, TcpOptions::default())
+                .map(|t| (ebpf, t))
+                .map_err(|e| e.to_string())
+        }) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                warn!("TCP tracking unavailable: {e}");
+                None
+            }
+        };
+        info!(
+            "watching {} (alerts to {}, profiles to {})",
+            self.watched
+                .iter()
+                .map(|w| w.spec.describe())
+                .collect::<Vec<_>>()
+                .join(", "),
+            self.config.alerts_path().display(),
+            self.config.output.display()
+        );
+        let mut tick = tokio::time::interval(self.config.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => self.step(&stop).await,
+                Some((req, reply)) = control.recv() => self.on_demand(req, reply, &stop),
+                Some(done) = self.sessions.join_next(), if !self.sessions.is_empty() => {
+                    if let Ok(done) = done {
+                        self.finished(done);
+                    }
+                }
+                _ = stop.changed() => break,
+            }
+        }
+        info!("stopping: waiting for running sessions to write their reports");
+        while let Some(done) = self.sessions.join_next().await {
+            if let Ok(done) = done {
+                self.finished(done);
+            }
+        }
+        if let Some((mut ebpf, tcp)) = self.tcp.take() {
+            tcp.detach(&mut ebpf);
+        }
+        let _ = std::fs::remove_file(socket);
+        Ok(())
+    }
+
+    fn now(&self) -> f64 {
+        self.start.elapsed().as_secs_f64()
+    }
+
+    /// One interval: targets, metrics, rules, schedules.
+    async fn step(&mut self, stop: &watch::Receiver<bool>) {
+        let now = self.now();
+        if let Some((_, tcp)) = self.tcp.as_mut() {
+            if let Err(e) = tokio::task::block_in_place(|| tcp.poll()) {
+                warn!("TCP tracking: {e}");
+            }
+        }
+        for i in 0..self.watched.len() {
+            self.follow(i);
+            let Some(process) = self.watched[i].process.clone() else {
+                continue;
+            };
+            let Some(sample) = self.sampler.sample(process.pid) else {
+                continue;
+            };
+            let tcp = self
+                .tcp
+                .as_ref()
+                .and_then(|(_, t)| Some((t.summary(process.pid)?, t.rates(process.pid)?)));
+            let mut values = vec![
+                (Metric::CpuPct, sample.cpu_pct),
+                (Metric::RssBytes, sample.rss_bytes),
+                (Metric::Threads, sample.threads as f64),
+                (Metric::Fds, sample.fds as f64),
+                (Metric::CtxSwitchesPerS, sample.ctx_switches_per_s),
+                (Metric::RecvQueueBytes, sample.recv_queue_bytes as f64),
+            ];
+            let mut ctx = Context {
+                threads: sample.blocked.clone(),
+                ..Context::default()
+            };
+            if let Some((summary, rates)) = &tcp {
+                values.extend([
+                    (Metric::TcpEstablished, summary.established_now as f64),
+                    (Metric::TimeWait, summary.time_wait_now as f64),
+                    (Metric::TimeWaitPerS, rates.time_wait_per_s),
+                    (Metric::ResetsPerS, rates.resets_per_s),
+                ]);
+                ctx.top_time_wait_port = summary.top_ports.first().map(|p| (p.local_port, p.time_wait));
+            }
+            let w = &mut self.watched[i];
+            w.metrics.record(now, &values);
+            // Evaluate every rule first, then act (acting needs the daemon).
+            let mut transitions = Vec::new();
+            for rule in &w.spec.rules {
+                let finding = rule.check.evaluate(&w.metrics, &ctx);
+                let state = w.states.entry(rule.name.clone()).or_default();
+                if let Some(t) = state.step(rule, now, finding) {
+                    transitions.push((rule.clone(), t, state.last_finding().cloned()));
+                }
+            }
+            for (rule, transition, last) in transitions {
+                match transition {
+                    Transition::Fire(f) => self.fire(i, &process, &rule, &f, stop).await,
+                    Transition::Resolve => {
+                        let last = last.unwrap_or_else(|| Finding {
+                            metric: String::new(),
+                            value: 0.0,
+                            threshold: 0.0,
+                            message: String::new(),
+                        });
+                        let mut record =
+                            AlertRecord::new(Status::Resolved, alert_target(&process), &rule, &last);
+                        record.message = format!("{} cleared", rule.name);
+                        self.sinks.emit(&record);
+                    }
+                }
+            }
+            self.schedules(i, &process, stop);
+        }
+    }
+
+    /// Finds the target's process, says so when it restarted or is gone.
+    fn follow(&mut self, i: usize) {
+        let w = &mut self.watched[i];
+        if w.process.as_ref().is_some_and(Target::is_alive) {
+            return;
+        }
+        let old = w.process.take();
+        if let Some(old) = &old {
+            self.sampler.forget(old.pid);
+            if let Some((_, tcp)) = self.tcp.as_mut() {
+                tcp.remove_target(old.pid);
+            }
+        }
+        let found = w.resolve();
+        let rule = |name: &str| Rule {
+            name: name.into(),
+            severity: Severity::Warning,
+            persist_s: 0.0,
+            clear_s: 0.0,
+            cooldown_s: 0.0,
+            check: Check::Threshold {
+                metric: Metric::CpuPct,
+                above: None,
+                below: None,
+                for_s: 0.0,
+            },
+        };
+        match (&old, &found) {
+            (_, Some(new)) => {
+                if let Some((_, tcp)) = self.tcp.as_mut() {
+                    if let Err(e) = tcp.add_target(new.pid) {
+                        warn!(pid = new.pid, "TCP tracking of this target failed: {e}");
+                    }
+                }
+                if let Some(old) = &old {
+                    let f = Finding {
+                        metric: "pid".into(),
+                        value: f64::from(new.pid),
+                        threshold: f64::from(old.pid),
+                        message: format!("{} restarted: pid {} -> {}", new.comm, old.pid, new.pid),
+                    };
+                    self.sinks.emit(&AlertRecord::new(
+                        Status::Firing,
+                        alert_target(new),
+                        &rule("target_restarted"),
+                        &f,
+                    ));
+                    // Its history is another process's.
+                    w.metrics.clear();
+                    w.states.clear();
+                } else {
+                    info!(pid = new.pid, "watching {} (pid {})", new.comm, new.pid);
+                }
+                w.gone_reported = false;
+                w.process = found;
+            }
+            (Some(old), None) if !w.gone_reported => {
+                let f = Finding {
+                    metric: "pid".into(),
+                    value: f64::from(old.pid),
+                    threshold: 0.0,
+                    message: format!(
+                        "{} (pid {}) is gone; waiting for it to come back",
+                        old.comm, old.pid
+                    ),
+                };
+                self.sinks.emit(&AlertRecord::new(
+                    Status::Firing,
+                    alert_target(old),
+                    &rule("target_gone"),
+                    &f,
+                ));
+                w.gone_reported = true;
+                w.metrics.clear();
+                w.states.clear();
+            }
+            _ => {}
+        }
+    }
+
+    /// An alert fires: record it, with evidence, and start the emergency
+    /// profile for critical ones.
+    async fn fire(
+        &mut self,
+        i: usize,
+        process: &Target,
+        rule: &Rule,
+        f: &Finding,
+        stop: &watch::Receiver<bool>,
+    ) {
+        let mut record = AlertRecord::new(Status::Firing, alert_target(process), rule, f);
+        let stuck = matches!(rule.check, Check::Stuck { .. });
+        if stuck {
+            let pid = process.pid;
+            record.blocked = tokio::task::spawn_blocking(move || blocked_evidence(pid))
+                .await
+                .unwrap_or_default();
+        }
+        self.sinks.emit(&record);
+        if rule.severity < Severity::Critical {
+            return;
+        }
+        let w = &mut self.watched[i];
+        if w.last_emergency
+            .is_some_and(|t| t.elapsed() < self.config.emergency.cooldown)
+        {
+            info!(
+                pid = process.pid,
+                "emergency profile skipped: one ran within the cooldown"
+            );
+            return;
+        }
+        w.last_emergency = Some(Instant::now());
+        let config = RecordConfig {
+            freq_hz: self.config.emergency.freq_hz,
+            duration: Some(self.config.emergency.duration),
+            // Stuck threads do not run: their off-CPU stacks are the story.
+            mode: if stuck { Mode::Offcpu } else { Mode::Cpu },
+            ..self.session_config(&format!("{}-emergency", sanitize(&process.comm)))
+        };
+        self.start_session(
+            i,
+            process,
+            SessionKind::Emergency,
+            config,
+            Some(record),
+            None,
+            stop,
+        );
+    }
+
+    fn session_config(&self, label: &str) -> RecordConfig {
+        RecordConfig {
+            output: self.config.output.clone(),
+            label: Some(label.to_owned()),
+            max_overhead_pct: self.config.max_overhead_pct,
+            ..RecordConfig::default()
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn start_session(
+        &mut self,
+        i: usize,
+        process: &Target,
+        kind: SessionKind,
+        config: RecordConfig,
+        alert: Option<AlertRecord>,
+        reply: Option<oneshot::Sender<Reply>>,
+        stop: &watch::Receiver<bool>,
+    ) {
+        if self.sessions.len() >= self.config.max_sessions {
+            let why = format!("{} sessions already running (max_sessions)", self.sessions.len());
+            warn!(pid = process.pid, "{} profile not started: {why}", kind.as_str());
+            if let Some(reply) = reply {
+                let _ = reply.send(Reply {
+                    error: Some(why),
+                    ..Reply::default()
+                });
+            }
+            return;
+        }
+        info!(
+            pid = process.pid,
+            "starting a {} profile of {}",
+            kind.as_str(),
+            process.comm
+        );
+        let (target, stop) = (process.clone(), stop.clone());
+        let pid = target.pid;
+        self.sessions.spawn(async move {
+            let result = session::record(&config, vec![target], kind, stop)
+                .await
+                .map_err(|e| e.to_string());
+            SessionDone {
+                target: i,
+                pid,
+                kind,
+                result,
+                alert,
+                reply,
+            }
+        });
+    }
+
+    /// Scheduled baselines that are due.
+    fn schedules(&mut self, i: usize, process: &Target, stop: &watch::Receiver<bool>) {
+        let now = Utc::now();
+        let due: Vec<(Duration, u64)> = self.watched[i]
+            .schedules
+            .iter_mut()
+            .filter(|s| s.3 <= now)
+            .map(|s| {
+                s.3 =
+                    s.0.upcoming(Utc)
+                        .next()
+                        .unwrap_or(now + chrono::Duration::days(1));
+                (s.1, s.2)
+            })
+            .collect();
+        for (duration, freq_hz) in due {
+            let config = RecordConfig {
+                freq_hz,
+                duration: Some(duration),
+                ..self.session_config(&format!("{}-baseline", sanitize(&process.comm)))
+            };
+            self.start_session(i, process, SessionKind::Scheduled, config, None, None, stop);
+        }
+    }
+
+    /// `flamewatch trigger`.
+    fn on_demand(
+        &mut self,
+        req: control::Request,
+        reply: oneshot::Sender<Reply>,
+        stop: &watch::Receiver<bool>,
+    ) {
+        let found = self.watched.iter().position(|w| {
+            w.process.as_ref().is_some_and(|p| {
+                req.pid == Some(p.pid)
+                    || req
+                        .process
+                        .as_deref()
+                        .is_some_and(|n| n == p.comm || w.spec.process.as_deref() == Some(n))
+            })
+        });
+        let Some(i) = found else {
+            let what = req
+                .process
+                .clone()
+                .unwrap_or_else(|| format!("pid {}", req.pid.unwrap_or(0)));
+            let _ = reply.send(Reply {
+                error: Some(format!("{what} is not a running watched target")),
+                ..Reply::default()
+            });
+            return;
+        };
+        let Some(process) = self.watched[i].process.clone() else {
+            return;
+        };
+        let config = RecordConfig {
+            duration: Some(Duration::from_secs_f64(req.duration_s.max(1.0))),
+            ..self.session_config(&format!("{}-trigger", sanitize(&process.comm)))
+        };
+        self.start_session(
+            i,
+            &process,
+            SessionKind::OnDemand,
+            config,
+            None,
+            Some(reply),
+            stop,
+        );
+    }
+
+    /// A session finished: answer, link its files, keep baselines.
+    fn finished(&mut self, done: SessionDone) {
+        let reports = match done.result {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(pid = done.pid, "{} profile failed: {e}", done.kind.as_str());
+                if let Some(reply) = done.reply {
+                    let _ = reply.send(Reply {
+                        error: Some(e),
+                        ..Reply::default()
+                    });
+                }
+                return;
+            }
+        };
+        let files: Vec<String> = reports
+            .iter()
+            .flat_map(|r| {
+                [
+                    r.summary.files.svg.clone(),
+                    r.summary.files.folded.clone(),
+                    r.summary.files.json.clone(),
+                ]
+            })
+            .collect();
+        let w = &mut self.watched[done.target];
+        match done.kind {
+            SessionKind::Scheduled => {
+                if let Some(r) = reports.first() {
+                    w.baseline = Some(PathBuf::from(&r.summary.files.folded));
+                }
+            }
+            SessionKind::Emergency => {
+                if let (Some(mut alert), Some(r)) = (done.alert, reports.first()) {
+                    let diff_svg = w
+                        .baseline
+                        .as_deref()
+                        .and_then(|b| differential(b, &r.summary.files.folded));
+                    alert.status = Status::Profile;
+                    alert.time = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+                    alert.message = format!("emergency profile of {}: {}", alert.rule, r.summary.files.svg);
+                    alert.profile = Some(ProfileLinks {
+                        svg: r.summary.files.svg.clone(),
+                        json: r.summary.files.json.clone(),
+                        diff_svg,
+                    });
+                    self.sinks.emit(&alert);
+                }
+            }
+            SessionKind::OnDemand => {}
+        }
+        if let Some(reply) = done.reply {
+            let _ = reply.send(Reply {
+                ok: true,
+                error: None,
+                files,
+            });
+        }
+    }
+}
+
+fn alert_target(t: &Target) -> AlertTarget {
+    AlertTarget {
+        pid: t.pid,
+        comm: t.comm.clone(),
+    }
+}
+
+fn sanitize(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// Writes `<folded stem>.diff.svg`: `after` against the baseline `before`.
+fn differential(before: &Path, after: &str) -> Option<String> {
+    let b = std::fs::read_to_string(before).ok()?;
+    let a = std::fs::read_to_string(after).ok()?;
+    let title = flamegraph::Title {
+        title: "differential: emergency vs latest baseline".into(),
+        subtitle: format!("red grew, blue shrank; baseline {}", before.display()),
+        count_name: "samples".into(),
+    };
+    let svg = flamegraph::render_diff(&b, &a, &title).ok()?;
+    let path = PathBuf::from(after.trim_end_matches(".folded").to_owned() + ".diff.svg");
+    render::write_file(&path, &svg).ok()?;
+    Some(path.display().to_string())
+}
+
+/// The five longest-blocked threads of `pid`, with their stacks.
+fn blocked_evidence(pid: u32) -> Vec<BlockedEvidence> {
+    let mut threads = blocked::snapshot(pid, flamewatch_common::DEFAULT_STACK_WINDOW);
+    threads.sort_by(|a, b| b.idle_ms.unwrap_or(0.0).total_cmp(&a.idle_ms.unwrap_or(0.0)));
+    threads.truncate(5);
+    let mut maps = MapsCache::default();
+    let _ = maps.capture(pid);
+    let mut raw = RawProfile::default();
+    let keys: Vec<RawSampleKey> = threads
+        .iter()
+        .map(|b| RawSampleKey {
+            tgid: pid,
+            tid: b.tid,
+            user: b.user_slot(),
+            kernel: b.kernel_slot(),
+        })
+        .collect();
+    for k in &keys {
+        raw.add(
+            k.clone(),
+            Weight {
+                samples: 1,
+                period_ns: 1,
+            },
+        );
+    }
+    let symbols = symbolize::symbolize(&raw, &maps, &[pid]);
+    let opts = BuildOptions {
+        process_name: String::new(),
+        ..BuildOptions::default()
+    };
+    threads
+        .iter()
+        .zip(&keys)
+        .map(|(b, k)| BlockedEvidence {
+            tid: b.tid,
+            comm: b.comm.clone(),
+            blocked_s: (b.idle_ms.unwrap_or(0.0) / 1e3 * 10.0).round() / 10.0,
+            stack: frames_for(k, &symbols, &opts)
+                .iter()
+                .skip(1)
+                .map(|f| f.to_string())
+                .collect(),
+        })
+        .collect()
+}

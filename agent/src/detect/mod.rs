@@ -1,0 +1,586 @@
+//! Anomaly detectors: pure functions of a target's metric series (and, for
+//! the stuck detector, of what /proc says about its blocked threads). Each
+//! returns a [`Finding`] when its condition holds at the latest point;
+//! persistence, hysteresis and cooldown are the alert layer's job.
+
+use serde::{Deserialize, Serialize};
+
+use crate::metrics::{Metric, Series, TargetMetrics};
+
+/// How bad an alert is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    /// Look at it soon.
+    Warning,
+    /// Look at it now (starts an emergency profile).
+    Critical,
+    /// The service is down or about to be.
+    Emergency,
+}
+
+/// A condition that holds now.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Finding {
+    /// The metric judged.
+    pub metric: String,
+    /// Its value.
+    pub value: f64,
+    /// The threshold crossed.
+    pub threshold: f64,
+    /// One line for humans.
+    pub message: String,
+}
+
+/// What a rule checks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Check {
+    /// `metric` above (or below) a value for `for_s` seconds.
+    Threshold {
+        /// Metric.
+        metric: Metric,
+        /// Fires above this.
+        #[serde(default)]
+        above: Option<f64>,
+        /// Fires below this.
+        #[serde(default)]
+        below: Option<f64>,
+        /// Every point of the last `for_s` seconds must cross it.
+        #[serde(default)]
+        for_s: f64,
+    },
+    /// The latest value is `sigma` standard deviations from the mean of the
+    /// window before it.
+    Zscore {
+        /// Metric.
+        metric: Metric,
+        /// Standard deviations.
+        #[serde(default = "default_sigma")]
+        sigma: f64,
+        /// Window, seconds.
+        #[serde(default = "default_z_window")]
+        window_s: f64,
+        /// Points needed before judging.
+        #[serde(default = "default_z_points")]
+        min_points: usize,
+    },
+    /// RSS climbing steadily: least-squares slope over the window, with a fit
+    /// good enough (R²) that a sawtooth (garbage collection) is not a leak.
+    MemoryGrowth {
+        /// Window, seconds.
+        #[serde(default = "default_growth_window")]
+        window_s: f64,
+        /// Slowest growth reported, MB per minute.
+        #[serde(default = "default_growth_rate")]
+        min_mb_per_min: f64,
+        /// Fit quality needed.
+        #[serde(default = "default_r2")]
+        min_r2: f64,
+        /// Memory limit, for the time-to-limit estimate (bytes).
+        #[serde(default)]
+        limit_bytes: Option<f64>,
+    },
+    /// TIME_WAIT sockets piling up: count, or entries per second.
+    TimeWait {
+        /// Fires at this many sockets in TIME_WAIT.
+        #[serde(default = "default_tw_count")]
+        above: f64,
+        /// Or at this many entries per second (averaged over 10 s).
+        #[serde(default = "default_tw_rate")]
+        rate_above: f64,
+    },
+    /// Not making progress: requests sit unread in its sockets while it
+    /// uses nearly no CPU; or busy, then idle with clients still connected;
+    /// or every worker thread blocked, all for `for_s` seconds.
+    Stuck {
+        /// "Busy" before: mean CPU % over the minute before.
+        #[serde(default = "default_busy")]
+        busy_cpu_pct: f64,
+        /// "Idle" now: CPU % at most this for `for_s`.
+        #[serde(default = "default_idle")]
+        idle_cpu_pct: f64,
+        /// Seconds.
+        #[serde(default = "default_stuck_for")]
+        for_s: f64,
+        /// Threads whose name starts with this are workers.
+        #[serde(default)]
+        worker_prefix: Option<String>,
+    },
+}
+
+fn default_sigma() -> f64 {
+    3.0
+}
+fn default_z_window() -> f64 {
+    300.0
+}
+fn default_z_points() -> usize {
+    30
+}
+fn default_growth_window() -> f64 {
+    60.0
+}
+fn default_growth_rate() -> f64 {
+    10.0
+}
+fn default_r2() -> f64 {
+    0.9
+}
+fn default_tw_count() -> f64 {
+    1000.0
+}
+fn default_tw_rate() -> f64 {
+    100.0
+}
+fn default_busy() -> f64 {
+    20.0
+}
+fn default_idle() -> f64 {
+    2.0
+}
+fn default_stuck_for() -> f64 {
+    5.0
+}
+
+/// Facts beyond the series that some checks need.
+#[derive(Debug, Clone, Default)]
+pub struct Context {
+    /// Local port with the most TIME_WAIT sockets, and how many.
+    pub top_time_wait_port: Option<(u16, u64)>,
+    /// Threads of the target, with how long each has been blocked (s; 0 when
+    /// running): (name, blocked seconds).
+    pub threads: Vec<(String, f64)>,
+}
+
+/// Least-squares fit of `points`: (slope per second, R²).
+pub fn linear_fit(points: &[(f64, f64)]) -> Option<(f64, f64)> {
+    let n = points.len() as f64;
+    if points.len() < 3 {
+        return None;
+    }
+    let (sx, sy) = points.iter().fold((0.0, 0.0), |(a, b), &(x, y)| (a + x, b + y));
+    let (mx, my) = (sx / n, sy / n);
+    let (mut sxx, mut sxy, mut syy) = (0.0, 0.0, 0.0);
+    for &(x, y) in points {
+        sxx += (x - mx) * (x - mx);
+        sxy += (x - mx) * (y - my);
+        syy += (y - my) * (y - my);
+    }
+    if sxx == 0.0 {
+        return None;
+    }
+    let slope = sxy / sxx;
+    // A flat series fits a flat line perfectly.
+    let r2 = if syy == 0.0 {
+        1.0
+    } else {
+        (sxy * sxy) / (sxx * syy)
+    };
+    Some((slope, r2))
+}
+
+fn finding(metric: &str, value: f64, threshold: f64, message: String) -> Option<Finding> {
+    Some(Finding {
+        metric: metric.to_owned(),
+        value,
+        threshold,
+        message,
+    })
+}
+
+fn series(m: &TargetMetrics, metric: Metric) -> Option<&Series> {
+    m.get(metric).filter(|s| !s.is_empty())
+}
+
+impl Check {
+    /// The finding, if the condition holds at the latest point.
+    pub fn evaluate(&self, m: &TargetMetrics, ctx: &Context) -> Option<Finding> {
+        match self {
+            Check::Threshold {
+                metric,
+                above,
+                below,
+                for_s,
+            } => {
+                let s = series(m, *metric)?;
+                let last = s.last()?;
+                // Need the whole duration covered, not one lucky point.
+                let window: Vec<f64> = s.window(for_s.max(1.0)).map(|(_, v)| v).collect();
+                if (window.len() as f64) < for_s.max(1.0) * 0.8 {
+                    return None;
+                }
+                let name = metric.name();
+                if let Some(a) = *above {
+                    if window.iter().all(|&v| v > a) {
+                        return finding(
+                            name,
+                            last,
+                            a,
+                            format!("{name} {} above {} for {for_s:.0} s", fmt(last), fmt(a)),
+                        );
+                    }
+                }
+                if let Some(b) = *below {
+                    if window.iter().all(|&v| v < b) {
+                        return finding(
+                            name,
+                            last,
+                            b,
+                            format!("{name} {} below {} for {for_s:.0} s", fmt(last), fmt(b)),
+                        );
+                    }
+                }
+                None
+            }
+            Check::Zscore {
+                metric,
+                sigma,
+                window_s,
+                min_points,
+            } => {
+                let s = series(m, *metric)?;
+                let pts: Vec<f64> = s.window(*window_s).map(|(_, v)| v).collect();
+                let (last, before) = pts.split_last()?;
+                if before.len() < *min_points {
+                    return None;
+                }
+                let n = before.len() as f64;
+                let mean = before.iter().sum::<f64>() / n;
+                let sd = (before.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n).sqrt();
+                // A perfectly flat history has no spread to measure against.
+                if sd < 1e-9 * mean.abs().max(1.0) {
+                    return None;
+                }
+                let z = (last - mean) / sd;
+                (z.abs() > *sigma).then(|| Finding {
+                    metric: metric.name().into(),
+                    value: *last,
+                    threshold: mean + sigma * sd * z.signum(),
+                    message: format!(
+                        "{} {} is {z:+.1} σ from its {window_s:.0} s mean {}",
+                        metric.name(),
+                        fmt(*last),
+                        fmt(mean)
+                    ),
+                })
+            }
+            Check::MemoryGrowth {
+                window_s,
+                min_mb_per_min,
+                min_r2,
+                limit_bytes,
+            } => {
+                let s = series(m, Metric::RssBytes)?;
+                let pts: Vec<(f64, f64)> = s.window(*window_s).collect();
+                // A fit over a third of the window says little.
+                let span = pts.last()?.0 - pts.first()?.0;
+                if span < window_s * 0.9 {
+                    return None;
+                }
+                let (slope, r2) = linear_fit(&pts)?;
+                let mb_per_min = slope * 60.0 / 1e6;
+                if mb_per_min < *min_mb_per_min || r2 < *min_r2 {
+                    return None;
+                }
+                let rss = pts.last()?.1;
+                let eta = limit_bytes
+                    .filter(|l| *l > rss)
+                    .map(|l| format!("; limit in {:.0} min", (l - rss) / slope / 60.0))
+                    .unwrap_or_default();
+                finding(
+                    "rss_bytes",
+                    rss,
+                    limit_bytes.unwrap_or(0.0),
+                    format!("RSS growing {mb_per_min:.0} MB/min (R²={r2:.2}){eta}"),
+                )
+            }
+            Check::TimeWait { above, rate_above } => {
+                let now = series(m, Metric::TimeWait).and_then(Series::last).unwrap_or(0.0);
+                let rate = series(m, Metric::TimeWaitPerS)
+                    .map(|s| {
+                        let w: Vec<f64> = s.window(10.0).map(|(_, v)| v).collect();
+                        w.iter().sum::<f64>() / w.len().max(1) as f64
+                    })
+                    .unwrap_or(0.0);
+                if now < *above && rate < *rate_above {
+                    return None;
+                }
+                let port = ctx
+                    .top_time_wait_port
+                    .map(|(p, n)| format!(", most on port {p} ({n})"))
+                    .unwrap_or_default();
+                finding(
+                    "time_wait",
+                    now,
+                    *above,
+                    format!("{now:.0} sockets in TIME_WAIT, {rate:.0} more per second{port}"),
+                )
+            }
+            Check::Stuck {
+                busy_cpu_pct,
+                idle_cpu_pct,
+                for_s,
+                worker_prefix,
+            } => {
+                // All workers blocked for the duration.
+                if let Some(prefix) = worker_prefix {
+                    let workers: Vec<f64> = ctx
+                        .threads
+                        .iter()
+                        .filter(|(n, _)| n.starts_with(prefix.as_str()))
+                        .map(|&(_, b)| b)
+                        .collect();
+                    if !workers.is_empty() && workers.iter().all(|&b| b >= *for_s) {
+                        let min = workers.iter().copied().fold(f64::MAX, f64::min);
+                        return finding(
+                            "blocked_workers",
+                            workers.len() as f64,
+                            *for_s,
+                            format!(
+                                "all {} {prefix}* threads blocked for at least {min:.0} s",
+                                workers.len()
+                            ),
+                        );
+                    }
+                }
+                let cpu = series(m, Metric::CpuPct)?;
+                let recent: Vec<f64> = cpu.window(*for_s).map(|(_, v)| v).collect();
+                if (recent.len() as f64) < for_s * 0.8 || recent.iter().any(|&v| v > *idle_cpu_pct) {
+                    return None;
+                }
+                // Idle, yet requests wait unread: nobody is reading them.
+                if let Some(queue) = series(m, Metric::RecvQueueBytes) {
+                    let waiting: Vec<f64> = queue.window(*for_s).map(|(_, v)| v).collect();
+                    if waiting.len() as f64 >= for_s * 0.8 && waiting.iter().all(|&b| b > 0.0) {
+                        let bytes = waiting.last().copied().unwrap_or(0.0);
+                        return finding(
+                            "recv_queue_bytes",
+                            bytes,
+                            0.0,
+                            format!(
+                                "no progress: {bytes:.0} bytes of requests unread for {for_s:.0} s while using \
+                                 {:.1} % CPU",
+                                recent.iter().copied().fold(0.0, f64::max)
+                            ),
+                        );
+                    }
+                }
+                // Busy before, idle now, clients still there.
+                let before: Vec<f64> = cpu
+                    .window(60.0 + for_s)
+                    .filter(|(t, _)| cpu.window(*for_s).all(|(r, _)| r != *t))
+                    .map(|(_, v)| v)
+                    .collect();
+                let busy = before.iter().sum::<f64>() / before.len().max(1) as f64;
+                let clients = series(m, Metric::TcpEstablished)
+                    .and_then(Series::last)
+                    .unwrap_or(0.0);
+                if before.len() < 5 || busy < *busy_cpu_pct || clients < 1.0 {
+                    return None;
+                }
+                finding(
+                    "cpu_pct",
+                    recent.iter().copied().fold(0.0, f64::max),
+                    *idle_cpu_pct,
+                    format!(
+                        "was busy ({busy:.0} % CPU), now idle for {for_s:.0} s with {clients:.0} clients connected"
+                    ),
+                )
+            }
+        }
+    }
+}
+
+/// Compact numbers for messages (bytes in MB when large).
+fn fmt(v: f64) -> String {
+    if v.abs() >= 1e6 {
+        format!("{:.1}M", v / 1e6)
+    } else if v.fract() == 0.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn metrics(metric: Metric, values: impl IntoIterator<Item = f64>) -> TargetMetrics {
+        let mut m = TargetMetrics::default();
+        for (t, v) in values.into_iter().enumerate() {
+            m.record(t as f64, &[(metric, v)]);
+        }
+        m
+    }
+
+    /// Test that a threshold needs the whole duration above it.
+    #[test]
+    fn threshold_needs_duration() {
+        let rule = Check::Threshold {
+            metric: Metric::CpuPct,
+            above: Some(80.0),
+            below: None,
+            for_s: 10.0,
+        };
+        let brief = metrics(Metric::CpuPct, (0..30).map(|i| if i > 25 { 99.0 } else { 10.0 }));
+        assert!(rule.evaluate(&brief, &Context::default()).is_none());
+        let long = metrics(Metric::CpuPct, (0..30).map(|i| if i >= 15 { 99.0 } else { 10.0 }));
+        let f = rule.evaluate(&long, &Context::default()).expect("fires");
+        assert_eq!(f.value, 99.0);
+        assert!(f.message.contains("above 80"), "{}", f.message);
+    }
+
+    /// Test that a z-score judges only with enough history, and flags a spike.
+    #[test]
+    fn zscore_spike() {
+        let rule = Check::Zscore {
+            metric: Metric::Fds,
+            sigma: 3.0,
+            window_s: 300.0,
+            min_points: 30,
+        };
+        let noise = |i: usize| 100.0 + ((i * 7) % 5) as f64;
+        let short = metrics(Metric::Fds, (0..20).map(noise).chain([400.0]));
+        assert!(
+            rule.evaluate(&short, &Context::default()).is_none(),
+            "fewer than 30 points"
+        );
+        let spike = metrics(Metric::Fds, (0..100).map(noise).chain([400.0]));
+        assert!(rule.evaluate(&spike, &Context::default()).is_some());
+        let calm = metrics(Metric::Fds, (0..100).map(noise).chain([103.0]));
+        assert!(rule.evaluate(&calm, &Context::default()).is_none());
+    }
+
+    fn growth() -> Check {
+        Check::MemoryGrowth {
+            window_s: 60.0,
+            min_mb_per_min: 10.0,
+            min_r2: 0.9,
+            limit_bytes: Some(2e9),
+        }
+    }
+
+    /// Test that a steady climb is a leak, with its rate and time to the limit.
+    #[test]
+    fn steady_climb_is_a_leak() {
+        // 42 MB/min = 0.7 MB/s from 500 MB, with a little noise.
+        let m = metrics(
+            Metric::RssBytes,
+            (0..90).map(|t| 5e8 + 0.7e6 * t as f64 + ((t * 13) % 7) as f64 * 1e4),
+        );
+        let f = growth().evaluate(&m, &Context::default()).expect("leak");
+        assert!(f.message.starts_with("RSS growing 42 MB/min"), "{}", f.message);
+        // (2000 MB - 562 MB) at 42 MB/min.
+        assert!(f.message.contains("limit in 34 min"), "{}", f.message);
+    }
+
+    /// Test that a garbage-collection sawtooth (up 60 MB, back down, every
+    /// 20 s) is not a leak, and neither is a flat line.
+    #[test]
+    fn sawtooth_is_not_a_leak() {
+        let saw = metrics(Metric::RssBytes, (0..120).map(|t| 5e8 + 3e6 * (t % 20) as f64));
+        assert!(growth().evaluate(&saw, &Context::default()).is_none());
+        let flat = metrics(Metric::RssBytes, (0..120).map(|_| 5e8));
+        assert!(growth().evaluate(&flat, &Context::default()).is_none());
+    }
+
+    /// Test the least-squares fit on an exact line and on noise.
+    #[test]
+    fn fit() {
+        let line: Vec<(f64, f64)> = (0..10).map(|x| (x as f64, 2.0 * x as f64 + 1.0)).collect();
+        let (slope, r2) = linear_fit(&line).unwrap();
+        assert!((slope - 2.0).abs() < 1e-12 && (r2 - 1.0).abs() < 1e-12);
+        let zigzag: Vec<(f64, f64)> = (0..10)
+            .map(|x| (x as f64, if x % 2 == 0 { 0.0 } else { 1.0 }))
+            .collect();
+        assert!(linear_fit(&zigzag).unwrap().1 < 0.1);
+    }
+
+    /// Test that TIME_WAIT accumulation names the port.
+    #[test]
+    fn time_wait_names_port() {
+        let rule = Check::TimeWait {
+            above: 1000.0,
+            rate_above: 100.0,
+        };
+        let mut m = metrics(Metric::TimeWait, (0..5).map(|i| 400.0 * i as f64));
+        let ctx = Context {
+            top_time_wait_port: Some((9999, 1600)),
+            ..Default::default()
+        };
+        let f = rule.evaluate(&m, &ctx).expect("fires on the count");
+        assert!(f.message.contains("port 9999"), "{}", f.message);
+        m.clear();
+        m.record(0.0, &[(Metric::TimeWait, 10.0), (Metric::TimeWaitPerS, 5.0)]);
+        assert!(rule.evaluate(&m, &ctx).is_none());
+    }
+
+    /// Test both ways of being stuck: busy then idle with clients connected,
+    /// and every worker blocked.
+    #[test]
+    fn stuck() {
+        let rule = Check::Stuck {
+            busy_cpu_pct: 20.0,
+            idle_cpu_pct: 2.0,
+            for_s: 5.0,
+            worker_prefix: Some("worker".into()),
+        };
+        let mut m = TargetMetrics::default();
+        for t in 0..40 {
+            let cpu = if t < 33 { 60.0 } else { 0.5 };
+            m.record(
+                f64::from(t),
+                &[(Metric::CpuPct, cpu), (Metric::TcpEstablished, 4.0)],
+            );
+        }
+        assert!(rule.evaluate(&m, &Context::default()).is_some(), "busy then idle");
+        // Idle all along is just idle.
+        let mut quiet = TargetMetrics::default();
+        for t in 0..40 {
+            quiet.record(
+                f64::from(t),
+                &[(Metric::CpuPct, 0.5), (Metric::TcpEstablished, 4.0)],
+            );
+        }
+        assert!(rule.evaluate(&quiet, &Context::default()).is_none());
+        let threads = |b: f64| Context {
+            threads: vec![
+                ("worker-0".into(), b),
+                ("worker-1".into(), b + 3.0),
+                ("main".into(), 0.0),
+            ],
+            ..Default::default()
+        };
+        assert!(
+            rule.evaluate(&quiet, &threads(6.0)).is_some(),
+            "all workers blocked 6 s"
+        );
+        assert!(rule.evaluate(&quiet, &threads(1.0)).is_none());
+        // Idle with requests piling up unread: stuck. Idle with drained
+        // sockets: just idle.
+        let mut piling = TargetMetrics::default();
+        for t in 0..10 {
+            piling.record(
+                f64::from(t),
+                &[
+                    (Metric::CpuPct, 0.0),
+                    (Metric::RecvQueueBytes, 4096.0 * f64::from(t + 1)),
+                ],
+            );
+        }
+        let f = rule
+            .evaluate(&piling, &Context::default())
+            .expect("requests unread");
+        assert!(f.message.contains("unread"), "{}", f.message);
+        let mut drained = TargetMetrics::default();
+        for t in 0..10 {
+            drained.record(
+                f64::from(t),
+                &[(Metric::CpuPct, 0.0), (Metric::RecvQueueBytes, 0.0)],
+            );
+        }
+        assert!(rule.evaluate(&drained, &Context::default()).is_none());
+    }
+}

@@ -1,0 +1,485 @@
+//! `flamewatch watch` end to end: alerts from the LogCaster incidents, the
+//! emergency profiles they start, restarts, webhooks, flapping, schedules
+//! and on-demand triggers.
+
+use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use flamewatch_e2e::*;
+use serde_json::Value;
+
+/// The LogCaster preset with its target replaced by `target` (a `pid = N`
+/// or `process = "name"` line).
+fn logcaster_config(dir: &Path, target: &str) -> PathBuf {
+    let preset = std::fs::read_to_string(workspace_root().join("configs/logcaster.toml")).unwrap();
+    write_config(dir, &preset.replace("process = \"logcaster\"", target))
+}
+
+/// A config of `tables` writing into `dir`, with short emergency profiles.
+fn write_config(dir: &Path, tables: &str) -> PathBuf {
+    let path = dir.join("flamewatch.toml");
+    let text = format!(
+        "output = {:?}\ncontrol_socket = {:?}\n[emergency]\nduration = \"4s\"\n{tables}",
+        dir.display().to_string(),
+        dir.join("control.sock").display().to_string()
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn daemon(config: &Path, extra_args: &[&str]) -> TestProcess {
+    let mut cmd = Command::new(flamewatch_bin());
+    cmd.args(["watch", "--config", config.to_str().unwrap()])
+        .args(extra_args)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    TestProcess::spawn(cmd)
+}
+
+fn alerts(dir: &Path) -> Vec<Value> {
+    std::fs::read_to_string(dir.join("alerts.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// Waits for an alert record matching `pred`.
+fn wait_alert(dir: &Path, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Option<Value> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Some(a) = alerts(dir).into_iter().find(&pred) {
+            return Some(a);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    None
+}
+
+fn rule_is(a: &Value, rule: &str, status: &str) -> bool {
+    a["rule"] == rule && a["status"] == status
+}
+
+/// LogCaster with `incident`, and clients (`load` arguments).
+struct Logcaster {
+    server: TestProcess,
+    _load: Option<TestProcess>,
+    port: u16,
+}
+
+fn logcaster(bin: &Path, port: u16, incident: &[&str], load: &[&str]) -> Logcaster {
+    let health = free_tcp_port();
+    let mut cmd = Command::new(bin);
+    cmd.args(["--port", &port.to_string(), "--health-port", &health.to_string()])
+        .args(incident);
+    let server = TestProcess::spawn_ready(cmd);
+    let load = (!load.is_empty()).then(|| {
+        let mut cmd = Command::new(target_bin("logcaster-load"));
+        cmd.args(["--port", &port.to_string()])
+            .args(load)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        TestProcess::spawn(cmd)
+    });
+    Logcaster {
+        server,
+        _load: load,
+        port,
+    }
+}
+
+/// Test that LogCaster's busy loop raises the CPU alert within 15 s of the
+/// incident, and that its emergency profile shows the spinning accept loop
+/// in select().
+#[test]
+fn busy_loop_alert_and_emergency_profile() {
+    if !privileged("busy_loop_alert_and_emergency_profile") {
+        return;
+    }
+    let dir = output_dir();
+    let lc = logcaster(
+        &target_bin("logcaster"),
+        free_tcp_port(),
+        &["--incident", "busy-loop", "--incident-after", "3"],
+        &["--connections", "2", "--rate", "200", "--duration", "60"],
+    );
+    let config = logcaster_config(dir.path(), &format!("pid = {}", lc.server.pid()));
+    let _d = daemon(&config, &[]);
+    let incident = Instant::now() + Duration::from_secs(3);
+    let alert = wait_alert(dir.path(), Duration::from_secs(30), |a| {
+        rule_is(a, "cpu_high", "firing")
+    })
+    .expect("cpu_high fired");
+    let after = Instant::now().saturating_duration_since(incident);
+    assert!(
+        after <= Duration::from_secs(15),
+        "alert {after:?} after the incident"
+    );
+    assert_eq!(alert["severity"], "critical");
+    assert_eq!(alert["target"]["pid"].as_u64(), Some(u64::from(lc.server.pid())));
+    let profile = wait_alert(dir.path(), Duration::from_secs(40), |a| {
+        rule_is(a, "cpu_high", "profile")
+    })
+    .expect("emergency profile linked");
+    let summary = read_json(Path::new(profile["profile"]["json"].as_str().unwrap()));
+    assert_eq!(summary["session"]["kind"], "emergency");
+    assert!(
+        total_pct(&summary, "accept_loop") > 60.0,
+        "{:#}",
+        summary["top_functions"]
+    );
+    assert!(
+        total_pct(&summary, "__GI___select") > 60.0,
+        "{:#}",
+        summary["top_functions"]
+    );
+    assert!(Path::new(profile["profile"]["svg"].as_str().unwrap()).exists());
+}
+
+/// Test that LogCaster's search-result leak raises the memory-growth alert
+/// within 60 s of the incident, stating its rate.
+#[test]
+fn leak_memory_alert() {
+    if !privileged("leak_memory_alert") {
+        return;
+    }
+    let dir = output_dir();
+    let lc = logcaster(
+        &target_bin("logcaster"),
+        free_tcp_port(),
+        &["--incident", "leak"],
+        &[
+            "--connections",
+            "2",
+            "--rate",
+            "200",
+            "--search-rate",
+            "20",
+            "--duration",
+            "120",
+        ],
+    );
+    let config = logcaster_config(dir.path(), &format!("pid = {}", lc.server.pid()));
+    let _d = daemon(&config, &[]);
+    let alert = wait_alert(dir.path(), Duration::from_secs(60), |a| {
+        rule_is(a, "memory_growth", "firing")
+    })
+    .expect("memory_growth within 60 s");
+    let msg = alert["message"].as_str().unwrap();
+    assert!(
+        msg.starts_with("RSS growing") && msg.contains("MB/min") && msg.contains("limit in"),
+        "{msg}"
+    );
+}
+
+/// Test that a steady LogCaster (same load, no leak) raises no memory
+/// alert in two minutes.
+#[test]
+fn steady_server_no_memory_alert() {
+    if !privileged("steady_server_no_memory_alert") {
+        return;
+    }
+    let dir = output_dir();
+    let lc = logcaster(
+        &target_bin("logcaster"),
+        free_tcp_port(),
+        &[],
+        &[
+            "--connections",
+            "2",
+            "--rate",
+            "200",
+            "--search-rate",
+            "20",
+            "--duration",
+            "130",
+        ],
+    );
+    let config = logcaster_config(dir.path(), &format!("pid = {}", lc.server.pid()));
+    let _d = daemon(&config, &[]);
+    std::thread::sleep(Duration::from_secs(120));
+    let memory: Vec<Value> = alerts(dir.path())
+        .into_iter()
+        .filter(|a| a["rule"] == "memory_growth")
+        .collect();
+    assert!(memory.is_empty(), "{memory:#?}");
+}
+
+/// Test that LogCaster's server-side closes raise the TIME_WAIT alert, and
+/// that it names port 9999.
+#[test]
+fn timewait_alert_names_port() {
+    if !privileged("timewait_alert_names_port") {
+        return;
+    }
+    let dir = output_dir();
+    // The incident's documented port.
+    let lc = logcaster(
+        &target_bin("logcaster"),
+        9999,
+        &["--incident", "timewait"],
+        &[
+            "--connections",
+            "4",
+            "--rate",
+            "1000",
+            "--churn",
+            "--duration",
+            "60",
+        ],
+    );
+    let config = logcaster_config(dir.path(), &format!("pid = {}", lc.server.pid()));
+    let _d = daemon(&config, &[]);
+    let alert = wait_alert(dir.path(), Duration::from_secs(45), |a| {
+        rule_is(a, "time_wait", "firing")
+    })
+    .expect("time_wait fired");
+    assert!(
+        alert["message"].as_str().unwrap().contains("port 9999"),
+        "{alert:#}"
+    );
+    assert_eq!(lc.port, 9999);
+}
+
+/// Test that LogCaster's lock-order deadlock raises the stuck alert with the
+/// blocked threads' stacks as evidence, and an off-CPU emergency profile.
+#[test]
+fn deadlock_stuck_alert() {
+    if !privileged("deadlock_stuck_alert") {
+        return;
+    }
+    let dir = output_dir();
+    let lc = logcaster(
+        &target_bin("logcaster"),
+        free_tcp_port(),
+        &["--incident", "deadlock", "--incident-after", "2"],
+        &["--connections", "4", "--rate", "1000", "--duration", "60"],
+    );
+    let config = logcaster_config(dir.path(), &format!("pid = {}", lc.server.pid()));
+    let _d = daemon(&config, &[]);
+    let alert = wait_alert(dir.path(), Duration::from_secs(30), |a| {
+        rule_is(a, "stuck", "firing")
+    })
+    .expect("stuck fired");
+    assert_eq!(alert["severity"], "emergency");
+    let blocked = alert["blocked"].as_array().expect("blocked evidence");
+    assert!(!blocked.is_empty() && blocked.len() <= 5, "{alert:#}");
+    let on_lock = blocked.iter().filter(|b| {
+        b["stack"].as_array().unwrap().iter().any(|f| {
+            let f = f.as_str().unwrap();
+            f.contains("pthread_mutex_lock") || f.contains("lll_lock_wait") || f.contains("futex")
+        })
+    });
+    assert!(on_lock.count() >= 2, "{alert:#}");
+    let profile = wait_alert(dir.path(), Duration::from_secs(40), |a| {
+        rule_is(a, "stuck", "profile")
+    })
+    .expect("off-CPU profile linked");
+    let summary = read_json(Path::new(profile["profile"]["json"].as_str().unwrap()));
+    assert_eq!(summary["mode"], "offcpu");
+}
+
+/// A minimal HTTP server recording the bodies POSTed to it.
+fn webhook_server() -> (String, Arc<Mutex<Vec<Value>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/alerts", listener.local_addr().unwrap());
+    let bodies = Arc::new(Mutex::new(Vec::new()));
+    let seen = bodies.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let mut reader = BufReader::new(stream);
+            let mut length = 0;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0; length];
+            if reader.read_exact(&mut body).is_ok() {
+                if let Ok(v) = serde_json::from_slice(&body) {
+                    seen.lock().unwrap().push(v);
+                }
+            }
+            let _ = reader
+                .get_mut()
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+        }
+    });
+    (url, bodies)
+}
+
+/// Test that a target that restarts is found again within 2 s (the alert
+/// stream says so, and the webhook receives it), and that a target that is
+/// gone is reported once, not in a loop.
+#[test]
+fn restart_followed_and_webhook() {
+    if !privileged("restart_followed_and_webhook") {
+        return;
+    }
+    let dir = output_dir();
+    // A name no other test uses: the daemon follows it by name.
+    let name = format!("lcr{}", std::process::id() % 100_000);
+    let bin = dir.path().join(&name);
+    std::fs::copy(target_bin("logcaster"), &bin).unwrap();
+    let port = free_tcp_port();
+    let first = logcaster(&bin, port, &[], &[]);
+    let (url, bodies) = webhook_server();
+    let config = logcaster_config(dir.path(), &format!("process = {name:?}"));
+    let _d = daemon(&config, &["--webhook", &url]);
+    std::thread::sleep(Duration::from_secs(3));
+    let old = first.server.pid();
+    drop(first);
+    let second = logcaster(&bin, port, &[], &[]);
+    let restarted = Instant::now();
+    let alert = wait_alert(dir.path(), Duration::from_secs(5), |a| {
+        a["rule"] == "target_restarted"
+    })
+    .expect("restart reported");
+    assert!(
+        restarted.elapsed() <= Duration::from_secs(3),
+        "found again within 2 s (+ polling)"
+    );
+    assert_eq!(
+        alert["target"]["pid"].as_u64(),
+        Some(u64::from(second.server.pid()))
+    );
+    assert!(alert["message"]
+        .as_str()
+        .unwrap()
+        .contains(&format!("pid {old} -> {}", second.server.pid())));
+    assert!(
+        wait_until(Duration::from_secs(10), || bodies
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|b| b["rule"] == "target_restarted")),
+        "webhook received the alert"
+    );
+    drop(second);
+    std::thread::sleep(Duration::from_secs(6));
+    let gone = alerts(dir.path())
+        .into_iter()
+        .filter(|a| a["rule"] == "target_gone")
+        .count();
+    assert_eq!(gone, 1, "gone is reported once");
+}
+
+/// Test that a metric flapping across its threshold every two seconds for
+/// 20 s yields one alert, not one per flap.
+#[test]
+fn flapping_metric_one_alert() {
+    if !privileged("flapping_metric_one_alert") {
+        return;
+    }
+    let dir = output_dir();
+    let mut cmd = Command::new(target_bin("sleepspin"));
+    cmd.args(["--spin-us", "2000000", "--sleep-us", "2000000", "--seconds", "60"]);
+    let target = TestProcess::spawn_ready(cmd);
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "[[target]]\npid = {}\n[[target.rule]]\nname = \"cpu_flap\"\nseverity = \"warning\"\nkind = \"threshold\"\n\
+             metric = \"cpu_pct\"\nabove = 50\nfor_s = 1\nclear_s = 1\ncooldown_s = 300\n",
+            target.pid()
+        ),
+    );
+    let _d = daemon(&config, &[]);
+    std::thread::sleep(Duration::from_secs(20));
+    let fired = alerts(dir.path())
+        .into_iter()
+        .filter(|a| rule_is(a, "cpu_flap", "firing"))
+        .count();
+    let resolved = alerts(dir.path())
+        .into_iter()
+        .filter(|a| rule_is(a, "cpu_flap", "resolved"))
+        .count();
+    assert_eq!(fired, 1, "one alert while flapping");
+    assert!(resolved >= 1, "each flap clears it (and does not fire again)");
+}
+
+/// Test that `flamewatch trigger` asks the running daemon for a profile and
+/// prints its files, and that a scheduled baseline lets the emergency
+/// profile come with a differential flamegraph.
+#[test]
+fn trigger_schedule_and_differential() {
+    if !privileged("trigger_schedule_and_differential") {
+        return;
+    }
+    let dir = output_dir();
+    let lc = logcaster(
+        &target_bin("logcaster"),
+        free_tcp_port(),
+        &["--incident", "busy-loop", "--incident-after", "12"],
+        &["--connections", "2", "--rate", "500", "--duration", "60"],
+    );
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "[[target]]\npid = {}\n\
+             [[target.schedule]]\ncron = \"*/5 * * * * *\"\nduration = \"2s\"\n\
+             [[target.rule]]\nname = \"cpu_high\"\nseverity = \"critical\"\nkind = \"threshold\"\n\
+             metric = \"cpu_pct\"\nabove = 80\nfor_s = 3\n",
+            lc.server.pid()
+        ),
+    );
+    let _d = daemon(&config, &[]);
+    std::thread::sleep(Duration::from_secs(2));
+    let out = flamewatch(&[
+        "trigger",
+        "--pid",
+        &lc.server.pid().to_string(),
+        "--duration",
+        "2s",
+        "--control-socket",
+        dir.path().join("control.sock").to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let svg = printed_files(&out.stdout, "svg");
+    assert_eq!(svg.len(), 1);
+    assert!(svg[0].exists());
+    let summary = read_json(&printed_files(&out.stdout, "json")[0]);
+    assert_eq!(summary["session"]["kind"], "on-demand");
+    // Baselines every 5 s; the incident at 12 s gets an emergency profile
+    // with a differential against the latest baseline.
+    let profile = wait_alert(dir.path(), Duration::from_secs(40), |a| {
+        rule_is(a, "cpu_high", "profile")
+    })
+    .expect("emergency profile");
+    let diff = profile["profile"]["diff_svg"]
+        .as_str()
+        .expect("differential flamegraph");
+    assert!(std::fs::read_to_string(diff).unwrap().contains("<svg"));
+    let baselines = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .contains("-baseline-")
+        })
+        .count();
+    assert!(baselines >= 3, "scheduled baselines written: {baselines} files");
+    // Asking for a process the daemon does not watch is refused (exit 2).
+    let out = flamewatch(&[
+        "trigger",
+        "--pid",
+        "1",
+        "--duration",
+        "1s",
+        "--control-socket",
+        dir.path().join("control.sock").to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+}
