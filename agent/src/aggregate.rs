@@ -143,6 +143,9 @@ pub struct Profile {
     pub synthetic_depth: usize,
 }
 
+/// The frame above the outermost frame of a partial user stack.
+pub const TRUNCATED_FRAME: &str = "[truncated stack]";
+
 /// The frames of one raw sample, root first: process, thread (with
 /// `per_thread`), user frames (under `[truncated stack]` when partial), then
 /// kernel frames, then the leaf marker.
@@ -157,7 +160,7 @@ pub fn frames_for(key: &RawSampleKey, symbols: &dyn Symbols, opts: &BuildOptions
             if matches!(key.user, StackSlot::Truncated(_)) {
                 // Partial stacks are kept, under a marker instead of
                 // pretending their outermost frame is a root.
-                frames.push(FrameName::from("[truncated stack]"));
+                frames.push(FrameName::from(TRUNCATED_FRAME));
             }
             for (i, &ip) in ips.iter().enumerate().rev() {
                 // The interrupted instruction is the leaf only when the
@@ -187,7 +190,9 @@ pub fn frames_for(key: &RawSampleKey, symbols: &dyn Symbols, opts: &BuildOptions
     frames
 }
 
-fn lost_frame(reason: LostReason, kind: &str) -> FrameName {
+/// The frame standing for a stack that was counted but not recorded
+/// (`kind`: `user` or `kernel`).
+pub(crate) fn lost_frame(reason: LostReason, kind: &str) -> FrameName {
     match reason {
         LostReason::Collision => format!("[lost {kind} stack: stack map collision]").into(),
         LostReason::Error(errno) => format!("[lost {kind} stack: errno {errno}]").into(),

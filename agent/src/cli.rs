@@ -6,7 +6,7 @@ use std::{path::PathBuf, time::Duration};
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
-    config::{Mode, RecordConfig, TargetConfig, TcpConfig, WatchConfig, MAX_FREQ_HZ},
+    config::{Format, Mode, RecordConfig, TargetConfig, TcpConfig, WatchConfig, MAX_FREQ_HZ},
     unwind::UnwindMode,
 };
 
@@ -62,6 +62,13 @@ pub struct WatchArgs {
     /// Control socket for `flamewatch trigger` (root only).
     #[arg(long, value_name = "PATH")]
     pub control_socket: Option<PathBuf>,
+    /// Serve Prometheus metrics on /metrics at this address ("off": don't;
+    /// default 127.0.0.1:9464).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<String>,
+    /// Send alerts to this Alertmanager (base URL).
+    #[arg(long, value_name = "URL")]
+    pub alertmanager: Option<String>,
 }
 
 impl WatchArgs {
@@ -100,6 +107,18 @@ impl WatchArgs {
         }
         if let Some(c) = &self.control_socket {
             config.control_socket = c.clone();
+        }
+        if let Some(m) = &self.metrics_addr {
+            config.metrics_addr = m.clone();
+        }
+        if let Some(a) = &self.alertmanager {
+            config.alertmanager = Some(a.clone());
+        }
+        if config.metrics_addr != "off" && config.metrics_addr.parse::<std::net::SocketAddr>().is_err() {
+            return Err(format!(
+                "invalid metrics address '{}' (want IP:PORT or \"off\")",
+                config.metrics_addr
+            ));
         }
         if config.targets.is_empty() {
             return Err(
@@ -187,6 +206,12 @@ pub struct RecordArgs {
     #[arg(long, value_name = "DURATION", value_parser = parse_min_block,
           default_value_t = MinBlock(RecordConfig::default().min_block))]
     pub min_block: MinBlock,
+    /// Files to write per target, comma-separated: `svg` (flamegraph),
+    /// `folded`, `json` (summary), `pprof` (gzipped profile.proto, for
+    /// `go tool pprof`).
+    #[arg(long = "format", value_name = "FORMATS", value_enum, value_delimiter = ',',
+          default_values_t = RecordConfig::default().formats)]
+    pub formats: Vec<Format>,
 }
 
 /// A `--min-block` duration, possibly zero.
@@ -309,9 +334,21 @@ impl RecordArgs {
             stack_window: self.stack_window,
             mode: self.mode,
             min_block: self.min_block.0,
+            formats: dedup(&self.formats),
             ..RecordConfig::default()
         }
     }
+}
+
+/// `--format svg,svg` writes the file once: keep the first of each.
+fn dedup(formats: &[Format]) -> Vec<Format> {
+    let mut out = Vec::with_capacity(formats.len());
+    for f in formats {
+        if !out.contains(f) {
+            out.push(*f);
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -407,12 +444,38 @@ mod tests {
             &["record", "--pid", "1", "--label", "../etc"],     // label is a file name
             &["record", "--pid", "1", "--max-overhead", "0"],   // no budget
             &["record", "--pid", "1", "--max-overhead", "150"], // not a share
+            &["record", "--pid", "1", "--format", "svg,png"],   // unknown format
+            &["record", "--pid", "1", "--format", ""],          // no format
         ];
         for args in cases {
             let err = parse(args).expect_err(&format!("{args:?} must be rejected"));
             assert_ne!(err.kind(), ErrorKind::DisplayHelp, "{args:?}");
             assert_eq!(err.exit_code(), 2, "{args:?}");
         }
+    }
+
+    /// Test that `--format` takes a comma-separated list (repeatable,
+    /// duplicates dropped) and defaults to svg, folded and json.
+    #[test]
+    fn record_formats() {
+        use crate::config::Format::*;
+        let formats = |args: &[&str]| {
+            let mut all = vec!["record", "--pid", "1"];
+            all.extend(args);
+            record(&all).to_config().formats
+        };
+        assert_eq!(formats(&[]), [Svg, Folded, Json]);
+        assert_eq!(
+            formats(&["--format", "svg,folded,json,pprof"]),
+            [Svg, Folded, Json, Pprof]
+        );
+        assert_eq!(
+            formats(&["--format", "pprof,json", "--format", "pprof"]),
+            [Pprof, Json]
+        );
+        assert!(record(&["record", "--pid", "1", "--format", "pprof"])
+            .to_config()
+            .writes(Pprof));
     }
 
     fn tcp(args: &[&str]) -> TcpArgs {

@@ -34,6 +34,29 @@ pub struct RecordConfig {
     pub mode: Mode,
     /// Shortest block recorded off CPU (as bcc offcputime's --min-block-time).
     pub min_block: Duration,
+    /// Files written per target (`--format`), in the order given.
+    pub formats: Vec<Format>,
+}
+
+impl RecordConfig {
+    /// Whether `format` is among the files to write.
+    pub fn writes(&self, format: Format) -> bool {
+        self.formats.contains(&format)
+    }
+}
+
+/// A file written per target (`--format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// Interactive flamegraph (inferno).
+    Svg,
+    /// Folded stacks, one line per stack.
+    Folded,
+    /// The JSON summary.
+    Json,
+    /// gzipped pprof `profile.proto`, for `go tool pprof` and its kin.
+    Pprof,
 }
 
 /// What a profile measures (`--mode`).
@@ -76,6 +99,7 @@ impl Default for RecordConfig {
             stack_window: flamewatch_common::DEFAULT_STACK_WINDOW as u32,
             mode: Mode::Cpu,
             min_block: Duration::from_millis(1),
+            formats: vec![Format::Svg, Format::Folded, Format::Json],
         }
     }
 }
@@ -130,6 +154,14 @@ pub struct WatchConfig {
     pub emergency: EmergencyConfig,
     /// Where `flamewatch trigger` finds the daemon.
     pub control_socket: PathBuf,
+    /// Prometheus `/metrics` address ("off" to disable); loopback by default.
+    pub metrics_addr: String,
+    /// Alertmanager base URL, e.g. `http://127.0.0.1:9093`.
+    pub alertmanager: Option<String>,
+    /// Files written per session, e.g. `["svg", "folded", "json", "pprof"]`.
+    /// svg, folded and json are always written: baselines, differential
+    /// flamegraphs and alert links are made of them.
+    pub formats: Vec<Format>,
     /// The processes to watch.
     #[serde(rename = "target")]
     pub targets: Vec<TargetConfig>,
@@ -146,12 +178,28 @@ impl Default for WatchConfig {
             interval: Duration::from_secs(1),
             emergency: EmergencyConfig::default(),
             control_socket: PathBuf::from(crate::control::SOCKET),
+            metrics_addr: "127.0.0.1:9464".into(),
+            alertmanager: None,
+            formats: RecordConfig::default().formats,
             targets: Vec::new(),
         }
     }
 }
 
 impl WatchConfig {
+    /// The files each session writes: svg, folded and json (the daemon's
+    /// baselines, diffs and alert links need them), then the other
+    /// configured formats.
+    pub fn session_formats(&self) -> Vec<Format> {
+        let mut formats = RecordConfig::default().formats;
+        for f in &self.formats {
+            if !formats.contains(f) {
+                formats.push(*f);
+            }
+        }
+        formats
+    }
+
     /// Where alert records go.
     pub fn alerts_path(&self) -> PathBuf {
         self.alerts
@@ -301,5 +349,21 @@ mod watch_tests {
         assert_eq!(c.interval, Duration::from_secs(2));
         assert_eq!(c.emergency.duration, Duration::from_secs(5));
         assert_eq!(c.emergency.freq_hz, 499);
+    }
+
+    /// Test that the watch config's `formats` add to the svg, folded and
+    /// json every daemon session writes, and that unknown formats are refused.
+    #[test]
+    fn watch_formats() {
+        assert_eq!(
+            WatchConfig::default().session_formats(),
+            RecordConfig::default().formats
+        );
+        let c: WatchConfig = toml::from_str("formats = ['pprof', 'json']").unwrap();
+        assert_eq!(
+            c.session_formats(),
+            [Format::Svg, Format::Folded, Format::Json, Format::Pprof]
+        );
+        assert!(toml::from_str::<WatchConfig>("formats = ['png']").is_err());
     }
 }

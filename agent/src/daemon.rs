@@ -26,12 +26,13 @@ use crate::{
     aggregate::{frames_for, BuildOptions, RawProfile, RawSampleKey, Weight},
     alerts::{
         sinks::Sinks, AlertRecord, AlertState, AlertTarget, BlockedEvidence, ProfileLinks, Rule, Status,
-        Transition,
+        ThreadCpu, Transition,
     },
     bpf,
     config::{Mode, RecordConfig, TargetConfig, WatchConfig},
     control::{self, Reply},
     detect::{Check, Context, Finding, Severity},
+    export::{Exporter, RuleLabels, SessionLabels, TargetLabels},
     metrics::{Metric, ProcSampler, TargetMetrics},
     offcpu::blocked,
     render::{self, flamegraph},
@@ -96,6 +97,8 @@ struct Watched {
     schedules: Vec<(cron::Schedule, Duration, u64, DateTime<Utc>)>,
     /// Folded stacks of the latest baseline (for differential flamegraphs).
     baseline: Option<PathBuf>,
+    /// The busiest threads at the latest sample: (tid, name, CPU %).
+    top_threads: Vec<(u32, String, f64)>,
 }
 
 impl Watched {
@@ -118,6 +121,9 @@ pub struct Daemon {
     tcp: Option<(aya::Ebpf, TcpTracker)>,
     sessions: JoinSet<SessionDone>,
     start: Instant,
+    exporter: std::sync::Arc<Exporter>,
+    /// The agent's own process, for its CPU and memory.
+    self_sampler: ProcSampler,
 }
 
 /// A built-in or generic rule set for `spec` when it has none.
@@ -167,9 +173,14 @@ impl Daemon {
                 last_emergency: None,
                 schedules,
                 baseline: None,
+                top_threads: Vec::new(),
             });
         }
-        let sinks = Sinks::new(&config.alerts_path(), config.webhook.clone());
+        let sinks = Sinks::new(
+            &config.alerts_path(),
+            config.webhook.clone(),
+            config.alertmanager.clone(),
+        );
         Ok(Self {
             config,
             sinks,
@@ -178,6 +189,8 @@ impl Daemon {
             tcp: None,
             sessions: JoinSet::new(),
             start: Instant::now(),
+            exporter: std::sync::Arc::new(Exporter::new()),
+            self_sampler: ProcSampler::default(),
         })
     }
 
@@ -185,6 +198,14 @@ impl Daemon {
     /// `socket`.
     pub async fn run(mut self, socket: &Path, mut stop: watch::Receiver<bool>) -> Result<(), DaemonError> {
         std::fs::create_dir_all(&self.config.output).ok();
+        if self.config.metrics_addr != "off" {
+            // Validated when the configuration was read.
+            if let Ok(addr) = self.config.metrics_addr.parse() {
+                if let Err(e) = crate::export::serve(addr, self.exporter.clone()).await {
+                    warn!("cannot serve metrics on {addr}: {e}");
+                }
+            }
+        }
         let mut control = control::serve(socket).map_err(|source| DaemonError::Control {
             path: socket.display().to_string(),
             source,
@@ -284,8 +305,14 @@ impl Daemon {
                 ]);
                 ctx.top_time_wait_port = summary.top_ports.first().map(|p| (p.local_port, p.time_wait));
             }
+            let labels = target_labels(&self.watched[i], &process);
+            self.exporter.set_target(&labels, &values);
+            let view = session::live().get(&process.pid).copied().unwrap_or_default();
+            self.exporter
+                .set_session(&labels, view, tcp.as_ref().map_or(0, |(s, _)| s.lost_events));
             let w = &mut self.watched[i];
             w.metrics.record(now, &values);
+            w.top_threads = sample.top_threads;
             // Evaluate every rule first, then act (acting needs the daemon).
             let mut transitions = Vec::new();
             for rule in &w.spec.rules {
@@ -296,6 +323,13 @@ impl Daemon {
                 }
             }
             for (rule, transition, last) in transitions {
+                let rule_labels = RuleLabels {
+                    target: labels.target.clone(),
+                    rule: rule.name.clone(),
+                    severity: format!("{:?}", rule.severity).to_lowercase(),
+                };
+                self.exporter
+                    .alert(&rule_labels, matches!(transition, Transition::Fire(_)));
                 match transition {
                     Transition::Fire(f) => self.fire(i, &process, &rule, &f, stop).await,
                     Transition::Resolve => {
@@ -314,6 +348,17 @@ impl Daemon {
             }
             self.schedules(i, &process, stop);
         }
+        if let Some(me) = self.self_sampler.sample(std::process::id()) {
+            let failed = self
+                .sinks
+                .webhook_stats
+                .failed
+                .load(std::sync::atomic::Ordering::Relaxed);
+            self.exporter.set_agent(me.cpu_pct, me.rss_bytes, failed);
+        }
+        self.exporter.set_sessions_running(self.sessions.len());
+        // The index shows the folder's alerts: rewrite it when they changed.
+        render::html::refresh_if_alerts_changed(&self.config.output);
     }
 
     /// Finds the target's process, says so when it restarted or is gone.
@@ -324,6 +369,7 @@ impl Daemon {
         }
         let old = w.process.take();
         if let Some(old) = &old {
+            self.exporter.remove_target(&target_labels(w, old));
             self.sampler.forget(old.pid);
             if let Some((_, tcp)) = self.tcp.as_mut() {
                 tcp.remove_target(old.pid);
@@ -407,6 +453,29 @@ impl Daemon {
         stop: &watch::Receiver<bool>,
     ) {
         let mut record = AlertRecord::new(Status::Firing, alert_target(process), rule, f);
+        if f.metric == Metric::CpuPct.name() {
+            // Which threads burn it: a spinning accept loop is not a busy
+            // worker pool.
+            record.top_threads = self.watched[i]
+                .top_threads
+                .iter()
+                .filter(|(_, _, pct)| *pct >= 1.0)
+                .take(3)
+                .map(|(tid, comm, pct)| ThreadCpu {
+                    tid: *tid,
+                    comm: comm.clone(),
+                    cpu_pct: (pct * 10.0).round() / 10.0,
+                })
+                .collect();
+            if !record.top_threads.is_empty() {
+                let threads: Vec<String> = record
+                    .top_threads
+                    .iter()
+                    .map(|t| format!("{} (tid {}) {:.0} %", t.comm, t.tid, t.cpu_pct))
+                    .collect();
+                record.message = format!("{}; busiest threads: {}", record.message, threads.join(", "));
+            }
+        }
         let stuck = matches!(rule.check, Check::Stuck { .. });
         if stuck {
             let pid = process.pid;
@@ -452,6 +521,7 @@ impl Daemon {
             output: self.config.output.clone(),
             label: Some(label.to_owned()),
             max_overhead_pct: self.config.max_overhead_pct,
+            formats: self.config.session_formats(),
             ..RecordConfig::default()
         }
     }
@@ -480,10 +550,14 @@ impl Daemon {
         }
         info!(
             pid = process.pid,
-            "starting a {} profile of {}",
+            "{} profile of {}: starting",
             kind.as_str(),
             process.comm
         );
+        self.exporter.session_started(&SessionLabels {
+            target: target_labels(&self.watched[i], process).target,
+            kind: kind.as_str().to_owned(),
+        });
         let (target, stop) = (process.clone(), stop.clone());
         let pid = target.pid;
         self.sessions.spawn(async move {
@@ -586,16 +660,7 @@ impl Daemon {
                 return;
             }
         };
-        let files: Vec<String> = reports
-            .iter()
-            .flat_map(|r| {
-                [
-                    r.summary.files.svg.clone(),
-                    r.summary.files.folded.clone(),
-                    r.summary.files.json.clone(),
-                ]
-            })
-            .collect();
+        let files: Vec<String> = reports.iter().flat_map(|r| r.summary.files.written()).collect();
         let w = &mut self.watched[done.target];
         match done.kind {
             SessionKind::Scheduled => {
@@ -620,8 +685,17 @@ impl Daemon {
                     self.sinks.emit(&alert);
                 }
             }
-            SessionKind::OnDemand => {}
+            SessionKind::OnDemand => {
+                // A profile taken while nothing fires shows the healthy
+                // target: as good a baseline as a scheduled one, and newer.
+                if let (false, Some(r)) = (w.states.values().any(AlertState::is_firing), reports.first()) {
+                    w.baseline = Some(PathBuf::from(&r.summary.files.folded));
+                }
+            }
         }
+        // The session wrote the index already; the differential flamegraph
+        // and the profile record came after it.
+        render::html::refresh_later(&self.config.output);
         if let Some(reply) = done.reply {
             let _ = reply.send(Reply {
                 ok: true,
@@ -629,6 +703,14 @@ impl Daemon {
                 files,
             });
         }
+    }
+}
+
+/// Metric labels of a target: its watched name and pid.
+fn target_labels(w: &Watched, t: &Target) -> TargetLabels {
+    TargetLabels {
+        target: w.spec.process.clone().unwrap_or_else(|| t.comm.clone()),
+        pid: t.pid.to_string(),
     }
 }
 

@@ -9,6 +9,7 @@ mod config;
 mod control;
 mod daemon;
 mod detect;
+mod export;
 mod governor;
 mod http;
 mod metrics;
@@ -202,10 +203,9 @@ async fn record(args: RecordArgs) -> Result<(), Failure> {
         Err(e) => return Err(e.into()),
     };
     for report in reports {
-        let f = &report.summary.files;
-        println!("{}", f.svg);
-        println!("{}", f.folded);
-        println!("{}", f.json);
+        for path in report.summary.files.written() {
+            println!("{path}");
+        }
     }
     Ok(())
 }

@@ -16,15 +16,15 @@ use crate::tcp::{summary::TcpSummary, TcpOptions, TcpTracker};
 use crate::{
     aggregate::{frames_for, BuildOptions, Profile, RawProfile},
     bpf,
-    config::Mode,
     config::RecordConfig,
+    config::{Format, Mode},
     governor::{
         budget, calibrate,
         cost::{self, BpfStats, IntervalInput},
         Decision, Governor, GovernorConfig, Observation,
     },
     offcpu::{self, OffCpuTracer},
-    render::{self, flamegraph, folded, summary, RenderError},
+    render::{self, flamegraph, folded, pprof, summary, RenderError},
     sampling::{period_for, Sampler, SamplingError},
     symbolize::{self, MapsCache},
     target::{self, Target},
@@ -154,6 +154,27 @@ impl Progress {
         if self.tty {
             eprint!("\r\x1b[K");
         }
+    }
+}
+
+/// Running sessions' latest interval, by target pid: what the daemon's
+/// Prometheus metrics show while a session runs.
+static LIVE: std::sync::Mutex<Option<HashMap<u32, crate::export::SessionView>>> = std::sync::Mutex::new(None);
+
+/// The latest interval of every running session, by target pid.
+pub fn live() -> HashMap<u32, crate::export::SessionView> {
+    LIVE.lock()
+        .map(|l| l.clone().unwrap_or_default())
+        .unwrap_or_default()
+}
+
+fn publish(pid: u32, view: Option<crate::export::SessionView>) {
+    if let Ok(mut live) = LIVE.lock() {
+        let map = live.get_or_insert_with(HashMap::new);
+        match view {
+            Some(v) => map.insert(pid, v),
+            None => map.remove(&pid),
+        };
     }
 }
 
@@ -364,9 +385,12 @@ pub async fn record(
         last_prog = prog;
         bpf_run.run_ns += prog_delta.run_ns;
         bpf_run.runs += prog_delta.runs;
-        // The unwinder's CPU time grows with the DWARF sampling rate.
+        // The unwinder's CPU time grows with the DWARF sampling rate; the
+        // one-time loading of unwind tables does not, and is housekeeping.
         let unwind_cpu = consumer.as_ref().map_or(0, |c| {
-            c.shared().cpu_ns.load(std::sync::atomic::Ordering::Relaxed)
+            let s = c.shared();
+            let relaxed = std::sync::atomic::Ordering::Relaxed;
+            s.cpu_ns.load(relaxed).saturating_sub(s.setup_ns.load(relaxed))
         });
         let unwind_ns = unwind_cpu.saturating_sub(last_unwind_cpu);
         last_unwind_cpu = unwind_cpu;
@@ -476,7 +500,8 @@ pub async fn record(
                 continue;
             }
             let _ = maps.capture(pid);
-            if config.per_thread || config.mode == Mode::Wall {
+            // pprof labels every sample with its thread's name.
+            if config.per_thread || config.mode == Mode::Wall || config.writes(Format::Pprof) {
                 remember_thread_names(t);
             }
             // Other sessions on this target may have started or ended.
@@ -496,6 +521,15 @@ pub async fn record(
                 worst_off_pct = worst_off_pct.max(100.0 * off as f64 / cpu_delta as f64);
             }
             t.claim.update(round3(c.overhead_pct), t.governor.hz());
+            let lost = sampler.target_stats(pid).map_or(0, |s| s.map_full + s.dwarf_lost);
+            publish(
+                pid,
+                Some(crate::export::SessionView {
+                    overhead_pct: c.overhead_pct,
+                    hz: hz as f64,
+                    lost_samples: lost,
+                }),
+            );
         }
         if let Some(o) = offcpu.as_mut() {
             // Off-CPU cost grows with how often the targets block: trace 1
@@ -533,6 +567,9 @@ pub async fn record(
     }
     progress.finish();
     let elapsed = start.elapsed();
+    for t in &tracked {
+        publish(t.target.pid, None);
+    }
     // TCP counters and TIME_WAIT now at the very end, then detach.
     let tcp_summaries: HashMap<u32, TcpSummary> = tcp.as_mut().map_or_else(HashMap::new, |tcp| {
         if let Err(e) = tokio::task::block_in_place(|| tcp.poll()) {
@@ -601,7 +638,19 @@ pub async fn record(
 
     let mut all_raw = raw.clone();
     all_raw.merge(off_raw.clone());
-    let symbols = tokio::task::block_in_place(|| symbolize::symbolize(&all_raw, &maps, &pids));
+    // File/line and inlined frames are read only for pprof, which shows them.
+    let want_pprof = config.writes(Format::Pprof);
+    let symbols = tokio::task::block_in_place(|| {
+        symbolize::symbolize_with(
+            &all_raw,
+            &maps,
+            &pids,
+            symbolize::SymbolizeOptions {
+                code_info: want_pprof,
+            },
+        )
+    });
+    let kernel_image = want_pprof.then(symbolize::kernel_image).unwrap_or_default();
     let agent_cpu_pct = round3(100.0 * housekeeping_ns as f64 / elapsed.as_nanos().max(1) as f64);
 
     let mut reports = Vec::new();
@@ -722,6 +771,36 @@ pub async fn record(
         } else {
             t.governor.hz() as f64
         };
+        let pprof = if want_pprof {
+            let profile = pprof::build(&pprof::Input {
+                pid,
+                exe: t.target.exe.as_deref(),
+                mode: config.mode,
+                cpu: &raw,
+                off_cpu: &off_raw,
+                symbols: &symbols,
+                maps: &maps,
+                kernel: &kernel_image,
+                thread_names: &opts.thread_names,
+                started_at,
+                duration,
+                period_ns: base_period_ns,
+                comments: vec![
+                    format!("flamewatch {}", env!("CARGO_PKG_VERSION")),
+                    format!(
+                        "{} (pid {pid}), {} session {}, mode {}, requested {} Hz, effective {effective_hz} Hz",
+                        t.target.comm,
+                        kind.as_str(),
+                        session_id(kind, started_at, pid),
+                        format!("{:?}", config.mode).to_lowercase(),
+                        config.freq_hz,
+                    ),
+                ],
+            });
+            Some(pprof::encode(&profile)?)
+        } else {
+            None
+        };
         let report = write_report(
             &config.output,
             &stem,
@@ -774,9 +853,16 @@ pub async fn record(
                 top_n: config.top_functions,
                 warnings,
                 tcp: tcp_summaries.get(&pid).cloned(),
+                formats: config.formats.clone(),
+                pprof,
             },
         )?;
         reports.push(report);
+    }
+    // The folder's index.html lists every session in it, this one included.
+    // A convenience: failing to write it does not fail the session.
+    if let Err(e) = render::html::refresh(&config.output) {
+        warn!("cannot write the index of {}: {e}", config.output.display());
     }
     Ok(reports)
 }
@@ -895,9 +981,14 @@ pub struct ReportMeta {
     pub warnings: Vec<String>,
     /// TCP activity of the target (when TCP tracking was on).
     pub tcp: Option<TcpSummary>,
+    /// Files to write.
+    pub formats: Vec<Format>,
+    /// The gzipped pprof profile, when [`Format::Pprof`] is asked for.
+    pub pprof: Option<Vec<u8>>,
 }
 
-/// Writes `<stem>.folded`, `.svg` and `.json` into `dir`.
+/// Writes the files of `meta.formats` into `dir`: `<stem>.folded`, `.svg`,
+/// `.pb.gz` (pprof) and `.json`.
 pub fn write_report(
     dir: &Path,
     stem: &str,
@@ -936,15 +1027,27 @@ pub fn write_report(
         ),
         count_name: unit.into(),
     };
-    let svg = flamegraph::render(&folded_text, &title, false)?;
     let path = |ext: &str| dir.join(format!("{stem}.{ext}"));
-    let files = summary::Files {
-        svg: path("svg").display().to_string(),
-        folded: path("folded").display().to_string(),
-        json: path("json").display().to_string(),
-    };
-    render::write_file(&path("folded"), folded_text.as_bytes())?;
-    render::write_file(&path("svg"), &svg)?;
+    let wants = |f: Format| meta.formats.contains(&f);
+    // Paths of the files written; the others stay empty.
+    let mut files = summary::Files::default();
+    if wants(Format::Folded) {
+        render::write_file(&path("folded"), folded_text.as_bytes())?;
+        files.folded = path("folded").display().to_string();
+    }
+    if wants(Format::Svg) {
+        let svg = flamegraph::render(&folded_text, &title, false)?;
+        render::write_file(&path("svg"), &svg)?;
+        files.svg = path("svg").display().to_string();
+    }
+    if let Some(bytes) = &meta.pprof {
+        // `.pb.gz`, as `go tool pprof` names its own profiles.
+        render::write_file(&path("pb.gz"), bytes)?;
+        files.pprof = path("pb.gz").display().to_string();
+    }
+    if wants(Format::Json) {
+        files.json = path("json").display().to_string();
+    }
     let summary = summary::Summary {
         version: summary::VERSION,
         session: summary::SessionInfo {
@@ -975,10 +1078,12 @@ pub fn write_report(
         files,
         warnings: meta.warnings,
     };
-    render::write_file(
-        &path("json"),
-        summary.to_json().map_err(RenderError::from)?.as_bytes(),
-    )?;
+    if wants(Format::Json) {
+        render::write_file(
+            &path("json"),
+            summary.to_json().map_err(RenderError::from)?.as_bytes(),
+        )?;
+    }
     Ok(Report { summary })
 }
 

@@ -16,7 +16,7 @@ use std::{
 
 use blazesym::symbolize::{
     source::{Elf, Kernel, Source},
-    Input, Symbolized, Symbolizer,
+    CodeInfo, Input, Sym, Symbolized, Symbolizer,
 };
 use blazesym::MaybeDefault;
 use tracing::debug;
@@ -34,9 +34,17 @@ pub struct ModuleFile {
     open_path: PathBuf,
     /// Keeps `open_path` valid when it is one of our descriptors.
     _keep: Option<File>,
+    /// GNU build id, lowercase hex, read when the file was first mapped (a
+    /// file replaced later at the same path must not lend us its id).
+    build_id: Option<String>,
 }
 
 impl ModuleFile {
+    /// The file's GNU build id (`.note.gnu.build-id`), lowercase hex.
+    pub fn build_id(&self) -> Option<&str> {
+        self.build_id.as_deref()
+    }
+
     /// Short name for frames: the file name.
     pub fn short_name(&self) -> String {
         self.path.file_name().map_or_else(
@@ -130,7 +138,7 @@ impl MapsCache {
 
     /// Records the executable mappings listed in `text` (the contents of
     /// /proc/PID/maps) unless it is what was last recorded.
-    fn capture_text(&mut self, pid: u32, text: String) -> bool {
+    pub(crate) fn capture_text(&mut self, pid: u32, text: String) -> bool {
         if self.last_text.get(&pid) == Some(&text) {
             return false;
         }
@@ -190,13 +198,21 @@ impl MapsCache {
         if let Some(file) = self.files.get(&key) {
             return Some(file.clone());
         }
+        let build_id = read_build_id(&open_path);
         let file = Arc::new(ModuleFile {
             path,
             open_path,
             _keep: keep,
+            build_id,
         });
         self.files.insert(key, file.clone());
         Some(file)
+    }
+
+    /// Every executable mapping captured for `pid`, by start address
+    /// (unmapped ones included: samples taken before still point there).
+    pub fn mappings(&self, pid: u32) -> &[Mapping] {
+        self.by_pid.get(&pid).map_or(&[], Vec::as_slice)
     }
 
     /// The mapping holding `addr` in `pid`.
@@ -207,9 +223,75 @@ impl MapsCache {
     }
 }
 
+/// The GNU build id of an ELF file, lowercase hex; `None` when it has none
+/// or cannot be read (the file is still symbolized).
+fn read_build_id(path: &std::path::Path) -> Option<String> {
+    match blazesym::helper::read_elf_build_id(path) {
+        Ok(id) => id.map(|id| hex(&id)),
+        Err(e) => {
+            debug!(path = %path.display(), "no build id: {e}");
+            None
+        }
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The running kernel's image, for the `[kernel.kallsyms]` pprof mapping.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KernelImage {
+    /// GNU build id of the running kernel (from /sys/kernel/notes), hex.
+    pub build_id: Option<String>,
+    /// `_text` .. `_etext` from kallsyms; `None` when kallsyms hides
+    /// addresses (it shows zeros to readers without CAP_SYSLOG).
+    pub text: Option<(u64, u64)>,
+}
+
+/// Reads the running kernel's build id and text range.
+pub fn kernel_image() -> KernelImage {
+    let build_id = fs::read("/sys/kernel/notes")
+        .ok()
+        .and_then(|notes| gnu_build_id_note(&notes));
+    let text = fs::read_to_string("/proc/kallsyms").ok().and_then(|text| {
+        let (mut start, mut end) = (None, None);
+        for line in text.lines() {
+            let mut parts = line.split_ascii_whitespace();
+            let (Some(addr), Some(_), Some(name)) = (parts.next(), parts.next(), parts.next()) else {
+                continue;
+            };
+            let slot = match name {
+                "_text" => &mut start,
+                "_etext" => &mut end,
+                _ => continue,
+            };
+            *slot = u64::from_str_radix(addr, 16).ok();
+            if start.is_some() && end.is_some() {
+                break;
+            }
+        }
+        Some((start?, end?)).filter(|&(s, e)| s != 0 && s < e)
+    });
+    KernelImage { build_id, text }
+}
+
+/// The GNU build id among ELF notes (the format of /sys/kernel/notes).
+fn gnu_build_id_note(notes: &[u8]) -> Option<String> {
+    use object::{elf, read::elf::NoteIterator, Endianness};
+    let endian = Endianness::default();
+    let mut iter = NoteIterator::<elf::FileHeader64<Endianness>>::new(endian, 4, notes).ok()?;
+    while let Ok(Some(note)) = iter.next() {
+        if note.name() == elf::ELF_NOTE_GNU && note.n_type(endian) == elf::NT_GNU_BUILD_ID {
+            return Some(hex(note.desc()));
+        }
+    }
+    None
+}
+
 /// The address to look up for a stack entry: return addresses point after
 /// the call, so look at the call itself.
-fn lookup_addr(ip: u64, is_leaf: bool) -> u64 {
+pub(crate) fn lookup_addr(ip: u64, is_leaf: bool) -> u64 {
     if is_leaf {
         ip
     } else {
@@ -217,11 +299,73 @@ fn lookup_addr(ip: u64, is_leaf: bool) -> u64 {
     }
 }
 
+/// One function at an address, with its position in the source when the
+/// debug info tells (pprof's `Line`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceFrame {
+    /// Function name, as in the flamegraph (kernel ones end in `_[k]`).
+    pub name: FrameName,
+    /// Source file of the position.
+    pub file: Option<Arc<str>>,
+    /// Line of the position within this function: where the address is for
+    /// the innermost frame, where the next inlined call is for the others.
+    pub line: Option<u32>,
+}
+
+/// How addresses are looked up.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SymbolizeOptions {
+    /// Read DWARF line tables: file and line per frame, and the functions
+    /// inlined at each address. Only pprof shows them (flamegraphs show the
+    /// function holding the address either way, so they do not depend on
+    /// this), and they cost time, so they are read only when asked for.
+    pub code_info: bool,
+}
+
 /// Symbols of every address of a raw profile, looked up in batches.
 #[derive(Debug, Default)]
 pub struct SymbolTable {
     user: HashMap<(u32, u64), Arc<[FrameName]>>,
     kernel: HashMap<u64, Arc<[FrameName]>>,
+    /// Frames of the addresses that resolved, outermost first, by lookup
+    /// address (unresolved ones have none: pprof keeps just the address).
+    user_source: HashMap<(u32, u64), Arc<[SourceFrame]>>,
+    kernel_source: HashMap<u64, Arc<[SourceFrame]>>,
+}
+
+impl SymbolTable {
+    /// Frames of the user address `addr` (a lookup address, see
+    /// [`lookup_addr`]) of process `tgid`, outermost first; `None` when it
+    /// did not resolve to a function.
+    pub fn user_source(&self, tgid: u32, addr: u64) -> Option<&[SourceFrame]> {
+        self.user_source.get(&(tgid, addr)).map(|f| &f[..])
+    }
+
+    /// Frames of the kernel address `addr` (a lookup address), outermost
+    /// first; `None` when it did not resolve.
+    pub fn kernel_source(&self, addr: u64) -> Option<&[SourceFrame]> {
+        self.kernel_source.get(&addr).map(|f| &f[..])
+    }
+
+    /// Records what a user address resolved to (tests of the renderers).
+    #[cfg(test)]
+    pub(crate) fn insert_user(&mut self, tgid: u32, addr: u64, frames: Vec<SourceFrame>) {
+        let names: Vec<FrameName> = frames.iter().map(|f| f.name.clone()).collect();
+        self.user.insert((tgid, addr), names[..1].into());
+        self.user_source.insert((tgid, addr), frames.into());
+    }
+
+    /// Records what a kernel address resolved to (tests of the renderers).
+    #[cfg(test)]
+    pub(crate) fn insert_kernel(&mut self, addr: u64, name: &str) {
+        let frame = SourceFrame {
+            name: FrameName::from(format!("{name}_[k]")),
+            file: None,
+            line: None,
+        };
+        self.kernel.insert(addr, [frame.name.clone()].into());
+        self.kernel_source.insert(addr, [frame].into());
+    }
 }
 
 impl Symbols for SymbolTable {
@@ -238,15 +382,30 @@ impl Symbols for SymbolTable {
     }
 }
 
+/// The flamegraph's frame for a resolved address: the function holding it.
+/// Its inlined callees are left to pprof: blazesym reports them only with
+/// code info, which is read only for pprof, and a flamegraph must not
+/// change with `--format`.
 fn frames_of(sym: &Symbolized<'_>) -> Option<Vec<FrameName>> {
     match sym {
-        Symbolized::Sym(sym) => {
-            let mut frames = vec![FrameName::from(sym.name.as_ref())];
-            frames.extend(sym.inlined.iter().map(|f| FrameName::from(f.name.as_ref())));
-            Some(frames)
-        }
+        Symbolized::Sym(sym) => Some(vec![FrameName::from(sym.name.as_ref())]),
         Symbolized::Unknown(_) => None,
     }
+}
+
+/// Every frame at a resolved address, outermost first: the function, then
+/// those inlined into it there, each with its source position. blazesym
+/// gives each frame's `code_info` as the position within that frame's
+/// function, which is what pprof's lines want.
+fn source_frames_of(sym: &Sym<'_>, suffix: &str) -> Vec<SourceFrame> {
+    let frame = |name: &str, info: Option<&CodeInfo<'_>>| SourceFrame {
+        name: FrameName::from(format!("{name}{suffix}")),
+        file: info.map(|c| Arc::from(c.to_path().to_string_lossy().as_ref())),
+        line: info.and_then(|c| c.line),
+    };
+    let mut frames = vec![frame(&sym.name, sym.code_info.as_deref())];
+    frames.extend(sym.inlined.iter().map(|f| frame(&f.name, f.code_info.as_ref())));
+    frames
 }
 
 /// A file and the (address, file offset) pairs to look up in it.
@@ -254,6 +413,17 @@ type FileBatch = (Arc<ModuleFile>, Vec<(u64, u64)>);
 
 /// Looks up every address of `raw` (for the processes in `pids`).
 pub fn symbolize(raw: &RawProfile, maps: &MapsCache, pids: &[u32]) -> SymbolTable {
+    symbolize_with(raw, maps, pids, SymbolizeOptions::default())
+}
+
+/// [`symbolize`], with file/line and inlined frames when `opts` asks.
+pub fn symbolize_with(
+    raw: &RawProfile,
+    maps: &MapsCache,
+    pids: &[u32],
+    opts: SymbolizeOptions,
+) -> SymbolTable {
+    let started = std::time::Instant::now();
     let mut user: HashMap<u32, HashSet<u64>> = HashMap::new();
     let mut kernel: HashSet<u64> = HashSet::new();
     for key in raw.samples.keys().filter(|k| pids.contains(&k.tgid)) {
@@ -271,7 +441,7 @@ pub fn symbolize(raw: &RawProfile, maps: &MapsCache, pids: &[u32]) -> SymbolTabl
         }
     }
 
-    let symbolizer = Symbolizer::builder().enable_code_info(false).build();
+    let symbolizer = Symbolizer::builder().enable_code_info(opts.code_info).build();
     let mut table = SymbolTable::default();
 
     for (tgid, addrs) in user {
@@ -321,6 +491,11 @@ pub fn symbolize(raw: &RawProfile, maps: &MapsCache, pids: &[u32]) -> SymbolTabl
                     .and_then(frames_of)
                     .unwrap_or_else(|| vec![FrameName::from(format!("{short}+{off:#x}"))]);
                 table.user.insert((tgid, addr), frames.into());
+                if let Some(Symbolized::Sym(sym)) = results.get(i) {
+                    table
+                        .user_source
+                        .insert((tgid, addr), source_frames_of(sym, "").into());
+                }
             }
         }
     }
@@ -351,8 +526,20 @@ pub fn symbolize(raw: &RawProfile, maps: &MapsCache, pids: &[u32]) -> SymbolTabl
                 })
                 .unwrap_or_else(|| vec![FrameName::from("[unknown]_[k]")]);
             table.kernel.insert(addr, frames.into());
+            if let Some(Symbolized::Sym(sym)) = results.get(i) {
+                table
+                    .kernel_source
+                    .insert(addr, source_frames_of(sym, "_[k]").into());
+            }
         }
     }
+    debug!(
+        user = table.user.len(),
+        kernel = table.kernel.len(),
+        code_info = opts.code_info,
+        "symbolized in {:.1} ms",
+        started.elapsed().as_secs_f64() * 1e3
+    );
     table
 }
 
@@ -432,5 +619,74 @@ mod tests {
         );
         // Unmapped address: data, not an error.
         assert_eq!(table.user(pid, 8, true), vec![FrameName::from("[unknown]")]);
+    }
+
+    /// Test that code info adds this file and a line to our own function's
+    /// source frame without changing its flamegraph frame, and that the
+    /// captured mapping of our binary has its build id.
+    #[test]
+    fn code_info_keeps_flamegraph_names() {
+        let pid = std::process::id();
+        let mut maps = MapsCache::default();
+        maps.capture(pid).expect("own maps");
+        let addr = code_info_keeps_flamegraph_names as *const () as u64;
+        let mut raw = RawProfile::default();
+        raw.add(
+            crate::aggregate::RawSampleKey {
+                tgid: pid,
+                tid: pid,
+                user: StackSlot::Frames([addr].into()),
+                kernel: StackSlot::Absent,
+            },
+            crate::aggregate::Weight {
+                samples: 1,
+                period_ns: 1,
+            },
+        );
+        let plain = symbolize(&raw, &maps, &[pid]);
+        let detailed = symbolize_with(&raw, &maps, &[pid], SymbolizeOptions { code_info: true });
+        assert_eq!(plain.user(pid, addr, true), detailed.user(pid, addr, true));
+        let plain_source = plain.user_source(pid, addr).expect("resolved");
+        assert!(plain_source[0].line.is_none(), "no code info asked for");
+        let frames = detailed.user_source(pid, addr).expect("resolved");
+        let outer = &frames[0];
+        assert!(
+            outer.name.contains("code_info_keeps_flamegraph_names"),
+            "{frames:?}"
+        );
+        assert!(
+            outer.file.as_deref().is_some_and(|f| f.ends_with("symbolize.rs")),
+            "{frames:?}"
+        );
+        assert!(outer.line.is_some_and(|l| l > 0), "{frames:?}");
+        let MappingKind::File(file) = &maps.lookup(pid, addr).expect("mapped").kind else {
+            panic!("our code is in a file");
+        };
+        assert!(file.build_id().is_some_and(|id| id.len() >= 16), "{file:?}");
+    }
+
+    /// Test that the GNU build id is found among ELF notes (the format of
+    /// /sys/kernel/notes), past a note of another kind.
+    #[test]
+    fn build_id_from_notes() {
+        let mut notes = Vec::new();
+        let mut note = |name: &[u8], kind: u32, desc: &[u8]| {
+            notes.extend((name.len() as u32 + 1).to_ne_bytes());
+            notes.extend((desc.len() as u32).to_ne_bytes());
+            notes.extend(kind.to_ne_bytes());
+            notes.extend(name);
+            notes.push(0);
+            notes.resize(notes.len().next_multiple_of(4), 0);
+            notes.extend(desc);
+            notes.resize(notes.len().next_multiple_of(4), 0);
+        };
+        note(b"Xen", 1, &[1, 2, 3]);
+        note(
+            b"GNU",
+            object::elf::NT_GNU_BUILD_ID,
+            &[0xde, 0xad, 0xbe, 0xef, 0x01],
+        );
+        assert_eq!(gnu_build_id_note(&notes).as_deref(), Some("deadbeef01"));
+        assert_eq!(gnu_build_id_note(&notes[..20]), None);
     }
 }

@@ -3,9 +3,11 @@
 //! its reports, and the kernel's list of loaded BPF programs.
 
 use std::{
-    io::{BufRead as _, BufReader},
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::TcpListener,
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -158,6 +160,78 @@ pub fn printed_files(stdout: &[u8], ext: &str) -> Vec<PathBuf> {
         .filter(|l| l.ends_with(&format!(".{ext}")))
         .map(PathBuf::from)
         .collect()
+}
+
+/// What one `flamewatch record` run left: its summary, folded stacks,
+/// every path it printed, and the folder (deleted when dropped).
+pub struct Recorded {
+    /// The JSON summary.
+    pub summary: Value,
+    /// The folded stacks (empty when `folded` was not among the formats).
+    pub stacks: Vec<(Vec<String>, u64)>,
+    /// Every path printed on stdout.
+    pub printed: Vec<PathBuf>,
+    /// The output folder.
+    pub dir: tempfile::TempDir,
+}
+
+/// Runs `flamewatch record --pid PID --output <temp dir> ARGS`, which must
+/// succeed, and reads what it wrote.
+pub fn record(pid: u32, args: &[&str]) -> Recorded {
+    let dir = output_dir();
+    let pid = pid.to_string();
+    let mut all = vec!["record", "--pid", &pid, "--output", dir.path().to_str().unwrap()];
+    all.extend_from_slice(args);
+    let out = flamewatch(&all);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let printed = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(PathBuf::from)
+        .collect();
+    let stacks = printed_files(&out.stdout, "folded")
+        .first()
+        .map(|f| read_folded(f))
+        .unwrap_or_default();
+    Recorded {
+        summary: read_json(&printed_files(&out.stdout, "json")[0]),
+        stacks,
+        printed,
+        dir,
+    }
+}
+
+/// A minimal HTTP server on loopback recording the JSON bodies POSTed to
+/// it (a webhook, Alertmanager's receiver); returns its URL (`path` on it).
+pub fn http_receiver(path: &str) -> (String, Arc<Mutex<Vec<Value>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}{path}", listener.local_addr().unwrap());
+    let bodies = Arc::new(Mutex::new(Vec::new()));
+    let seen = bodies.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let mut reader = BufReader::new(stream);
+            let mut length = 0;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0; length];
+            if reader.read_exact(&mut body).is_ok() {
+                if let Ok(v) = serde_json::from_slice(&body) {
+                    seen.lock().unwrap().push(v);
+                }
+            }
+            let _ = reader
+                .get_mut()
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+        }
+    });
+    (url, bodies)
 }
 
 /// Reads a JSON file.

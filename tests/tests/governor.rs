@@ -3,22 +3,11 @@
 use std::{process::Command, time::Duration};
 
 use flamewatch_e2e::*;
-use serde_json::Value;
 
 fn busy_target() -> TestProcess {
     let mut cmd = Command::new(target_bin("hotpaths-fp"));
     cmd.args(["--seconds", "60"]);
     TestProcess::spawn_ready(cmd)
-}
-
-fn record(pid: u32, args: &[&str]) -> Value {
-    let dir = output_dir();
-    let pid = pid.to_string();
-    let mut all = vec!["record", "--pid", &pid, "--output", dir.path().to_str().unwrap()];
-    all.extend_from_slice(args);
-    let out = flamewatch(&all);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    read_json(&printed_files(&out.stdout, "json")[0])
 }
 
 /// Test that a 20 kHz request under a 5 % budget is lowered to a rate whose
@@ -32,7 +21,8 @@ fn expensive_request_is_governed() {
     let s = record(
         target.pid(),
         &["--freq", "20000", "--max-overhead", "5", "--duration", "6s"],
-    );
+    )
+    .summary;
     let eff = s["sampling"]["effective_hz"].as_f64().unwrap();
     let o = &s["overhead"];
     let measured = o["measured_pct"].as_f64().unwrap();
@@ -60,7 +50,7 @@ fn cheap_request_keeps_its_rate() {
         return;
     }
     let target = busy_target();
-    let s = record(target.pid(), &["--freq", "99", "--duration", "4s"]);
+    let s = record(target.pid(), &["--freq", "99", "--duration", "4s"]).summary;
     assert_eq!(
         s["sampling"]["effective_hz"].as_f64(),
         Some(99.0),
@@ -88,7 +78,8 @@ fn pauses_when_nothing_fits() {
     let s = record(
         target.pid(),
         &["--freq", "10", "--max-overhead", "0.001", "--duration", "5s"],
-    );
+    )
+    .summary;
     let o = &s["overhead"];
     assert!(o["paused_s"].as_f64().unwrap() >= 2.0, "{o:#}");
     assert!(s["warnings"]
@@ -157,7 +148,8 @@ fn sessions_share_one_budget() {
     let s = record(
         target.pid(),
         &["--freq", "20000", "--max-overhead", "5", "--duration", "3s"],
-    );
+    )
+    .summary;
     let second = s["overhead"]["measured_pct"].as_f64().unwrap();
     assert!(
         second <= 1.5,

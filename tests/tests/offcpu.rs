@@ -14,24 +14,6 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-struct Recorded {
-    summary: Value,
-    stacks: Vec<(Vec<String>, u64)>,
-}
-
-fn record(pid: u32, args: &[&str]) -> Recorded {
-    let dir = output_dir();
-    let pid = pid.to_string();
-    let mut all = vec!["record", "--pid", &pid, "--output", dir.path().to_str().unwrap()];
-    all.extend_from_slice(args);
-    let out = flamewatch(&all);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    Recorded {
-        summary: read_json(&printed_files(&out.stdout, "json")[0]),
-        stacks: read_folded(&printed_files(&out.stdout, "folded")[0]),
-    }
-}
-
 /// A LogCaster whose buffer and stats locks deadlock after `after` seconds,
 /// with clients sending lines (a worker must be inside the buffer lock).
 fn deadlocked_logcaster(after: &str) -> (TestProcess, TestProcess) {

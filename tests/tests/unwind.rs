@@ -4,25 +4,6 @@
 use std::process::Command;
 
 use flamewatch_e2e::*;
-use serde_json::Value;
-
-struct Recorded {
-    summary: Value,
-    stacks: Vec<(Vec<String>, u64)>,
-}
-
-fn record(pid: u32, args: &[&str]) -> Recorded {
-    let dir = output_dir();
-    let pid = pid.to_string();
-    let mut all = vec!["record", "--pid", &pid, "--output", dir.path().to_str().unwrap()];
-    all.extend_from_slice(args);
-    let out = flamewatch(&all);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    Recorded {
-        summary: read_json(&printed_files(&out.stdout, "json")[0]),
-        stacks: read_folded(&printed_files(&out.stdout, "folded")[0]),
-    }
-}
 
 /// Share (percent) of the samples whose stack contains `frame`.
 fn share_with(stacks: &[(Vec<String>, u64)], frame: &str) -> f64 {

@@ -3,11 +3,8 @@
 //! and on-demand triggers.
 
 use std::{
-    io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::TcpListener,
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -25,7 +22,7 @@ fn logcaster_config(dir: &Path, target: &str) -> PathBuf {
 fn write_config(dir: &Path, tables: &str) -> PathBuf {
     let path = dir.join("flamewatch.toml");
     let text = format!(
-        "output = {:?}\ncontrol_socket = {:?}\n[emergency]\nduration = \"4s\"\n{tables}",
+        "output = {:?}\ncontrol_socket = {:?}\nmetrics_addr = \"off\"\n[emergency]\nduration = \"4s\"\n{tables}",
         dir.display().to_string(),
         dir.join("control.sock").display().to_string()
     );
@@ -124,6 +121,18 @@ fn busy_loop_alert_and_emergency_profile() {
     );
     assert_eq!(alert["severity"], "critical");
     assert_eq!(alert["target"]["pid"].as_u64(), Some(u64::from(lc.server.pid())));
+    // The spinning thread is the main one (the accept loop), not a worker.
+    let busiest = &alert["top_threads"][0];
+    assert_eq!(
+        busiest["tid"].as_u64(),
+        Some(u64::from(lc.server.pid())),
+        "{alert:#}"
+    );
+    assert!(busiest["cpu_pct"].as_f64().unwrap_or(0.0) > 80.0, "{alert:#}");
+    assert!(
+        alert["message"].as_str().unwrap().contains("busiest threads"),
+        "{alert:#}"
+    );
     let profile = wait_alert(dir.path(), Duration::from_secs(40), |a| {
         rule_is(a, "cpu_high", "profile")
     })
@@ -286,39 +295,6 @@ fn deadlock_stuck_alert() {
     assert_eq!(summary["mode"], "offcpu");
 }
 
-/// A minimal HTTP server recording the bodies POSTed to it.
-fn webhook_server() -> (String, Arc<Mutex<Vec<Value>>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}/alerts", listener.local_addr().unwrap());
-    let bodies = Arc::new(Mutex::new(Vec::new()));
-    let seen = bodies.clone();
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            let mut reader = BufReader::new(stream);
-            let mut length = 0;
-            loop {
-                let mut line = String::new();
-                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
-                    break;
-                }
-                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                    length = v.trim().parse().unwrap_or(0);
-                }
-            }
-            let mut body = vec![0; length];
-            if reader.read_exact(&mut body).is_ok() {
-                if let Ok(v) = serde_json::from_slice(&body) {
-                    seen.lock().unwrap().push(v);
-                }
-            }
-            let _ = reader
-                .get_mut()
-                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
-        }
-    });
-    (url, bodies)
-}
-
 /// Test that a target that restarts is found again within 2 s (the alert
 /// stream says so, and the webhook receives it), and that a target that is
 /// gone is reported once, not in a loop.
@@ -334,7 +310,7 @@ fn restart_followed_and_webhook() {
     std::fs::copy(target_bin("logcaster"), &bin).unwrap();
     let port = free_tcp_port();
     let first = logcaster(&bin, port, &[], &[]);
-    let (url, bodies) = webhook_server();
+    let (url, bodies) = http_receiver("/alerts");
     let config = logcaster_config(dir.path(), &format!("process = {name:?}"));
     let _d = daemon(&config, &["--webhook", &url]);
     std::thread::sleep(Duration::from_secs(3));

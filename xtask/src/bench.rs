@@ -183,6 +183,17 @@ pub fn run(which: &str, rounds: usize, seconds: f64, agent: &Path, targets: &Pat
     }
 }
 
+/// The `q` quantile (0..=1) of `v`, interpolated.
+fn quantile(mut v: Vec<f64>, q: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let x = q * (v.len() - 1) as f64;
+    let (lo, hi) = (x.floor() as usize, x.ceil() as usize);
+    v[lo] + (v[hi] - v[lo]) * (x - lo as f64)
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
@@ -212,16 +223,30 @@ fn compare(
     std::fs::create_dir_all(&work)?;
     println!(
         "{title} benchmark: {} (1 thread, 512 KiB working set), {seconds} s per run, {rounds} rounds; \
-         each profiled run paired with a baseline run just before it",
+         each profiled run paired with a baseline run just before or after it (alternating)",
         target.display()
     );
     let mut results: Vec<Vec<Run>> = vec![Vec::new(); configs.len()];
     for round in 1..=rounds {
         for (i, &config) in configs.iter().enumerate().skip(1) {
-            let base = measure(Profiler::None, &target, target_args, agent, &work, seconds)
-                .with_context(|| format!("round {round}, baseline"))?;
-            let mut run = measure(config, &target, target_args, agent, &work, seconds)
-                .with_context(|| format!("round {round}, {}", config.label()))?;
+            // Which of the pair runs first alternates: on this VM the second
+            // of two back-to-back runs is often a few percent faster.
+            let pair = |first: bool| -> Result<Run> {
+                if first {
+                    measure(Profiler::None, &target, target_args, agent, &work, seconds)
+                        .with_context(|| format!("round {round}, baseline"))
+                } else {
+                    measure(config, &target, target_args, agent, &work, seconds)
+                        .with_context(|| format!("round {round}, {}", config.label()))
+                }
+            };
+            let (base, mut run) = if (round + i) % 2 == 0 {
+                let b = pair(true)?;
+                (b, pair(false)?)
+            } else {
+                let r = pair(false)?;
+                (pair(true)?, r)
+            };
             run.ratio = run.ops_per_s / base.ops_per_s;
             run.cpu_ratio = run.ops_per_cpu_s / base.ops_per_cpu_s;
             eprintln!(
@@ -243,10 +268,11 @@ fn compare(
 
     println!();
     println!(
-        "{:<44} {:>12} {:>7} {:>9} {:>9} {:>9} {:>7} {:>12} {:>9} {:>13}",
+        "{:<44} {:>12} {:>7} {:>15} {:>9} {:>9} {:>9} {:>7} {:>12} {:>9} {:>13}",
         "configuration",
         "ops/s median",
         "ratio",
+        "ratio p25-p75",
         "ratio/CPU",
         "slowdown",
         "estimate",
@@ -260,6 +286,13 @@ fn compare(
         let ops = median(runs.iter().map(|r| r.ops_per_s).collect());
         let ratio = median(runs.iter().map(|r| r.ratio).collect());
         let cpu_ratio = median(runs.iter().map(|r| r.cpu_ratio).collect());
+        // The spread of the pairs: on a shared VM single runs vary by
+        // several percent, and the median is only as good as this.
+        let spread = format!(
+            "{:.3}-{:.3}",
+            quantile(runs.iter().map(|r| r.ratio).collect(), 0.25),
+            quantile(runs.iter().map(|r| r.ratio).collect(), 0.75)
+        );
         let slowdown = (1.0 - ratio) * 100.0;
         let est = runs.iter().filter_map(|r| r.estimate_pct).collect::<Vec<_>>();
         let est = (!est.is_empty()).then(|| median(est));
@@ -276,10 +309,15 @@ fn compare(
         let opt =
             |v: Option<f64>, unit: &str, prec: usize| v.map_or("-".into(), |v| format!("{v:.prec$}{unit}"));
         println!(
-            "{:<44} {:>12.0} {:>7.4} {:>9.4} {:>9} {:>9} {:>7} {:>12} {:>9} {:>13}",
+            "{:<44} {:>12.0} {:>7.4} {:>15} {:>9.4} {:>9} {:>9} {:>7} {:>12} {:>9} {:>13}",
             config.label(),
             ops,
             ratio,
+            if matches!(config, Profiler::None) {
+                "-".into()
+            } else {
+                spread
+            },
             cpu_ratio,
             if matches!(config, Profiler::None) {
                 "-".into()

@@ -7,7 +7,7 @@ mod setup;
 use std::{
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context as _, Result};
@@ -37,7 +37,10 @@ enum Task {
     Demo,
     /// Benchmarks, measured side by side in one run (run as root).
     Bench {
-        /// Which benchmark: `overhead`.
+        /// Which benchmark: `overhead` (vs perf record -g), `unwind` (DWARF vs
+        /// frame pointers vs perf --call-graph dwarf), `offcpu` (vs perf
+        /// sched_switch), `tcp` (connection churn).
+        #[arg(value_parser = ["overhead", "unwind", "offcpu", "tcp"])]
         which: String,
         /// Interleaved rounds (medians are reported).
         #[arg(long, default_value_t = 5)]
@@ -194,18 +197,30 @@ impl Drop for Killed {
     }
 }
 
+/// Seconds of healthy LogCaster before its accept loop starts to spin.
+const DEMO_INCIDENT_AFTER_S: u64 = 20;
+
+/// The main job: `flamewatch watch` with the LogCaster preset beside a
+/// LogCaster that goes through incident case 1 (busy loop). An on-demand
+/// profile of the healthy server becomes the baseline; the CPU alert starts
+/// an emergency profile, diffed against it. Prints the alerts, the files and
+/// where the emergency profile says the CPU goes.
 fn demo() -> Result<()> {
     let agent = build_agent()?;
     let targets = build_target_programs()?;
     let output = root().join("flamegraphs");
+    std::fs::create_dir_all(&output)?;
     let (port, health) = (free_port()?, free_port()?);
-    // LogCaster as shipped (-O2, no frame pointers), with case 1 of its
-    // incident list: the accept loop spins on select() with a zero timeout.
-    eprintln!("xtask: starting LogCaster with the busy-loop incident, and clients sending 1000 lines/s");
+    // LogCaster as shipped (-O2, no frame pointers): healthy first, then the
+    // accept loop spins on select() with a zero timeout.
+    eprintln!(
+        "xtask: starting LogCaster (busy-loop incident after {DEMO_INCIDENT_AFTER_S} s) and clients sending 1000 lines/s"
+    );
     let mut server = Killed(
         Command::new(targets.join("logcaster"))
             .args(["--port", &port.to_string(), "--health-port", &health.to_string()])
-            .args(["--incident", "busy-loop"])
+            .args(["--incident", "busy-loop", "--incident-after"])
+            .arg(DEMO_INCIDENT_AFTER_S.to_string())
             .stdout(Stdio::piped())
             .spawn()
             .context("starting logcaster")?,
@@ -224,43 +239,147 @@ fn demo() -> Result<()> {
                 "4",
                 "--rate",
                 "1000",
-                "--duration",
-                "30",
             ])
+            .args(["--duration", "120"])
             .stdout(Stdio::null())
             .spawn()
             .context("starting logcaster-load")?,
     );
-    std::thread::sleep(Duration::from_millis(500));
+
+    // The preset as shipped, with the demo's folder and a shorter emergency
+    // session so the demo takes a minute, not two.
+    let preset = std::fs::read_to_string(root().join("configs/logcaster.toml"))?;
+    let work = target_dir().join("demo");
+    std::fs::create_dir_all(&work)?;
+    let socket = work.join("control.sock");
+    let config = work.join("logcaster-demo.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "output = {:?}\ncontrol_socket = {:?}\nmetrics_addr = \"off\"\n\n[emergency]\nduration = \"15s\"\n\n{preset}",
+            output.display().to_string(),
+            socket.display().to_string()
+        ),
+    )?;
+    let alerts = output.join("alerts.jsonl");
+    // Only this run's records: the file keeps earlier runs' too.
+    let alerts_from = std::fs::metadata(&alerts).map_or(0, |m| m.len());
+    eprintln!(
+        "xtask: flamewatch watch --config {} (configs/logcaster.toml)",
+        config.display()
+    );
+    let mut watch = Killed(
+        as_root(&agent)
+            .args(["watch", "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting flamewatch watch")?,
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        if Instant::now() > deadline {
+            bail!("flamewatch watch did not open {}", socket.display());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // A profile of the healthy server: the baseline of the emergency diff.
+    eprintln!("xtask: flamewatch trigger --process logcaster --duration 10s (the healthy baseline)");
     let out = as_root(&agent)
-        .args(["record", "--pid", &server.0.id().to_string(), "--duration", "10s"])
-        .args(["--label", "logcaster-busy-loop", "--output"])
-        .arg(&output)
+        .args([
+            "trigger",
+            "--process",
+            "logcaster",
+            "--duration",
+            "10s",
+            "--control-socket",
+        ])
+        .arg(&socket)
         .stderr(Stdio::inherit())
         .output()
-        .context("running flamewatch record")?;
+        .context("running flamewatch trigger")?;
     if !out.status.success() {
-        bail!("flamewatch record failed ({})", out.status);
+        bail!("flamewatch trigger failed ({})", out.status);
     }
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let json = stdout
+    let baseline = String::from_utf8_lossy(&out.stdout)
         .lines()
-        .find(|l| l.ends_with(".json"))
-        .context("no summary printed")?;
+        .find(|l| l.ends_with(".svg"))
+        .unwrap_or_default()
+        .to_owned();
+
+    // The incident, the CPU alert (80 % for 10 s), the emergency profile.
+    eprintln!("xtask: waiting for the busy loop, its alert and the emergency profile");
+    let deadline = Instant::now() + Duration::from_secs(DEMO_INCIDENT_AFTER_S + 90);
+    let records = loop {
+        let records = read_alerts(&alerts, alerts_from);
+        if records.iter().any(|r| r["status"] == "profile") {
+            break records;
+        }
+        if Instant::now() > deadline {
+            bail!("no emergency profile in time; this run's alerts: {records:?}");
+        }
+        if let Ok(Some(status)) = watch.0.try_wait() {
+            bail!("flamewatch watch exited ({status})");
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    // SIGINT, as an engineer's Ctrl-C: the agent detaches and flushes.
+    unsafe { libc::kill(watch.0.id() as i32, libc::SIGINT) };
+    let status = watch.0.wait()?;
+    if !status.success() {
+        bail!("flamewatch watch exited with {status} after SIGINT");
+    }
+    drop(server);
+
+    println!("\nalerts ({}):", alerts.display());
+    for r in &records {
+        println!(
+            "  {}  {:<8} {:<9} {:<10} {}",
+            r["time"].as_str().unwrap_or("?"),
+            r["status"].as_str().unwrap_or("?"),
+            r["severity"].as_str().unwrap_or("?"),
+            r["rule"].as_str().unwrap_or("?"),
+            r["message"].as_str().unwrap_or("?")
+        );
+    }
+    let profile = &records
+        .iter()
+        .find(|r| r["status"] == "profile")
+        .context("no profile record")?["profile"];
+    let json = profile["json"]
+        .as_str()
+        .context("no summary in the profile record")?;
+    println!("\nbaseline flamegraph:     {baseline}");
+    println!(
+        "emergency flamegraph:    {}",
+        profile["svg"].as_str().unwrap_or("?")
+    );
+    println!(
+        "differential flamegraph: {}",
+        profile["diff_svg"].as_str().unwrap_or("(none: no baseline)")
+    );
+    println!("summary:                 {json}");
+    println!("index of every session:  {}", output.join("index.html").display());
+    print_profile(Path::new(json))
+}
+
+/// The alert records appended to `path` after byte `from`.
+fn read_alerts(path: &Path, from: u64) -> Vec<serde_json::Value> {
+    let text = std::fs::read(path).unwrap_or_default();
+    String::from_utf8_lossy(text.get(from as usize..).unwrap_or_default())
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// Prints a session's sampling numbers, hottest code paths and top functions.
+fn print_profile(json: &Path) -> Result<()> {
     let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(json)?)?;
     println!(
-        "\nflamegraph: {}",
-        summary["files"]["svg"].as_str().unwrap_or("?")
-    );
-    println!(
-        "folded:     {}",
-        summary["files"]["folded"].as_str().unwrap_or("?")
-    );
-    println!("summary:    {json}");
-    println!(
-        "\n{} samples at {} Hz over {} s ({} unwinding: {}); overhead {} % of the target's CPU",
+        "\nemergency profile: {} samples at {} Hz over {} s ({} unwinding: {}); overhead {} % of the target's CPU",
         summary["sampling"]["samples"],
-        summary["sampling"]["requested_hz"],
+        summary["sampling"]["effective_hz"],
         summary["session"]["duration_s"],
         summary["sampling"]["unwind"]["mode"].as_str().unwrap_or("?"),
         summary["sampling"]["unwind"]["reason"].as_str().unwrap_or("?"),

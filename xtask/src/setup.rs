@@ -20,6 +20,14 @@ const PACKAGES: &[(&str, &str)] = &[
     ("mount", "mount"),
     // The unwinding tests profile the distribution's python (no frame pointers).
     ("/usr/bin/python3", "python3"),
+    // The pprof test reads our profiles with `go tool pprof`.
+    ("go", "golang-go"),
+    // The ecosystem tests run a real Prometheus (and promtool) and Alertmanager.
+    ("promtool", "prometheus"),
+    ("prometheus-alertmanager", "prometheus-alertmanager"),
+    // The HTML index test drives a headless Chromium through chromedriver.
+    ("chromium", "chromium"),
+    ("chromedriver", "chromium-driver"),
 ];
 
 /// Runs every setup step.

@@ -2,6 +2,7 @@
 //! into firing and resolved records (persistence, hysteresis, cooldown),
 //! and the records themselves.
 
+pub mod alertmanager;
 pub mod sinks;
 
 use serde::{Deserialize, Serialize};
@@ -130,6 +131,11 @@ impl AlertState {
         self.last_finding.clone().map(Transition::Fire)
     }
 
+    /// Whether the alert is firing (fired and not yet resolved).
+    pub fn is_firing(&self) -> bool {
+        matches!(self.phase, Phase::Firing { .. })
+    }
+
     /// The last finding (for resolved records).
     pub fn last_finding(&self) -> Option<&Finding> {
         self.last_finding.as_ref()
@@ -183,6 +189,17 @@ pub struct BlockedEvidence {
     pub stack: Vec<String>,
 }
 
+/// A busy thread, as evidence in a CPU alert.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ThreadCpu {
+    /// Thread id.
+    pub tid: u32,
+    /// Thread name.
+    pub comm: String,
+    /// CPU use over the last interval, percent of one core.
+    pub cpu_pct: f64,
+}
+
 /// One line of the alerts JSONL stream.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AlertRecord {
@@ -210,6 +227,9 @@ pub struct AlertRecord {
     /// Blocked threads (stuck alerts).
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub blocked: Vec<BlockedEvidence>,
+    /// The busiest threads (CPU alerts).
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub top_threads: Vec<ThreadCpu>,
 }
 
 impl AlertRecord {
@@ -227,6 +247,7 @@ impl AlertRecord {
             message: finding.message.clone(),
             profile: None,
             blocked: Vec::new(),
+            top_threads: Vec::new(),
         }
     }
 }
@@ -306,6 +327,23 @@ mod tests {
             .filter(|(_, tr)| matches!(tr, Transition::Fire(_)))
             .count();
         assert!((2..=5).contains(&fires), "{fires}");
+    }
+
+    /// Test that `is_firing` holds from the fire to the resolve, not while
+    /// pending or clearing has not finished.
+    #[test]
+    fn is_firing_follows_the_phases() {
+        let r = rule(2.0, 3.0, 300.0);
+        let mut s = AlertState::default();
+        let mut firing = Vec::new();
+        for (t, h) in [true, true, true, false, false, false, false]
+            .into_iter()
+            .enumerate()
+        {
+            s.step(&r, t as f64, h.then(finding));
+            firing.push(s.is_firing());
+        }
+        assert_eq!(firing, [false, false, true, true, true, true, false]);
     }
 
     /// Test that rules read from TOML with defaults filled in.

@@ -42,22 +42,26 @@ pub struct WebhookStats {
 pub struct Sinks {
     jsonl: PathBuf,
     webhook: Option<mpsc::Sender<AlertRecord>>,
+    alertmanager: Option<mpsc::Sender<AlertRecord>>,
     /// Webhook counters.
     pub webhook_stats: Arc<WebhookStats>,
 }
 
 impl Sinks {
-    /// Sinks writing to `jsonl`, and POSTing to `webhook` when given.
-    pub fn new(jsonl: &Path, webhook: Option<String>) -> Self {
+    /// Sinks writing to `jsonl`, and POSTing to `webhook` and to
+    /// `alertmanager` (its base URL) when given.
+    pub fn new(jsonl: &Path, webhook: Option<String>, alertmanager: Option<String>) -> Self {
         let stats = Arc::new(WebhookStats::default());
         let webhook = webhook.map(|url| {
             let (tx, rx) = mpsc::channel(WEBHOOK_QUEUE);
             tokio::spawn(webhook_task(url, rx, stats.clone()));
             tx
         });
+        let alertmanager = alertmanager.map(super::alertmanager::spawn);
         Self {
             jsonl: jsonl.to_owned(),
             webhook,
+            alertmanager,
             webhook_stats: stats,
         }
     }
@@ -96,6 +100,11 @@ impl Sinks {
             if tx.try_send(record.clone()).is_err() {
                 self.webhook_stats.dropped.fetch_add(1, Ordering::Relaxed);
                 warn!("webhook queue full: alert record dropped");
+            }
+        }
+        if let Some(tx) = &self.alertmanager {
+            if tx.try_send(record.clone()).is_err() {
+                warn!("Alertmanager queue full: alert record dropped");
             }
         }
     }
@@ -159,6 +168,7 @@ mod tests {
             message: "m".into(),
             profile: None,
             blocked: Vec::new(),
+            top_threads: Vec::new(),
         }
     }
 
@@ -167,7 +177,7 @@ mod tests {
     async fn jsonl_lines() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub/alerts.jsonl");
-        let sinks = Sinks::new(&path, None);
+        let sinks = Sinks::new(&path, None, None);
         sinks.emit(&record());
         sinks.emit(&record());
         let text = std::fs::read_to_string(&path).unwrap();
@@ -182,7 +192,11 @@ mod tests {
     async fn webhook_failure_is_counted() {
         let dir = tempfile::tempdir().unwrap();
         // Port 9 (discard) on loopback: refused at once.
-        let sinks = Sinks::new(&dir.path().join("a.jsonl"), Some("http://127.0.0.1:9/".into()));
+        let sinks = Sinks::new(
+            &dir.path().join("a.jsonl"),
+            Some("http://127.0.0.1:9/".into()),
+            None,
+        );
         let t = std::time::Instant::now();
         sinks.emit(&record());
         assert!(

@@ -3,6 +3,8 @@
 
 pub mod flamegraph;
 pub mod folded;
+pub mod html;
+pub mod pprof;
 pub mod summary;
 
 use std::path::{Path, PathBuf};
@@ -22,6 +24,9 @@ pub enum RenderError {
     /// Serializing the summary failed.
     #[error("serializing the summary: {0}")]
     Json(#[from] serde_json::Error),
+    /// Compressing the pprof profile failed.
+    #[error("compressing the pprof profile: {0}")]
+    Pprof(#[source] std::io::Error),
 }
 
 /// Writes `bytes` to `path` atomically (temp file + rename), so a reader

@@ -213,15 +213,34 @@ pub struct StackErrors {
     pub kernel_errors: u64,
 }
 
-/// Output files.
+/// Output files. A format that was not asked for (`--format`) has an empty
+/// path here and no key in the JSON.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Files {
     /// Flamegraph.
+    #[serde(skip_serializing_if = "String::is_empty")]
     pub svg: String,
     /// Folded stacks.
+    #[serde(skip_serializing_if = "String::is_empty")]
     pub folded: String,
     /// This summary.
+    #[serde(skip_serializing_if = "String::is_empty")]
     pub json: String,
+    /// pprof profile (gzipped profile.proto).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub pprof: String,
+}
+
+impl Files {
+    /// Paths of the files written, in a fixed order (svg, folded, json,
+    /// pprof).
+    pub fn written(&self) -> Vec<String> {
+        [&self.svg, &self.folded, &self.json, &self.pprof]
+            .into_iter()
+            .filter(|p| !p.is_empty())
+            .cloned()
+            .collect()
+    }
 }
 
 impl Summary {
@@ -304,6 +323,8 @@ mod tests {
                 svg: "flamegraphs/demo-100-20261122T030000Z.svg".into(),
                 folded: "flamegraphs/demo-100-20261122T030000Z.folded".into(),
                 json: "flamegraphs/demo-100-20261122T030000Z.json".into(),
+                // Not asked for: no `pprof` key, so the golden file stands.
+                pprof: String::new(),
             },
             warnings: vec![],
         };

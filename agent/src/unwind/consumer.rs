@@ -31,6 +31,9 @@ pub struct Shared {
     /// CPU time the thread has used, ns (the governor charges it to the
     /// targets: it grows with the sampling rate).
     pub cpu_ns: AtomicU64,
+    /// Part of `cpu_ns` spent loading unwind tables of newly mapped files:
+    /// a one-time cost per file, not one that grows with the rate.
+    pub setup_ns: AtomicU64,
     /// Per-target unwinding counters.
     pub stats: Mutex<HashMap<u32, UnwindStats>>,
     /// Off-CPU begins known to userspace (threads already blocked when the
@@ -103,6 +106,7 @@ fn run(
     let mut files = FileCache::default();
     let mut procs: HashMap<u32, ProcessUnwinder> = HashMap::new();
     let mut cache = CacheX86_64::new();
+    let mut setup_ns = 0;
     let header = std::mem::size_of::<StackSampleHeader>();
     loop {
         // Stop only after a last full drain.
@@ -129,7 +133,9 @@ fn run(
             } else {
                 let proc = procs.entry(h.tgid).or_default();
                 if !proc.knows(h.ip) {
+                    let t0 = crate::governor::cost::thread_cpu_ns();
                     proc.refresh(h.tgid, &mut files);
+                    setup_ns += crate::governor::cost::thread_cpu_ns().saturating_sub(t0);
                 }
                 let (ips, ending) = proc.unwind(&mut cache, h.ip, h.sp, h.bp, stack);
                 match ending {
@@ -216,6 +222,7 @@ fn run(
                 t.no_user_stack += s.no_user_stack;
             }
         }
+        shared.setup_ns.store(setup_ns, Ordering::Relaxed);
         shared
             .cpu_ns
             .store(crate::governor::cost::thread_cpu_ns(), Ordering::Relaxed);

@@ -1,0 +1,428 @@
+//! Prometheus metrics of the daemon (`watch --metrics-addr`), in the text
+//! exposition format, served on `/metrics`.
+//!
+//! Labels are `target` (the watched name) and `pid`, plus `rule`, `severity`
+//! and `kind` from fixed sets: no label takes unbounded values. When a
+//! target's process changes, the old pid's series are removed.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+};
+
+use prometheus_client::{
+    encoding::{text::encode, EncodeLabelSet},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+use tracing::{info, warn};
+
+use crate::metrics::Metric;
+
+/// A target's labels.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TargetLabels {
+    /// Watched name.
+    pub target: String,
+    /// Its process id now.
+    pub pid: String,
+}
+
+/// An alert rule's labels.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RuleLabels {
+    /// Watched name.
+    pub target: String,
+    /// Rule name (from the configuration).
+    pub rule: String,
+    /// warning, critical, emergency.
+    pub severity: String,
+}
+
+/// A session kind's labels.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SessionLabels {
+    /// Watched name.
+    pub target: String,
+    /// on-demand, scheduled, emergency.
+    pub kind: String,
+}
+
+type GaugeF = Gauge<f64, AtomicU64>;
+
+/// Every metric the daemon exports.
+pub struct Exporter {
+    registry: Registry,
+    target: Vec<(Metric, Family<TargetLabels, GaugeF>)>,
+    alerts_firing: Family<RuleLabels, Gauge>,
+    alerts_total: Family<RuleLabels, Counter>,
+    sessions_total: Family<SessionLabels, Counter>,
+    sessions_running: Gauge,
+    overhead_pct: Family<TargetLabels, GaugeF>,
+    sampling_hz: Family<TargetLabels, GaugeF>,
+    lost_samples: Family<TargetLabels, GaugeF>,
+    tcp_lost_events: Family<TargetLabels, GaugeF>,
+    agent_cpu_pct: GaugeF,
+    agent_rss_bytes: GaugeF,
+    webhook_failed: Counter,
+}
+
+/// Name, help and unit of a target metric.
+fn describe(m: Metric) -> (&'static str, &'static str) {
+    match m {
+        Metric::CpuPct => ("target_cpu_percent", "CPU use of the target, percent of one core"),
+        Metric::RssBytes => ("target_rss_bytes", "Resident memory of the target"),
+        Metric::Threads => ("target_threads", "Threads of the target"),
+        Metric::Fds => ("target_open_fds", "Open file descriptors of the target"),
+        Metric::CtxSwitchesPerS => (
+            "target_context_switches_per_second",
+            "Context switches of the target per second",
+        ),
+        Metric::TcpEstablished => (
+            "target_tcp_established",
+            "Established TCP connections of the target",
+        ),
+        Metric::TimeWait => (
+            "target_tcp_time_wait",
+            "Sockets in TIME_WAIT on the target's ports now",
+        ),
+        Metric::TimeWaitPerS => (
+            "target_tcp_time_wait_per_second",
+            "Sockets entering TIME_WAIT per second",
+        ),
+        Metric::ResetsPerS => (
+            "target_tcp_resets_per_second",
+            "TCP resets of the target per second",
+        ),
+        Metric::RecvQueueBytes => (
+            "target_recv_queue_bytes",
+            "Bytes received but not yet read by the target",
+        ),
+    }
+}
+
+const TARGET_METRICS: [Metric; 10] = [
+    Metric::CpuPct,
+    Metric::RssBytes,
+    Metric::Threads,
+    Metric::Fds,
+    Metric::CtxSwitchesPerS,
+    Metric::TcpEstablished,
+    Metric::TimeWait,
+    Metric::TimeWaitPerS,
+    Metric::ResetsPerS,
+    Metric::RecvQueueBytes,
+];
+
+/// What a running session reports about a target.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SessionView {
+    /// Profiling overhead of the last interval, percent of the target's CPU.
+    pub overhead_pct: f64,
+    /// Sampling rate now.
+    pub hz: f64,
+    /// Samples lost so far in the session.
+    pub lost_samples: u64,
+}
+
+impl Default for Exporter {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Exporter {
+    /// Registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("flamewatch");
+        let target = TARGET_METRICS
+            .iter()
+            .map(|&m| {
+                let family = Family::<TargetLabels, GaugeF>::default();
+                let (name, help) = describe(m);
+                registry.register(name, help, family.clone());
+                (m, family)
+            })
+            .collect();
+        let alerts_firing = Family::<RuleLabels, Gauge>::default();
+        registry.register(
+            "alerts_firing",
+            "Alerts firing now (1) by rule",
+            alerts_firing.clone(),
+        );
+        let alerts_total = Family::<RuleLabels, Counter>::default();
+        registry.register("alerts", "Alerts fired", alerts_total.clone());
+        let sessions_total = Family::<SessionLabels, Counter>::default();
+        registry.register("sessions", "Profiling sessions run", sessions_total.clone());
+        let sessions_running = Gauge::default();
+        registry.register(
+            "sessions_running",
+            "Profiling sessions running now",
+            sessions_running.clone(),
+        );
+        let overhead_pct = Family::<TargetLabels, GaugeF>::default();
+        registry.register(
+            "profiling_overhead_percent",
+            "What profiling costs the target now, percent of its CPU (0 without a session)",
+            overhead_pct.clone(),
+        );
+        let sampling_hz = Family::<TargetLabels, GaugeF>::default();
+        registry.register(
+            "sampling_rate_hz",
+            "Effective sampling rate of the running session",
+            sampling_hz.clone(),
+        );
+        let lost_samples = Family::<TargetLabels, GaugeF>::default();
+        registry.register(
+            "lost_samples",
+            "Samples lost by the running session",
+            lost_samples.clone(),
+        );
+        let tcp_lost_events = Family::<TargetLabels, GaugeF>::default();
+        registry.register(
+            "tcp_lost_events",
+            "TCP events lost (ring buffer full)",
+            tcp_lost_events.clone(),
+        );
+        let agent_cpu_pct = GaugeF::default();
+        registry.register(
+            "agent_cpu_percent",
+            "CPU use of the agent itself, percent of one core",
+            agent_cpu_pct.clone(),
+        );
+        let agent_rss_bytes = GaugeF::default();
+        registry.register(
+            "agent_rss_bytes",
+            "Resident memory of the agent itself",
+            agent_rss_bytes.clone(),
+        );
+        let webhook_failed = Counter::default();
+        registry.register(
+            "webhook_failures",
+            "Alert records the webhook could not deliver",
+            webhook_failed.clone(),
+        );
+        Self {
+            registry,
+            target,
+            alerts_firing,
+            alerts_total,
+            sessions_total,
+            sessions_running,
+            overhead_pct,
+            sampling_hz,
+            lost_samples,
+            tcp_lost_events,
+            agent_cpu_pct,
+            agent_rss_bytes,
+            webhook_failed,
+        }
+    }
+
+    /// The latest values of a target.
+    pub fn set_target(&self, labels: &TargetLabels, values: &[(Metric, f64)]) {
+        for (m, v) in values {
+            if let Some((_, family)) = self.target.iter().find(|(t, _)| t == m) {
+                family.get_or_create(labels).set(*v);
+            }
+        }
+    }
+
+    /// The target's process went away: drop its series.
+    pub fn remove_target(&self, labels: &TargetLabels) {
+        for (_, family) in &self.target {
+            family.remove(labels);
+        }
+        for f in [
+            &self.overhead_pct,
+            &self.sampling_hz,
+            &self.lost_samples,
+            &self.tcp_lost_events,
+        ] {
+            f.remove(labels);
+        }
+    }
+
+    /// A session's view of a target (zeros when none runs).
+    pub fn set_session(&self, labels: &TargetLabels, view: SessionView, tcp_lost: u64) {
+        self.overhead_pct.get_or_create(labels).set(view.overhead_pct);
+        self.sampling_hz.get_or_create(labels).set(view.hz);
+        self.lost_samples
+            .get_or_create(labels)
+            .set(view.lost_samples as f64);
+        self.tcp_lost_events.get_or_create(labels).set(tcp_lost as f64);
+    }
+
+    /// An alert fired (`firing` true) or resolved.
+    pub fn alert(&self, labels: &RuleLabels, firing: bool) {
+        if firing {
+            self.alerts_total.get_or_create(labels).inc();
+        }
+        self.alerts_firing.get_or_create(labels).set(i64::from(firing));
+    }
+
+    /// A session started.
+    pub fn session_started(&self, labels: &SessionLabels) {
+        self.sessions_total.get_or_create(labels).inc();
+    }
+
+    /// Sessions running now.
+    pub fn set_sessions_running(&self, n: usize) {
+        self.sessions_running.set(n as i64);
+    }
+
+    /// The agent's own use.
+    pub fn set_agent(&self, cpu_pct: f64, rss_bytes: f64, webhook_failed: u64) {
+        self.agent_cpu_pct.set(cpu_pct);
+        self.agent_rss_bytes.set(rss_bytes);
+        let seen = self.webhook_failed.get();
+        if webhook_failed > seen {
+            self.webhook_failed.inc_by(webhook_failed - seen);
+        }
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+
+    /// The classic Prometheus text format (version 0.0.4), for scrapers and
+    /// tools that do not ask for OpenMetrics (promtool, curl).
+    pub fn render_text(&self) -> String {
+        to_prometheus_text(&self.render())
+    }
+}
+
+/// OpenMetrics text to the classic Prometheus text format: counter families
+/// are named by their `_total` samples, and `# UNIT`/`# EOF` go.
+pub fn to_prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        out.push_str(renamed.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
+}
+
+/// Serves `/metrics` of `exporter` on `addr` until the runtime stops.
+/// Returns the bound address (port 0 picks one).
+pub async fn serve(addr: SocketAddr, exporter: Arc<Exporter>) -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    if !bound.ip().is_loopback() {
+        warn!(
+            "metrics served on {bound}, beyond this machine: anyone who reaches it sees the targets' metrics"
+        );
+    }
+    let scrapes = Arc::new(AtomicU64::new(0));
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move |headers: axum::http::HeaderMap| {
+            let exporter = exporter.clone();
+            let scrapes = scrapes.clone();
+            async move {
+                scrapes.fetch_add(1, Ordering::Relaxed);
+                // Prometheus asks for OpenMetrics; everything else gets the
+                // classic text format.
+                let openmetrics = headers
+                    .get(axum::http::header::ACCEPT)
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|v| v.contains("application/openmetrics-text"));
+                if openmetrics {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        exporter.render(),
+                    )
+                } else {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4; charset=utf-8",
+                        )],
+                        exporter.render_text(),
+                    )
+                }
+            }
+        }),
+    );
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            warn!("metrics server stopped: {e}");
+        }
+    });
+    info!("Prometheus metrics on http://{bound}/metrics");
+    Ok(bound)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Test that the exposition carries target, alert and session metrics
+    /// with their labels, and drops a replaced pid's series.
+    #[test]
+    fn exposition() {
+        let e = Exporter::new();
+        let old = TargetLabels {
+            target: "logcaster".into(),
+            pid: "1".into(),
+        };
+        e.set_target(&old, &[(Metric::CpuPct, 97.5), (Metric::TimeWait, 1200.0)]);
+        let rule = RuleLabels {
+            target: "logcaster".into(),
+            rule: "cpu_high".into(),
+            severity: "critical".into(),
+        };
+        e.alert(&rule, true);
+        e.session_started(&SessionLabels {
+            target: "logcaster".into(),
+            kind: "emergency".into(),
+        });
+        let text = e.render();
+        assert!(
+            text.contains(r#"flamewatch_target_cpu_percent{target="logcaster",pid="1"} 97.5"#),
+            "{text}"
+        );
+        assert!(text.contains(
+            r#"flamewatch_alerts_firing{target="logcaster",rule="cpu_high",severity="critical"} 1"#
+        ));
+        assert!(text.contains(
+            r#"flamewatch_alerts_total{target="logcaster",rule="cpu_high",severity="critical"} 1"#
+        ));
+        assert!(text.contains(r#"flamewatch_sessions_total{target="logcaster",kind="emergency"} 1"#));
+        assert!(text.trim_end().ends_with("# EOF"));
+        e.remove_target(&old);
+        assert!(!e.render().contains(r#"pid="1""#));
+        let classic = e.render_text();
+        assert!(
+            classic.contains("# TYPE flamewatch_alerts_total counter"),
+            "{classic}"
+        );
+        assert!(classic.contains("# HELP flamewatch_alerts_total Alerts fired"));
+        assert!(!classic.contains("# EOF"));
+    }
+}
