@@ -1,7 +1,7 @@
 /* Alternates spinning and sleeping, for off-CPU and wall-clock profiles.
  *
  *   sleepspin [--spin-us N | --spin-iters N] [--sleep-us N] [--seconds S] [--threads N]
- *             [--wait-start]
+ *             [--wait-start] [--counter FILE]
  *
  * Each thread loops: spin_phase() burns N µs of its own CPU time (so being
  * preempted does not shorten it), or with --spin-iters a fixed amount of
@@ -11,7 +11,9 @@
  * time on CPU and half off; short phases (e.g. 50 µs) make a
  * context-switch-heavy workload. With --wait-start the threads run at once
  * but the measured window (of --seconds) starts at SIGUSR1, so a benchmark
- * can attach a profiler first. At exit it prints
+ * can attach a profiler first. With --counter the cycle count lives in the
+ * first 64 bits of FILE (mapped shared), for a benchmark to read at will.
+ * At exit it prints
  *   cycles=<spin+sleep cycles> wall_s=<seconds> cycles_per_s=<rate>
  */
 #define _GNU_SOURCE
@@ -19,7 +21,9 @@
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <fcntl.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -28,7 +32,8 @@
 static long spin_us = 10000, sleep_us = 10000, spin_iters = 0;
 static double seconds = 0;
 static volatile unsigned long sink;
-static unsigned long cycles; /* all threads, atomically */
+static unsigned long local_cycles;
+static unsigned long *cycles = &local_cycles; /* all threads, atomically */
 static volatile sig_atomic_t stop, started = 1;
 
 static void on_start(int sig) { (void)sig; started = 1; }
@@ -80,7 +85,7 @@ static void keep_window(void) {
     double t = now();
     if (window_start == 0) {
         window_start = t;
-        window_cycles = __atomic_load_n(&cycles, __ATOMIC_RELAXED);
+        window_cycles = __atomic_load_n(cycles, __ATOMIC_RELAXED);
     } else if (seconds > 0 && t - window_start >= seconds) {
         stop = 1;
     }
@@ -92,7 +97,7 @@ static void *run(void *arg) {
     while (!stop) {
         spin_phase();
         sleep_phase();
-        __atomic_fetch_add(&cycles, 1, __ATOMIC_RELAXED);
+        __atomic_fetch_add(cycles, 1, __ATOMIC_RELAXED);
         if (is_main)
             keep_window();
     }
@@ -114,9 +119,19 @@ int main(int argc, char **argv) {
             threads = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--wait-start"))
             started = 0;
-        else {
+        else if (!strcmp(argv[i], "--counter") && i + 1 < argc) {
+            int fd = open(argv[++i], O_RDWR | O_CREAT, 0600);
+            void *p = MAP_FAILED;
+            if (fd < 0 || ftruncate(fd, 4096) < 0 ||
+                (p = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)) == MAP_FAILED) {
+                perror(argv[i]);
+                return 1;
+            }
+            close(fd);
+            cycles = p;
+        } else {
             fprintf(stderr, "usage: sleepspin [--spin-us N | --spin-iters N] [--sleep-us N] [--seconds S] [--threads N]"
-                            " [--wait-start]\n");
+                            " [--wait-start] [--counter FILE]\n");
             return 2;
         }
     }
@@ -136,7 +151,7 @@ int main(int argc, char **argv) {
     run(&threads); /* worker 0, keeps the window */
     for (int t = 1; t < threads; t++)
         pthread_join(tids[t], NULL);
-    unsigned long n = __atomic_load_n(&cycles, __ATOMIC_RELAXED) - window_cycles;
+    unsigned long n = __atomic_load_n(cycles, __ATOMIC_RELAXED) - window_cycles;
     double wall = window_s;
     printf("cycles=%lu wall_s=%.3f cycles_per_s=%.0f\n", n, wall, n / wall);
     return 0;

@@ -204,8 +204,113 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-/// Measures `profiled` configurations against paired baseline runs of
-/// `target` and prints the table.
+/// A target process that lives through a whole comparison, its operation
+/// counters in a file both sides map: windows with and without a profiler
+/// are taken in the same process, so they compare the same code on the
+/// same physical pages (separate processes of the same program differ by
+/// several percent on this VM, more than what is measured).
+struct Target {
+    child: Child,
+    counters: *const std::sync::atomic::AtomicU64,
+    path: std::path::PathBuf,
+}
+
+/// Time between a profiler's attaching and its measured window: both
+/// profilers start by reading the target's files and symbols, once.
+const SETTLE: Duration = Duration::from_secs(1);
+
+/// Slots of the counter file: one 64-bit counter every 64 bytes.
+const COUNTER_SLOTS: usize = 64;
+
+impl Target {
+    fn start(program: &Path, args: &[&str], work: &Path) -> Result<Self> {
+        let path = work.join("counters");
+        std::fs::write(&path, vec![0u8; 4096])?;
+        let mut child = Command::new(program)
+            .args(args)
+            .args(["--seconds", "1000000", "--counter"])
+            .arg(&path)
+            .stdout(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {}", program.display()))?;
+        // The banner: the file is mapped, the workers run.
+        let mut banner = String::new();
+        BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut banner)?;
+        let file = std::fs::File::open(&path)?;
+        // SAFETY: a shared read-only mapping of a 4 KiB file we created; it is
+        // only read through atomics, as the target writes it with atomics.
+        let map = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                4096,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                std::os::fd::AsRawFd::as_raw_fd(&file),
+                0,
+            )
+        };
+        if map == libc::MAP_FAILED {
+            bail!("mmap {}: {}", path.display(), std::io::Error::last_os_error());
+        }
+        // Warm up: caches, page faults, the CPU's clocks.
+        std::thread::sleep(Duration::from_secs(1));
+        Ok(Self {
+            child,
+            counters: map.cast(),
+            path,
+        })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Operations done so far, all threads.
+    fn ops(&self) -> u64 {
+        (0..COUNTER_SLOTS)
+            // SAFETY: slot * 8 words stays inside the 4 KiB mapping.
+            .map(|slot| unsafe { &*self.counters.add(slot * 8) }.load(std::sync::atomic::Ordering::Relaxed))
+            .sum()
+    }
+
+    /// CPU time of all the target's threads, seconds (from the scheduler's
+    /// nanosecond clock, not the 10 ms ticks of /proc/PID/stat).
+    fn cpu_s(&self) -> f64 {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", self.pid())) else {
+            return f64::NAN;
+        };
+        tasks
+            .flatten()
+            .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+            .filter_map(|s| s.split_whitespace().next()?.parse::<f64>().ok())
+            .sum::<f64>()
+            / 1e9
+    }
+
+    /// Throughput over the next `seconds`: per wall second and per CPU second.
+    fn window(&self, seconds: f64) -> (f64, f64) {
+        let (ops0, cpu0, t0) = (self.ops(), self.cpu_s(), Instant::now());
+        std::thread::sleep(Duration::from_secs_f64(seconds));
+        let (ops1, cpu1, t1) = (self.ops(), self.cpu_s(), Instant::now());
+        let ops = (ops1 - ops0) as f64;
+        (ops / (t1 - t0).as_secs_f64(), ops / (cpu1 - cpu0).max(1e-9))
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        // SAFETY: unmapping the mapping made in start, signalling our child.
+        unsafe {
+            libc::munmap(self.counters as *mut libc::c_void, 4096);
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Measures `profiled` configurations against paired baseline windows of
+/// one long-lived `target` process and prints the table.
 fn compare(
     title: &str,
     target: &Path,
@@ -218,34 +323,35 @@ fn compare(
     let configs: Vec<Profiler> = std::iter::once(Profiler::None)
         .chain(profiled.iter().copied())
         .collect();
-    let target = target.to_owned();
     let work = std::env::temp_dir().join(format!("flamewatch-bench-{}", std::process::id()));
     std::fs::create_dir_all(&work)?;
     println!(
-        "{title} benchmark: {} (1 thread, 512 KiB working set), {seconds} s per run, {rounds} rounds; \
-         each profiled run paired with a baseline run just before or after it (alternating)",
-        target.display()
+        "{title} benchmark: {} {}, {seconds} s windows, {rounds} rounds; one target process throughout, \
+         each profiled window (from 1 s after the profiler attached) between two baseline windows",
+        target.display(),
+        target_args.join(" ")
     );
+    let process = Target::start(target, target_args, &work)?;
     let mut results: Vec<Vec<Run>> = vec![Vec::new(); configs.len()];
+    let baseline = || measure(Profiler::None, &process, agent, &work, seconds).context("baseline");
     for round in 1..=rounds {
-        for (i, &config) in configs.iter().enumerate().skip(1) {
-            // Which of the pair runs first alternates: on this VM the second
-            // of two back-to-back runs is often a few percent faster.
-            let pair = |first: bool| -> Result<Run> {
-                if first {
-                    measure(Profiler::None, &target, target_args, agent, &work, seconds)
-                        .with_context(|| format!("round {round}, baseline"))
-                } else {
-                    measure(config, &target, target_args, agent, &work, seconds)
-                        .with_context(|| format!("round {round}, {}", config.label()))
-                }
-            };
-            let (base, mut run) = if (round + i) % 2 == 0 {
-                let b = pair(true)?;
-                (b, pair(false)?)
-            } else {
-                let r = pair(false)?;
-                (pair(true)?, r)
+        // Every profiled window sits between two baseline windows, and is
+        // judged against their mean: a drift of the machine's speed cancels
+        // within each sandwich. The configurations take turns going first.
+        let mut before = baseline()?;
+        let n = configs.len() - 1;
+        for k in 0..n {
+            let i = 1 + (k + round - 1) % n;
+            let config = configs[i];
+            let mut run = measure(config, &process, agent, &work, seconds)
+                .with_context(|| format!("round {round}, {}", config.label()))?;
+            let after = baseline()?;
+            let base = Run {
+                ops_per_s: (before.ops_per_s + after.ops_per_s) / 2.0,
+                ops_per_cpu_s: (before.ops_per_cpu_s + after.ops_per_cpu_s) / 2.0,
+                ratio: 1.0,
+                cpu_ratio: 1.0,
+                ..Run::default()
             };
             run.ratio = run.ops_per_s / base.ops_per_s;
             run.cpu_ratio = run.ops_per_cpu_s / base.ops_per_cpu_s;
@@ -256,14 +362,12 @@ fn compare(
                 base.ops_per_s,
                 run.ratio
             );
-            results[0].push(Run {
-                ratio: 1.0,
-                cpu_ratio: 1.0,
-                ..base
-            });
+            results[0].push(base);
             results[i].push(run);
+            before = after;
         }
     }
+    drop(process);
     let _ = std::fs::remove_dir_all(&work);
 
     println!();
@@ -364,27 +468,12 @@ fn compare(
     Ok(())
 }
 
-/// Runs the target once under `config`; returns its throughput while the
-/// profiler was attached.
-fn measure(
-    config: Profiler,
-    target: &Path,
-    target_args: &[&str],
-    agent: &Path,
-    work: &Path,
-    seconds: f64,
-) -> Result<Run> {
-    let mut child = Command::new(target)
-        .args(target_args)
-        .args(["--seconds", &seconds.to_string(), "--wait-start"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("starting the target")?;
-    let mut out = BufReader::new(child.stdout.take().context("stdout")?);
-    let mut banner = String::new();
-    out.read_line(&mut banner)?;
-    let pid = child.id();
-    let out_dir = work.join(format!("run-{pid}"));
+/// One window of the running target under `config`: the profiler is
+/// attached, the window measured, the profiler stopped (SIGINT, as an
+/// engineer would) and its report read.
+fn measure(config: Profiler, target: &Target, agent: &Path, work: &Path, seconds: f64) -> Result<Run> {
+    let pid = target.pid();
+    let out_dir = work.join("run");
     let mut profiler: Option<Child> = match config {
         Profiler::None => None,
         Profiler::Flamewatch {
@@ -405,7 +494,7 @@ fn measure(
                 "--freq",
                 &hz.to_string(),
                 "--duration",
-                "1h",
+                "forever",
             ])
             .arg("--output")
             .arg(&out_dir)
@@ -422,10 +511,13 @@ fn measure(
                 "unwinding with",
                 Duration::from_secs(20),
             )?;
+            // What is measured is the steady state, not the start.
+            std::thread::sleep(SETTLE);
             Some(agent)
         }
         Profiler::Perf { .. } | Profiler::PerfSched => {
-            let data = work.join(format!("perf-{pid}.data"));
+            let data = work.join("perf.data");
+            let _ = std::fs::remove_file(&data);
             let args: Vec<String> = match config {
                 Profiler::Perf { hz, dwarf: true } => {
                     vec!["--call-graph".into(), "dwarf".into(), "-F".into(), hz.to_string()]
@@ -438,7 +530,7 @@ fn measure(
                 .args(&args)
                 .args(["-p", &pid.to_string(), "-o"])
                 .arg(&data)
-                .stdout(Stdio::null())
+                .stdout(Stdio::piped())
                 .stderr(Stdio::null())
                 .spawn()
                 .context("starting perf")?;
@@ -447,33 +539,19 @@ fn measure(
             while !data.exists() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(20));
             }
-            std::thread::sleep(Duration::from_millis(200));
+            std::thread::sleep(SETTLE);
             Some(perf)
         }
     };
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(pid as i32, libc::SIGUSR1) };
-    let mut line = String::new();
-    out.read_line(&mut line)?;
-    let _ = child.wait();
-    let field = |name: &str| -> Result<f64> {
-        line.split_whitespace()
-            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
-            .and_then(|v| v.parse().ok())
-            .with_context(|| format!("target printed no {name}: {line:?}"))
-    };
-    // throughput prints ops (and CPU time), sleepspin prints cycles.
-    let ops_per_s = field("ops_per_s").or_else(|_| field("cycles_per_s"))?;
-    let ops_per_cpu_s = match (field("ops"), field("cpu_s")) {
-        (Ok(ops), Ok(cpu)) => ops / cpu.max(1e-9),
-        _ => f64::NAN,
-    };
+    let (ops_per_s, ops_per_cpu_s) = target.window(seconds);
     let mut run = Run {
         ops_per_s,
         ops_per_cpu_s,
         ..Run::default()
     };
     if let Some(p) = profiler.take() {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(p.id() as i32, libc::SIGINT) };
         let (stdout, usage) = wait_rusage(p)?;
         run.profiler_cpu_s = Some(usage.0);
         run.profiler_maxrss_kib = Some(usage.1);
@@ -488,6 +566,8 @@ fn measure(
                 }
             }
         }
+        // The next window starts on a machine that is done with this one.
+        std::thread::sleep(Duration::from_millis(300));
     }
     let _ = std::fs::remove_dir_all(&out_dir);
     Ok(run)
@@ -497,13 +577,13 @@ fn measure(
 /// the background (so the child never blocks on a full pipe).
 fn wait_for_line(stream: impl std::io::Read + Send + 'static, needle: &str, timeout: Duration) -> Result<()> {
     let (tx, rx) = std::sync::mpsc::channel();
-    let needle = needle.to_owned();
+    let wanted = needle.to_owned();
     std::thread::spawn(move || {
         let mut reader = BufReader::new(stream);
         let mut line = String::new();
         let mut sent = false;
         while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
-            if !sent && line.contains(&needle) {
+            if !sent && line.contains(&wanted) {
                 let _ = tx.send(());
                 sent = true;
             }
@@ -511,7 +591,7 @@ fn wait_for_line(stream: impl std::io::Read + Send + 'static, needle: &str, time
         }
     });
     rx.recv_timeout(timeout)
-        .map_err(|_| anyhow::anyhow!("no '{}' line within {timeout:?}", "sampling at"))
+        .map_err(|_| anyhow::anyhow!("flamewatch printed no '{needle}' line within {timeout:?}"))
 }
 
 /// Waits for a child; returns its stdout and (CPU seconds, max RSS KiB).
