@@ -18,11 +18,20 @@ fn expensive_request_is_governed() {
         return;
     }
     let target = busy_target();
+    let stats_sysctl = || std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").unwrap();
+    let sysctl_before = stats_sysctl();
     let s = record(
         target.pid(),
         &["--freq", "20000", "--max-overhead", "5", "--duration", "6s"],
     )
     .summary;
+    // BPF statistics came from the agent's BPF_ENABLE_STATS descriptor,
+    // not from the sysctl, which is as it was.
+    assert_eq!(
+        stats_sysctl(),
+        sysctl_before,
+        "kernel.bpf_stats_enabled left as it was"
+    );
     let eff = s["sampling"]["effective_hz"].as_f64().unwrap();
     let o = &s["overhead"];
     let measured = o["measured_pct"].as_f64().unwrap();
@@ -37,9 +46,17 @@ fn expensive_request_is_governed() {
     // Samples follow the governed rate, not the request: the target ran ~6 s.
     let samples = s["sampling"]["samples"].as_f64().unwrap();
     assert!(samples < eff * 8.0, "{samples} samples at {eff} Hz");
+    // Measured, not the fallback used when calibration fails (30 µs), and
+    // in the range seen on these VMs; the program's run time was read.
+    let interrupt = o["interrupt_ns_per_sample"].as_f64().unwrap();
     assert!(
-        o["interrupt_ns_per_sample"].as_f64().unwrap() > 1_000.0,
-        "calibrated"
+        interrupt != 30_000.0 && (2_000.0..200_000.0).contains(&interrupt),
+        "calibrated interrupt cost {interrupt} ns\n{o:#}"
+    );
+    let bpf = o["bpf_ns_per_sample"].as_f64().unwrap();
+    assert!(
+        bpf > 100.0 && bpf < 50_000.0,
+        "BPF run time per sample {bpf} ns\n{o:#}"
     );
 }
 

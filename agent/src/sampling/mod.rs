@@ -69,22 +69,32 @@ pub enum SamplingError {
     TooManyTargets,
 }
 
-/// Opens an event on every current thread of `pid`.
+/// Opens an event on every thread of `pid`. Threads created later by a
+/// thread with an event inherit it; one created meanwhile by a thread not
+/// reached yet would not, so the list is read again until it holds no
+/// thread without an event (as `perf record -p` does).
 fn open_events(
     pid: u32,
     period_ns: u64,
     prog_fd: std::os::fd::RawFd,
 ) -> Result<Vec<ThreadEvent>, SamplingError> {
-    let tids = target::threads(pid).map_err(|_| SamplingError::Gone { pid })?;
-    let mut events = Vec::with_capacity(tids.len());
-    for tid in tids {
-        match ThreadEvent::open(tid, period_ns, prog_fd) {
-            Ok(ev) => events.push(ev),
-            // The thread exited between listing and opening: nothing to sample.
-            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {
-                debug!(pid, tid, "thread exited before attach")
+    let mut events = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..16 {
+        let tids = target::threads(pid).map_err(|_| SamplingError::Gone { pid })?;
+        let new: Vec<u32> = tids.into_iter().filter(|tid| seen.insert(*tid)).collect();
+        if new.is_empty() {
+            break;
+        }
+        for tid in new {
+            match ThreadEvent::open(tid, period_ns, prog_fd) {
+                Ok(ev) => events.push(ev),
+                // The thread exited between listing and opening: nothing to sample.
+                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {
+                    debug!(pid, tid, "thread exited before attach")
+                }
+                Err(source) => return Err(SamplingError::PerfEvent { pid, tid, source }),
             }
-            Err(source) => return Err(SamplingError::PerfEvent { pid, tid, source }),
         }
     }
     if events.is_empty() {
@@ -261,6 +271,28 @@ impl Sampler {
             },
         );
         Ok(n)
+    }
+
+    /// Makes the agent's own process a target of the sampling program while
+    /// `f` runs (only threads with an event of their own are sampled: the
+    /// calibration thread), so that the calibration pays for the whole
+    /// program path a target's sample takes: table lookup, user and kernel
+    /// stack walks, map updates. What it sampled is then discarded.
+    pub fn as_calibration_target<T>(&mut self, f: impl FnOnce(std::os::fd::RawFd) -> T) -> T {
+        let me = std::process::id();
+        // The last slot: targets take the lowest free ones, and add_target
+        // clears a slot's counters before use.
+        let info = TargetInfo {
+            slot: MAX_TARGETS - 1,
+            flags: target_flags::KERNEL_STACKS,
+        };
+        let registered = self.target_map.insert(me, info, 0).is_ok();
+        let out = f(self.prog_fd());
+        if registered {
+            let _ = self.target_map.remove(&me);
+            let _ = self.drain_all(&mut RawProfile::default());
+        }
+        out
     }
 
     /// The target's slot in the kernel's per-target tables.
