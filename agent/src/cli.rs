@@ -69,6 +69,11 @@ pub struct WatchArgs {
     /// Send alerts to this Alertmanager (base URL).
     #[arg(long, value_name = "URL")]
     pub alertmanager: Option<String>,
+    /// Files written per session, e.g. `svg,folded,json,pprof` (svg, folded
+    /// and json are always written: baselines, differential flamegraphs and
+    /// alert links are made of them). Default: from the config.
+    #[arg(long = "format", value_name = "FORMATS", value_enum, value_delimiter = ',')]
+    pub formats: Vec<Format>,
 }
 
 impl WatchArgs {
@@ -113,6 +118,9 @@ impl WatchArgs {
         }
         if let Some(a) = &self.alertmanager {
             config.alertmanager = Some(a.clone());
+        }
+        if !self.formats.is_empty() {
+            config.formats = dedup(&self.formats);
         }
         if config.metrics_addr != "off" && config.metrics_addr.parse::<std::net::SocketAddr>().is_err() {
             return Err(format!(
@@ -476,6 +484,23 @@ mod tests {
         assert!(record(&["record", "--pid", "1", "--format", "pprof"])
             .to_config()
             .writes(Pprof));
+    }
+
+    /// Test that `watch --format` adds files to every session, on top of
+    /// the three the daemon always writes, and that without it the config
+    /// decides.
+    #[test]
+    fn watch_formats() {
+        use crate::config::Format::*;
+        let watch = |args: &[&str]| match parse(args).expect("parses").command {
+            Command::Watch(w) => w.to_config().expect("valid"),
+            other => panic!("not watch: {other:?}"),
+        };
+        let plain = watch(&["watch", "--pid", "1"]);
+        assert_eq!(plain.session_formats(), [Svg, Folded, Json]);
+        let with = watch(&["watch", "--pid", "1", "--format", "pprof"]);
+        assert_eq!(with.session_formats(), [Svg, Folded, Json, Pprof]);
+        assert!(parse(&["watch", "--pid", "1", "--format", "png"]).is_err());
     }
 
     fn tcp(args: &[&str]) -> TcpArgs {

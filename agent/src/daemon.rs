@@ -85,6 +85,28 @@ struct SessionDone {
     reply: Option<oneshot::Sender<Reply>>,
 }
 
+/// Rule name of the record saying a target came back with a new pid.
+pub const TARGET_RESTARTED: &str = "target_restarted";
+/// Rule name of the record saying a target is gone (resolved when it is back).
+pub const TARGET_GONE: &str = "target_gone";
+
+/// The pseudo-rule of the daemon's own records about targets.
+fn event_rule(name: &str) -> Rule {
+    Rule {
+        name: name.into(),
+        severity: Severity::Warning,
+        persist_s: 0.0,
+        clear_s: 0.0,
+        cooldown_s: 0.0,
+        check: Check::Threshold {
+            metric: Metric::CpuPct,
+            above: None,
+            below: None,
+            for_s: 0.0,
+        },
+    }
+}
+
 /// One watched process.
 struct Watched {
     spec: TargetConfig,
@@ -92,7 +114,9 @@ struct Watched {
     process: Option<Target>,
     metrics: TargetMetrics,
     states: HashMap<String, AlertState>,
-    gone_reported: bool,
+    /// The process that went away (reported once as `target_gone`) and
+    /// when: its return, however late, is a restart.
+    gone: Option<(Target, Instant)>,
     last_emergency: Option<Instant>,
     schedules: Vec<(cron::Schedule, Duration, u64, DateTime<Utc>)>,
     /// Folded stacks of the latest baseline (for differential flamegraphs).
@@ -169,7 +193,7 @@ impl Daemon {
                 process: None,
                 metrics: TargetMetrics::default(),
                 states: HashMap::new(),
-                gone_reported: false,
+                gone: None,
                 last_emergency: None,
                 schedules,
                 baseline: None,
@@ -374,51 +398,57 @@ impl Daemon {
             if let Some((_, tcp)) = self.tcp.as_mut() {
                 tcp.remove_target(old.pid);
             }
+            // The old process's firing alerts end with it (Alertmanager
+            // would otherwise keep them open); its history is not the
+            // next process's.
+            self.resolve_all(i, old, "the process is gone");
+            let w = &mut self.watched[i];
+            w.metrics.clear();
+            w.states.clear();
         }
+        let w = &mut self.watched[i];
         let found = w.resolve();
-        let rule = |name: &str| Rule {
-            name: name.into(),
-            severity: Severity::Warning,
-            persist_s: 0.0,
-            clear_s: 0.0,
-            cooldown_s: 0.0,
-            check: Check::Threshold {
-                metric: Metric::CpuPct,
-                above: None,
-                below: None,
-                for_s: 0.0,
-            },
-        };
-        match (&old, &found) {
-            (_, Some(new)) => {
+        match (old, found) {
+            (old, Some(new)) => {
                 if let Some((_, tcp)) = self.tcp.as_mut() {
                     if let Err(e) = tcp.add_target(new.pid) {
                         warn!(pid = new.pid, "TCP tracking of this target failed: {e}");
                     }
                 }
-                if let Some(old) = &old {
+                let gone = w.gone.take();
+                let previous = old.map(|o| (o, None)).or(gone.map(|(o, at)| (o, Some(at))));
+                if let Some((prev, gone_at)) = previous {
+                    let after = gone_at.map_or_else(String::new, |at| {
+                        format!(" after {:.0} s away", at.elapsed().as_secs_f64())
+                    });
                     let f = Finding {
                         metric: "pid".into(),
                         value: f64::from(new.pid),
-                        threshold: f64::from(old.pid),
-                        message: format!("{} restarted: pid {} -> {}", new.comm, old.pid, new.pid),
+                        threshold: f64::from(prev.pid),
+                        message: format!("{} restarted: pid {} -> {}{after}", new.comm, prev.pid, new.pid),
                     };
+                    if gone_at.is_some() {
+                        let mut back = AlertRecord::new(
+                            Status::Resolved,
+                            alert_target(&prev),
+                            &event_rule(TARGET_GONE),
+                            &f,
+                        );
+                        back.message = format!("{} is back as pid {}", prev.comm, new.pid);
+                        self.sinks.emit(&back);
+                    }
                     self.sinks.emit(&AlertRecord::new(
                         Status::Firing,
-                        alert_target(new),
-                        &rule("target_restarted"),
+                        alert_target(&new),
+                        &event_rule(TARGET_RESTARTED),
                         &f,
                     ));
-                    // Its history is another process's.
-                    w.metrics.clear();
-                    w.states.clear();
                 } else {
                     info!(pid = new.pid, "watching {} (pid {})", new.comm, new.pid);
                 }
-                w.gone_reported = false;
-                w.process = found;
+                self.watched[i].process = Some(new);
             }
-            (Some(old), None) if !w.gone_reported => {
+            (Some(old), None) => {
                 let f = Finding {
                     metric: "pid".into(),
                     value: f64::from(old.pid),
@@ -430,15 +460,39 @@ impl Daemon {
                 };
                 self.sinks.emit(&AlertRecord::new(
                     Status::Firing,
-                    alert_target(old),
-                    &rule("target_gone"),
+                    alert_target(&old),
+                    &event_rule(TARGET_GONE),
                     &f,
                 ));
-                w.gone_reported = true;
-                w.metrics.clear();
-                w.states.clear();
+                w.gone = Some((old, Instant::now()));
             }
-            _ => {}
+            // Still gone (reported once), or never seen yet.
+            (None, None) => {}
+        }
+    }
+
+    /// Emits a `resolved` record for every alert of `process` that fires.
+    fn resolve_all(&mut self, i: usize, process: &Target, why: &str) {
+        let w = &self.watched[i];
+        for rule in &w.spec.rules {
+            let Some(state) = w.states.get(&rule.name).filter(|s| s.is_firing()) else {
+                continue;
+            };
+            let last = state.last_finding().cloned().unwrap_or_else(|| Finding {
+                metric: String::new(),
+                value: 0.0,
+                threshold: 0.0,
+                message: String::new(),
+            });
+            let mut record = AlertRecord::new(Status::Resolved, alert_target(process), rule, &last);
+            record.message = format!("{} cleared: {why}", rule.name);
+            let labels = RuleLabels {
+                target: target_labels(w, process).target,
+                rule: rule.name.clone(),
+                severity: format!("{:?}", rule.severity).to_lowercase(),
+            };
+            self.exporter.alert(&labels, false);
+            self.sinks.emit(&record);
         }
     }
 
@@ -497,7 +551,6 @@ impl Daemon {
             );
             return;
         }
-        w.last_emergency = Some(Instant::now());
         let config = RecordConfig {
             freq_hz: self.config.emergency.freq_hz,
             duration: Some(self.config.emergency.duration),
@@ -505,7 +558,9 @@ impl Daemon {
             mode: if stuck { Mode::Offcpu } else { Mode::Cpu },
             ..self.session_config(&format!("{}-emergency", sanitize(&process.comm)))
         };
-        self.start_session(
+        // The cooldown starts with a session that runs: an emergency that
+        // found no free session slot may start at the next alert.
+        if self.start_session(
             i,
             process,
             SessionKind::Emergency,
@@ -513,7 +568,9 @@ impl Daemon {
             Some(record),
             None,
             stop,
-        );
+        ) {
+            self.watched[i].last_emergency = Some(Instant::now());
+        }
     }
 
     fn session_config(&self, label: &str) -> RecordConfig {
@@ -526,6 +583,7 @@ impl Daemon {
         }
     }
 
+    /// Starts a session unless `max_sessions` already run; says whether it did.
     #[allow(clippy::too_many_arguments)]
     fn start_session(
         &mut self,
@@ -536,7 +594,7 @@ impl Daemon {
         alert: Option<AlertRecord>,
         reply: Option<oneshot::Sender<Reply>>,
         stop: &watch::Receiver<bool>,
-    ) {
+    ) -> bool {
         if self.sessions.len() >= self.config.max_sessions {
             let why = format!("{} sessions already running (max_sessions)", self.sessions.len());
             warn!(pid = process.pid, "{} profile not started: {why}", kind.as_str());
@@ -546,7 +604,7 @@ impl Daemon {
                     ..Reply::default()
                 });
             }
-            return;
+            return false;
         }
         info!(
             pid = process.pid,
@@ -573,6 +631,7 @@ impl Daemon {
                 reply,
             }
         });
+        true
     }
 
     /// Scheduled baselines that are due.
@@ -651,6 +710,11 @@ impl Daemon {
             Ok(r) => r,
             Err(e) => {
                 warn!(pid = done.pid, "{} profile failed: {e}", done.kind.as_str());
+                // Refused (no budget left, say): not a profile that counts
+                // for the cooldown.
+                if done.kind == SessionKind::Emergency {
+                    self.watched[done.target].last_emergency = None;
+                }
                 if let Some(reply) = done.reply {
                     let _ = reply.send(Reply {
                         error: Some(e),
@@ -670,9 +734,12 @@ impl Daemon {
             }
             SessionKind::Emergency => {
                 if let (Some(mut alert), Some(r)) = (done.alert, reports.first()) {
+                    // Baselines are on-CPU profiles: an off-CPU emergency
+                    // profile (a stuck target) has nothing to be diffed with.
                     let diff_svg = w
                         .baseline
                         .as_deref()
+                        .filter(|_| r.summary.mode == "cpu")
                         .and_then(|b| differential(b, &r.summary.files.folded));
                     alert.status = Status::Profile;
                     alert.time = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
@@ -739,7 +806,15 @@ fn differential(before: &Path, after: &str) -> Option<String> {
     let a = std::fs::read_to_string(after).ok()?;
     let title = flamegraph::Title {
         title: "differential: emergency vs latest baseline".into(),
-        subtitle: format!("red grew, blue shrank; baseline {}", before.display()),
+        // The file name: the baseline sits beside it, and the picture may be
+        // shared without the machine's paths.
+        subtitle: format!(
+            "red grew, blue shrank; baseline {}",
+            before.file_name().map_or_else(
+                || before.display().to_string(),
+                |n| n.to_string_lossy().into_owned()
+            )
+        ),
         count_name: "samples".into(),
     };
     let svg = flamegraph::render_diff(&b, &a, &title).ok()?;

@@ -147,19 +147,20 @@ pub struct ProcSample {
     /// Every thread with how long it has been blocked (s; 0 when running or
     /// runnable): the stuck detector's view.
     pub blocked: Vec<(String, f64)>,
-    /// Unread bytes in its TCP sockets.
+    /// Unread bytes in its TCP and UDP sockets.
     pub recv_queue_bytes: u64,
 }
 
-/// Unread bytes in the receive queues of `pid`'s TCP sockets, from
-/// /proc/PID/net/tcp{,6} (`rx_queue`, matched by socket inode).
+/// Unread bytes in the receive queues of `pid`'s TCP and UDP sockets, from
+/// /proc/PID/net/{tcp,udp}{,6} (`rx_queue`, matched by socket inode).
 pub fn recv_queue_bytes(pid: u32) -> u64 {
     let inodes = crate::tcp::diag::socket_inodes(pid);
     if inodes.is_empty() {
         return 0;
     }
     let mut total = 0;
-    for file in ["tcp", "tcp6"] {
+    // UDP too: a game server's player input arrives in datagrams.
+    for file in ["tcp", "tcp6", "udp", "udp6"] {
         let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{file}")) else {
             continue;
         };

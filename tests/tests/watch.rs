@@ -296,8 +296,9 @@ fn deadlock_stuck_alert() {
 }
 
 /// Test that a target that restarts is found again within 2 s (the alert
-/// stream says so, and the webhook receives it), and that a target that is
-/// gone is reported once, not in a loop.
+/// stream says so, and the webhook receives it), that a target that is
+/// gone is reported once, not in a loop, and that its return after a while
+/// away is a restart too, which resolves the `target_gone` record.
 #[test]
 fn restart_followed_and_webhook() {
     if !privileged("restart_followed_and_webhook") {
@@ -342,6 +343,7 @@ fn restart_followed_and_webhook() {
             .any(|b| b["rule"] == "target_restarted")),
         "webhook received the alert"
     );
+    let second_pid = second.server.pid();
     drop(second);
     std::thread::sleep(Duration::from_secs(6));
     let gone = alerts(dir.path())
@@ -349,6 +351,23 @@ fn restart_followed_and_webhook() {
         .filter(|a| a["rule"] == "target_gone")
         .count();
     assert_eq!(gone, 1, "gone is reported once");
+    let third = logcaster(&bin, port, &[], &[]);
+    let back = wait_alert(dir.path(), Duration::from_secs(5), |a| {
+        a["rule"] == "target_restarted" && a["target"]["pid"].as_u64() == Some(u64::from(third.server.pid()))
+    })
+    .expect("the return after a gap is a restart");
+    let message = back["message"].as_str().unwrap();
+    assert!(
+        message.contains(&format!("pid {} -> {}", second_pid, third.server.pid()))
+            && message.contains("s away"),
+        "{back:#}"
+    );
+    assert!(
+        alerts(dir.path())
+            .iter()
+            .any(|a| rule_is(a, "target_gone", "resolved")),
+        "target_gone resolved when it is back"
+    );
 }
 
 /// Test that a metric flapping across its threshold every two seconds for

@@ -85,7 +85,11 @@ async fn task(endpoint: String, mut rx: mpsc::Receiver<AlertRecord>) {
                 match r.status {
                     Status::Firing => {
                         let a = AmAlert::from_record(&r);
-                        active.insert(key, a.clone());
+                        // A restart is an event, not a condition: sent once,
+                        // Alertmanager ends it after its resolve_timeout.
+                        if r.rule != crate::daemon::TARGET_RESTARTED {
+                            active.insert(key, a.clone());
+                        }
                         vec![a]
                     }
                     // The profile is ready: the same alert, now with its flamegraph.

@@ -323,8 +323,15 @@ impl Check {
                 for_s,
                 worker_prefix,
             } => {
-                // All workers blocked for the duration.
-                if let Some(prefix) = worker_prefix {
+                // Requests wait unread in the target's sockets: work is
+                // pending. Without it, sleeping workers and an idle process
+                // are a lull (a pool waiting for jobs), not a hang.
+                let queued: Vec<f64> = series(m, Metric::RecvQueueBytes)
+                    .map(|q| q.window(*for_s).map(|(_, v)| v).collect())
+                    .unwrap_or_default();
+                let pending = queued.last().is_some_and(|&b| b > 0.0);
+                // All workers blocked for the duration, with work pending.
+                if let (Some(prefix), true) = (worker_prefix, pending) {
                     let workers: Vec<f64> = ctx
                         .threads
                         .iter()
@@ -338,8 +345,10 @@ impl Check {
                             workers.len() as f64,
                             *for_s,
                             format!(
-                                "all {} {prefix}* threads blocked for at least {min:.0} s",
-                                workers.len()
+                                "all {} {prefix}* threads blocked for at least {min:.0} s, {:.0} bytes of \
+                                 requests unread",
+                                workers.len(),
+                                queued.last().copied().unwrap_or(0.0)
                             ),
                         );
                     }
@@ -350,8 +359,8 @@ impl Check {
                     return None;
                 }
                 // Idle, yet requests wait unread: nobody is reading them.
-                if let Some(queue) = series(m, Metric::RecvQueueBytes) {
-                    let waiting: Vec<f64> = queue.window(*for_s).map(|(_, v)| v).collect();
+                {
+                    let waiting = &queued;
                     if waiting.len() as f64 >= for_s * 0.8 && waiting.iter().all(|&b| b > 0.0) {
                         let bytes = waiting.last().copied().unwrap_or(0.0);
                         return finding(
@@ -366,7 +375,8 @@ impl Check {
                         );
                     }
                 }
-                // Busy before, idle now, clients still there.
+                // Busy before, idle now, clients still there and requests
+                // arriving (some unread data during the window).
                 let before: Vec<f64> = cpu
                     .window(60.0 + for_s)
                     .filter(|(t, _)| cpu.window(*for_s).all(|(r, _)| r != *t))
@@ -376,7 +386,11 @@ impl Check {
                 let clients = series(m, Metric::TcpEstablished)
                     .and_then(Series::last)
                     .unwrap_or(0.0);
-                if before.len() < 5 || busy < *busy_cpu_pct || clients < 1.0 {
+                if before.len() < 5
+                    || busy < *busy_cpu_pct
+                    || clients < 1.0
+                    || !queued.iter().any(|&b| b > 0.0)
+                {
                     return None;
                 }
                 finding(
@@ -517,8 +531,10 @@ mod tests {
         assert!(rule.evaluate(&m, &ctx).is_none());
     }
 
-    /// Test both ways of being stuck: busy then idle with clients connected,
-    /// and every worker blocked.
+    /// Test the ways of being stuck: busy then idle with clients connected
+    /// and requests arriving, every worker blocked with requests waiting,
+    /// requests piling up unread; and that a lull (idle clients, a worker
+    /// pool waiting for jobs) is none of them.
     #[test]
     fn stuck() {
         let rule = Check::Stuck {
@@ -528,14 +544,33 @@ mod tests {
             worker_prefix: Some("worker".into()),
         };
         let mut m = TargetMetrics::default();
+        let mut lull = TargetMetrics::default();
         for t in 0..40 {
             let cpu = if t < 33 { 60.0 } else { 0.5 };
+            // A request now and then, no longer read once it is idle.
+            let queue = if t >= 37 { 300.0 } else { 0.0 };
             m.record(
                 f64::from(t),
-                &[(Metric::CpuPct, cpu), (Metric::TcpEstablished, 4.0)],
+                &[
+                    (Metric::CpuPct, cpu),
+                    (Metric::TcpEstablished, 4.0),
+                    (Metric::RecvQueueBytes, queue),
+                ],
+            );
+            lull.record(
+                f64::from(t),
+                &[
+                    (Metric::CpuPct, cpu),
+                    (Metric::TcpEstablished, 4.0),
+                    (Metric::RecvQueueBytes, 0.0),
+                ],
             );
         }
         assert!(rule.evaluate(&m, &Context::default()).is_some(), "busy then idle");
+        assert!(
+            rule.evaluate(&lull, &Context::default()).is_none(),
+            "busy then idle, clients connected but sending nothing: a lull"
+        );
         // Idle all along is just idle.
         let mut quiet = TargetMetrics::default();
         for t in 0..40 {
@@ -554,10 +589,21 @@ mod tests {
             ..Default::default()
         };
         assert!(
-            rule.evaluate(&quiet, &threads(6.0)).is_some(),
-            "all workers blocked 6 s"
+            rule.evaluate(&quiet, &threads(6.0)).is_none(),
+            "a worker pool waiting for jobs, nothing queued: idle"
         );
-        assert!(rule.evaluate(&quiet, &threads(1.0)).is_none());
+        let mut waiting = TargetMetrics::default();
+        for t in 0..40 {
+            waiting.record(
+                f64::from(t),
+                &[(Metric::CpuPct, 30.0), (Metric::RecvQueueBytes, 2048.0)],
+            );
+        }
+        let f = rule
+            .evaluate(&waiting, &threads(6.0))
+            .expect("all workers blocked 6 s with requests waiting");
+        assert_eq!(f.metric, "blocked_workers");
+        assert!(rule.evaluate(&waiting, &threads(1.0)).is_none());
         // Idle with requests piling up unread: stuck. Idle with drained
         // sockets: just idle.
         let mut piling = TargetMetrics::default();
