@@ -267,8 +267,9 @@ pub async fn record(
         None
     };
     let prog_stats = |ebpf: &aya::Ebpf| cost::program_stats(ebpf).remove(SAMPLE_PROG).unwrap_or_default();
-    let calibration =
-        tokio::task::block_in_place(|| calibrate::calibration(sampler.prog_fd(), || prog_stats(&ebpf)));
+    let calibration = tokio::task::block_in_place(|| {
+        sampler.as_calibration_target(|fd| calibrate::calibration(fd, || prog_stats(&ebpf)))
+    });
 
     let mut tracked = Vec::new();
     let mut idle_at_start = HashMap::new();
@@ -628,6 +629,7 @@ pub async fn record(
                 &pids,
                 &idle_at_start,
                 (start_mono_ns, now),
+                config.min_block.as_nanos() as u64,
                 config.stack_window as usize,
                 &mut off_raw,
             )
@@ -638,18 +640,8 @@ pub async fn record(
 
     let mut all_raw = raw.clone();
     all_raw.merge(off_raw.clone());
-    // File/line and inlined frames are read only for pprof, which shows them.
     let want_pprof = config.writes(Format::Pprof);
-    let symbols = tokio::task::block_in_place(|| {
-        symbolize::symbolize_with(
-            &all_raw,
-            &maps,
-            &pids,
-            symbolize::SymbolizeOptions {
-                code_info: want_pprof,
-            },
-        )
-    });
+    let symbols = tokio::task::block_in_place(|| symbolize::symbolize(&all_raw, &maps, &pids));
     let kernel_image = want_pprof.then(symbolize::kernel_image).unwrap_or_default();
     let agent_cpu_pct = round3(100.0 * housekeeping_ns as f64 / elapsed.as_nanos().max(1) as f64);
 

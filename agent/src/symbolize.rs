@@ -312,16 +312,6 @@ pub struct SourceFrame {
     pub line: Option<u32>,
 }
 
-/// How addresses are looked up.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct SymbolizeOptions {
-    /// Read DWARF line tables: file and line per frame, and the functions
-    /// inlined at each address. Only pprof shows them (flamegraphs show the
-    /// function holding the address either way, so they do not depend on
-    /// this), and they cost time, so they are read only when asked for.
-    pub code_info: bool,
-}
-
 /// Symbols of every address of a raw profile, looked up in batches.
 #[derive(Debug, Default)]
 pub struct SymbolTable {
@@ -382,13 +372,18 @@ impl Symbols for SymbolTable {
     }
 }
 
-/// The flamegraph's frame for a resolved address: the function holding it.
-/// Its inlined callees are left to pprof: blazesym reports them only with
-/// code info, which is read only for pprof, and a flamegraph must not
-/// change with `--format`.
+/// The flamegraph's frames for a resolved address, outermost first: the
+/// function holding it, then the functions inlined there (as `perf script`
+/// and pprof show them): at -O2 the hot code is often an inlined helper,
+/// and without them its time shows as its caller's.
 fn frames_of(sym: &Symbolized<'_>) -> Option<Vec<FrameName>> {
     match sym {
-        Symbolized::Sym(sym) => Some(vec![FrameName::from(sym.name.as_ref())]),
+        Symbolized::Sym(sym) => Some(
+            std::iter::once(sym.name.as_ref())
+                .chain(sym.inlined.iter().map(|f| f.name.as_ref()))
+                .map(FrameName::from)
+                .collect(),
+        ),
         Symbolized::Unknown(_) => None,
     }
 }
@@ -411,18 +406,11 @@ fn source_frames_of(sym: &Sym<'_>, suffix: &str) -> Vec<SourceFrame> {
 /// A file and the (address, file offset) pairs to look up in it.
 type FileBatch = (Arc<ModuleFile>, Vec<(u64, u64)>);
 
-/// Looks up every address of `raw` (for the processes in `pids`).
+/// Looks up every address of `raw` (for the processes in `pids`): names,
+/// the functions inlined at each address, and their files and lines from
+/// the DWARF line tables (what the flamegraph's inlined frames and pprof's
+/// lines need; it costs a few hundred ms on large binaries, once per session).
 pub fn symbolize(raw: &RawProfile, maps: &MapsCache, pids: &[u32]) -> SymbolTable {
-    symbolize_with(raw, maps, pids, SymbolizeOptions::default())
-}
-
-/// [`symbolize`], with file/line and inlined frames when `opts` asks.
-pub fn symbolize_with(
-    raw: &RawProfile,
-    maps: &MapsCache,
-    pids: &[u32],
-    opts: SymbolizeOptions,
-) -> SymbolTable {
     let started = std::time::Instant::now();
     let mut user: HashMap<u32, HashSet<u64>> = HashMap::new();
     let mut kernel: HashSet<u64> = HashSet::new();
@@ -441,7 +429,10 @@ pub fn symbolize_with(
         }
     }
 
-    let symbolizer = Symbolizer::builder().enable_code_info(opts.code_info).build();
+    let symbolizer = Symbolizer::builder()
+        .enable_code_info(true)
+        .enable_inlined_fns(true)
+        .build();
     let mut table = SymbolTable::default();
 
     for (tgid, addrs) in user {
@@ -536,7 +527,6 @@ pub fn symbolize_with(
     debug!(
         user = table.user.len(),
         kernel = table.kernel.len(),
-        code_info = opts.code_info,
         "symbolized in {:.1} ms",
         started.elapsed().as_secs_f64() * 1e3
     );
@@ -621,9 +611,9 @@ mod tests {
         assert_eq!(table.user(pid, 8, true), vec![FrameName::from("[unknown]")]);
     }
 
-    /// Test that code info adds this file and a line to our own function's
-    /// source frame without changing its flamegraph frame, and that the
-    /// captured mapping of our binary has its build id.
+    /// Test that our own function's source frame has this file and a line,
+    /// its flamegraph frame the same name, and that the captured mapping of
+    /// our binary has its build id.
     #[test]
     fn code_info_keeps_flamegraph_names() {
         let pid = std::process::id();
@@ -643,12 +633,14 @@ mod tests {
                 period_ns: 1,
             },
         );
-        let plain = symbolize(&raw, &maps, &[pid]);
-        let detailed = symbolize_with(&raw, &maps, &[pid], SymbolizeOptions { code_info: true });
-        assert_eq!(plain.user(pid, addr, true), detailed.user(pid, addr, true));
-        let plain_source = plain.user_source(pid, addr).expect("resolved");
-        assert!(plain_source[0].line.is_none(), "no code info asked for");
+        let detailed = symbolize(&raw, &maps, &[pid]);
         let frames = detailed.user_source(pid, addr).expect("resolved");
+        let names = detailed.user(pid, addr, true);
+        assert_eq!(
+            names,
+            frames.iter().map(|f| f.name.clone()).collect::<Vec<_>>(),
+            "flamegraph and pprof frames agree"
+        );
         let outer = &frames[0];
         assert!(
             outer.name.contains("code_info_keeps_flamegraph_names"),

@@ -705,7 +705,7 @@ fn game_server_frame_spike() {
          incident reports spike (frame p90 {:?} µs); summary p50 {} µs p99 {} µs max {} µs",
         spiking.len(),
         incident.len(),
-        spiking.iter().map(|r| r["frame_p90_us"]).collect::<Vec<_>>(),
+        incident.iter().map(|r| r["frame_cpu_p90_us"]).collect::<Vec<_>>(),
         summary["frame_p50_us"],
         summary["frame_p99_us"],
         summary["frame_max_us"]

@@ -116,7 +116,8 @@ fn small_window_truncates_visibly() {
 
 /// Test that the production-like game server (-O2, no frame pointers) is
 /// unwound down to `main` for at least 95 % of samples, with its systems in
-/// `top_functions`.
+/// `top_functions`, its C++ names demangled, and its inlined helper shown
+/// as a frame under the function it was inlined into.
 #[test]
 fn game_server_full_stacks() {
     if !privileged("game_server_full_stacks") {
@@ -140,4 +141,22 @@ fn game_server_full_stacks() {
             r.summary["top_functions"]
         );
     }
+    let frames = || r.stacks.iter().flat_map(|(s, _)| s.iter());
+    assert!(
+        frames().all(|f| !f.starts_with("_Z")),
+        "mangled names: {:?}",
+        frames().filter(|f| f.starts_with("_Z")).collect::<Vec<_>>()
+    );
+    // A C++ function (mangled _Z15rebuild_bucketsv), demangled.
+    assert!(
+        frames().any(|f| f == "rebuild_buckets()"),
+        "rebuild_buckets() in the stacks"
+    );
+    // put_varint is always inlined: no symbol of its own, only debug info.
+    let inlined = r.stacks.iter().any(|(s, _)| {
+        s.iter()
+            .position(|f| f == "serialize_snapshot")
+            .is_some_and(|i| s[i + 1..].iter().any(|f| f == "put_varint"))
+    });
+    assert!(inlined, "serialize_snapshot;…;put_varint in the stacks");
 }
