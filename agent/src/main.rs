@@ -62,7 +62,15 @@ impl<E: Into<anyhow::Error>> From<E> for Failure {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // --help, --version: clap's own output.
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            eprintln!("flamewatch: {} (see --help)", one_line(&e.render().to_string()));
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .with_writer(std::io::stderr)
@@ -90,6 +98,19 @@ fn main() -> ExitCode {
             ExitCode::from(status)
         }
     }
+}
+
+/// A clap error as one line: its text up to the usage block, the
+/// "error:" prefix and the line breaks removed.
+fn one_line(rendered: &str) -> String {
+    rendered
+        .split("\n\n")
+        .next()
+        .unwrap_or_default()
+        .trim_start_matches("error: ")
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn tracing_log_bridge() -> Result<(), log::SetLoggerError> {

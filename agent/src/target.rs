@@ -116,19 +116,28 @@ pub fn find_by_name(name: &str) -> Vec<Target> {
 }
 
 /// comm is truncated to 15 bytes by the kernel, so also compare the
-/// executable's basename (and the truncated form of a long name).
+/// executable's basename. A long name whose first 15 bytes are the comm
+/// matches only if the process calls itself that (argv[0]): otherwise
+/// "logcaster-loadgen" would also pick up "logcaster-load-replay".
 fn matches_name(target: &Target, name: &str) -> bool {
     if target.comm == name {
         return true;
     }
-    if name.len() > 15 && target.comm.as_bytes() == &name.as_bytes()[..15] {
+    let exe_base = target.exe.as_deref().and_then(Path::file_name);
+    if exe_base.is_some_and(|base| base == name) {
         return true;
     }
-    target
-        .exe
-        .as_deref()
-        .and_then(Path::file_name)
-        .is_some_and(|base| base == name)
+    name.len() > 15
+        && target.comm.as_bytes() == &name.as_bytes()[..15]
+        && argv0_base(target.pid).is_some_and(|a| a == name)
+}
+
+/// The file name of the process's argv[0].
+fn argv0_base(pid: u32) -> Option<String> {
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let argv0 = cmdline.split(|&b| b == 0).next()?;
+    let argv0 = std::str::from_utf8(argv0).ok()?;
+    Some(Path::new(argv0).file_name()?.to_str()?.to_owned())
 }
 
 /// Thread ids of a process.
@@ -253,7 +262,8 @@ mod tests {
         ));
     }
 
-    /// Test that name matching uses comm, the truncated comm and the exe basename.
+    /// Test that name matching uses comm, the exe basename, and the
+    /// truncated comm of a long name only when argv[0] is that name.
     #[test]
     fn name_matching() {
         let t = Target {
@@ -263,8 +273,19 @@ mod tests {
         };
         assert!(matches_name(&t, "game-server-pro"));
         assert!(matches_name(&t, "game-server-production"));
-        assert!(matches_name(&t, "game-server-prod")); // truncated comm prefix of a long name
+        // Shares the 15-byte comm, but neither exe nor argv[0] (pid 1's) is it.
+        assert!(!matches_name(&t, "game-server-prod"));
         assert!(!matches_name(&t, "game"));
+        // This test binary's name (flamewatch-<hash>) is longer than a comm.
+        let me = std::process::id();
+        let argv0 = argv0_base(me).expect("own cmdline");
+        assert!(argv0.len() > 15, "{argv0}");
+        let own = Target {
+            pid: me,
+            comm: argv0[..15].into(),
+            exe: None,
+        };
+        assert!(matches_name(&own, &argv0));
     }
 
     /// Test that our own process is found by name but never as a target.

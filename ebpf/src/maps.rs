@@ -3,10 +3,25 @@
 use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf, StackTrace},
+    programs::TracePointContext,
+    EbpfContext as _,
 };
 use flamewatch_common::{
     ForeignStats, SampleKey, SampleValue, StackSample, TargetInfo, TargetStats, MAX_TARGETS,
 };
+
+/// Reads a field of the tracepoint record: a direct context load, which
+/// costs less than `bpf_probe_read_kernel` (what `read_at` calls).
+///
+/// # Safety
+/// `offset` must be a field of the record of the program's tracepoint, of
+/// type `T`, aligned to its size, at or past byte 8.
+#[inline(always)]
+pub unsafe fn field<T: Copy>(ctx: &TracePointContext, offset: usize) -> T {
+    // SAFETY: the caller guarantees a constant, aligned, in-record offset,
+    // which is what the verifier accepts for a direct context read.
+    unsafe { core::ptr::read((ctx.as_ptr() as *const u8).add(offset) as *const T) }
+}
 
 /// The processes being profiled, keyed by tgid. Every program's first (and,
 /// for non-targets, only) lookup.

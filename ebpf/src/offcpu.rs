@@ -25,7 +25,7 @@ use flamewatch_common::{
 };
 
 use crate::{
-    maps::TARGETS,
+    maps::{field, TARGETS},
     sampling::{copy_stack, Copied},
 };
 
@@ -75,17 +75,21 @@ fn is_target(tgid: u32) -> bool {
 }
 
 pub fn try_sched_switch(ctx: &TracePointContext) -> Result<(), i64> {
-    // SAFETY: no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    // Other processes' switches: one helper call, one inlined array read,
+    // a direct load from the record and one hash lookup; the clock is read
+    // only on a target's paths.
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     if tgid != 0 && is_target(tgid) {
-        switch_out(ctx, tgid, pid_tgid as u32, now);
+        // SAFETY: no preconditions.
+        switch_out(ctx, tgid, pid_tgid as u32, unsafe { bpf_ktime_get_ns() });
     }
-    // SAFETY: reading a field of the tracepoint record at its documented offset.
-    let next = unsafe { ctx.read_at::<i32>(NEXT_PID) }? as u32;
+    // SAFETY: next_pid is an aligned i32 of the sched_switch record.
+    let next = unsafe { field::<i32>(ctx, NEXT_PID) } as u32;
     // SAFETY: plain map lookup; the value is copied out before the delete.
     if let Some(start) = unsafe { OFFCPU_START.get(&next) }.copied() {
+        // SAFETY: no preconditions.
+        let now = unsafe { bpf_ktime_get_ns() };
         let _ = OFFCPU_START.remove(&next);
         switch_in(next, start, now);
     }
@@ -131,8 +135,8 @@ fn switch_out(ctx: &TracePointContext, tgid: u32, tid: u32, now: u64) {
             }
         }
     }
-    // SAFETY: reading a field of the tracepoint record at its documented offset.
-    let state = unsafe { ctx.read_at::<i64>(PREV_STATE) }.unwrap_or(0) as u32;
+    // SAFETY: prev_state is an aligned i64 of the sched_switch record.
+    let state = unsafe { field::<i64>(ctx, PREV_STATE) } as u32;
     let kernel = flags & target_flags::KERNEL_STACKS != 0;
     let mut start = OffStart {
         ts_ns: now,

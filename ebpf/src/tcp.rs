@@ -43,8 +43,8 @@ use flamewatch_common::tcp::{
 };
 
 use crate::maps::{
-    TCP_CONFIG, TCP_EVENTS, TCP_EVENTS_BYTES, TCP_GLOBAL, TCP_LISTEN, TCP_RECENT_CLOSE, TCP_SOCKS, TCP_STATS,
-    TCP_TARGETS,
+    field, TCP_CONFIG, TCP_EVENTS, TCP_EVENTS_BYTES, TCP_GLOBAL, TCP_LISTEN, TCP_RECENT_CLOSE, TCP_SOCKS,
+    TCP_STATS, TCP_TARGETS,
 };
 
 const IPPROTO_TCP: u16 = 6;
@@ -55,18 +55,6 @@ const AF_INET6: u16 = 10;
 /// this window (it is sent by the same function a few µs later; the ports
 /// must match too).
 const RESET_AFTER_CLOSE_NS: u64 = 1_000_000_000;
-
-/// Reads a field of the tracepoint record.
-///
-/// # Safety
-/// `offset` must be a field of the record of the program's tracepoint, of
-/// type `T`, aligned to its size, at or past byte 8.
-#[inline(always)]
-unsafe fn field<T: Copy>(ctx: &TracePointContext, offset: usize) -> T {
-    // SAFETY: the caller guarantees a constant, aligned, in-record offset,
-    // which is what the verifier accepts for a direct context read.
-    unsafe { core::ptr::read((ctx.as_ptr() as *const u8).add(offset) as *const T) }
-}
 
 /// Reads 16 address bytes at an 8-byte aligned offset (two direct loads).
 #[inline(always)]

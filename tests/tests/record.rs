@@ -148,6 +148,8 @@ fn bad_input_exits_2() {
         ),
         (&["record", "--pid", "1", "--freq", "0"], "--freq"),
         (&["record", "--pid", "1", "--freq", "abc"], "--freq"),
+        (&["record", "--duration", "1s"], "--pid"),
+        (&["record", "--pid", "1", "--unwind", "sideways"], "--unwind"),
     ];
     for (args, message) in cases {
         let out = flamewatch(args);
@@ -155,6 +157,12 @@ fn bad_input_exits_2() {
         assert!(
             stderr(&out).contains(message),
             "{args:?}: stderr lacks {message:?}: {}",
+            stderr(&out)
+        );
+        assert_eq!(
+            stderr(&out).trim_end().lines().count(),
+            1,
+            "{args:?}: one line: {}",
             stderr(&out)
         );
     }
@@ -180,6 +188,7 @@ fn not_root_exits_2() {
         .expect("setpriv (util-linux)");
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("root"), "{}", stderr(&out));
+    assert_eq!(stderr(&out).trim_end().lines().count(), 1, "{}", stderr(&out));
 }
 
 /// Test that a target exiting mid-session still gets its report, a warning,

@@ -361,7 +361,33 @@ fn demo() -> Result<()> {
     );
     println!("summary:                 {json}");
     println!("index of every session:  {}", output.join("index.html").display());
-    print_profile(Path::new(json))
+    print_profile(Path::new(json))?;
+    check_busy_loop(Path::new(json))
+}
+
+/// The demo's claim, checked: the emergency profile shows the spinning
+/// accept loop and select() holding the CPU.
+fn check_busy_loop(json: &Path) -> Result<()> {
+    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(json)?)?;
+    let total = |pred: &dyn Fn(&str) -> bool| {
+        summary["top_functions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|f| f["name"].as_str().is_some_and(pred))
+            .filter_map(|f| f["total_pct"].as_f64())
+            .fold(0.0, f64::max)
+    };
+    let accept = total(&|n| n == "accept_loop");
+    let select = total(&|n| n.contains("select"));
+    if accept < 50.0 || select < 50.0 {
+        bail!(
+            "the emergency profile should show the spinning accept loop: accept_loop {accept:.1} %, select {select:.1} % \
+             of samples (want > 50 % each)"
+        );
+    }
+    println!("\nchecked: accept_loop in {accept:.1} % of the emergency samples, select() in {select:.1} %");
+    Ok(())
 }
 
 /// The alert records appended to `path` after byte `from`.

@@ -289,15 +289,19 @@ pub struct StillBlocked {
 /// Collects the target threads still blocked at the end of a session (the
 /// blocks the kernel saw begin, and those started at attach for threads
 /// already blocked), and adds the part of each block inside the session to
-/// `off` (weight: one block, ns). `idle_at_start` has, for threads blocked
-/// at attach, how long they had been blocked then (ms); `clock` is the
-/// session's (start, now) on CLOCK_MONOTONIC.
+/// `off`, weighted as the kernel weights a finished block (1-in-N recorded
+/// switches count N). Blocks shorter than `min_block_ns` so far are left
+/// out, as the kernel leaves out short finished ones. `idle_at_start` has,
+/// for threads blocked at attach, how long they had been blocked then (ms);
+/// `clock` is the session's (start, now) on CLOCK_MONOTONIC.
+#[allow(clippy::too_many_arguments)]
 pub fn still_blocked(
     tracer: &OffCpuTracer,
     begins: &mut Begins,
     pids: &[u32],
     idle_at_start: &HashMap<u32, f64>,
     clock: (u64, u64),
+    min_block_ns: u64,
     window: usize,
     off: &mut RawProfile,
 ) -> Vec<StillBlocked> {
@@ -325,17 +329,22 @@ pub fn still_blocked(
             kernel,
         };
         let in_session = now_mono_ns.saturating_sub(p.start.ts_ns);
-        off.add(
-            key.clone(),
-            Weight {
-                samples: 1,
-                period_ns: in_session,
-            },
-        );
         // Started at attach: it was blocked before, for about this long.
         let before = (p.start.seq > u32::MAX - 65_536)
             .then(|| idle_at_start.get(&p.tid).copied())
             .flatten();
+        let blocked_ns = in_session as f64 + before.unwrap_or(0.0) * 1e6;
+        if blocked_ns < min_block_ns as f64 {
+            continue;
+        }
+        let weight = u64::from(p.start.weight.max(1));
+        off.add(
+            key.clone(),
+            Weight {
+                samples: weight,
+                period_ns: in_session * weight,
+            },
+        );
         out.push(StillBlocked {
             pid: p.start.tgid,
             tid: p.tid,
@@ -344,7 +353,7 @@ pub fn still_blocked(
             state: stat.state,
             wchan: std::fs::read_to_string(format!("/proc/{}/task/{}/wchan", p.start.tgid, p.tid))
                 .unwrap_or_default(),
-            blocked_s: (in_session as f64 + before.unwrap_or(0.0) * 1e6) / 1e9,
+            blocked_s: blocked_ns / 1e9,
             before_session: before.is_some(),
             key,
         });
