@@ -378,12 +378,17 @@ impl Symbols for SymbolTable {
 /// and without them its time shows as its caller's.
 fn frames_of(sym: &Symbolized<'_>) -> Option<Vec<FrameName>> {
     match sym {
-        Symbolized::Sym(sym) => Some(
-            std::iter::once(sym.name.as_ref())
-                .chain(sym.inlined.iter().map(|f| f.name.as_ref()))
-                .map(FrameName::from)
-                .collect(),
-        ),
+        Symbolized::Sym(sym) => {
+            let mut names: Vec<&str> = vec![sym.name.as_ref()];
+            for f in &sym.inlined {
+                // glibc's wrappers inline a function of the same name
+                // (__libc_recv in __libc_recv): one frame, not two.
+                if names.last() != Some(&f.name.as_ref()) {
+                    names.push(f.name.as_ref());
+                }
+            }
+            Some(names.into_iter().map(FrameName::from).collect())
+        }
         Symbolized::Unknown(_) => None,
     }
 }

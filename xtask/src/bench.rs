@@ -356,7 +356,7 @@ fn compare(
             run.ratio = run.ops_per_s / base.ops_per_s;
             run.cpu_ratio = run.ops_per_cpu_s / base.ops_per_cpu_s;
             eprintln!(
-                "  round {round}: {:<34} {:>12.0} ops/s, baseline {:>12.0}: ratio {:.4}",
+                "  round {round}: {:<48} {:>12.0} ops/s, baseline {:>12.0}: ratio {:.4}",
                 config.label(),
                 run.ops_per_s,
                 base.ops_per_s,
@@ -372,7 +372,7 @@ fn compare(
 
     println!();
     println!(
-        "{:<44} {:>12} {:>7} {:>15} {:>9} {:>9} {:>9} {:>7} {:>12} {:>9} {:>13}",
+        "{:<48} {:>12} {:>7} {:>15} {:>9} {:>9} {:>9} {:>7} {:>12} {:>9} {:>13}",
         "configuration",
         "ops/s median",
         "ratio",
@@ -413,7 +413,7 @@ fn compare(
         let opt =
             |v: Option<f64>, unit: &str, prec: usize| v.map_or("-".into(), |v| format!("{v:.prec$}{unit}"));
         println!(
-            "{:<44} {:>12.0} {:>7.4} {:>15} {:>9.4} {:>9} {:>9} {:>7} {:>12} {:>9} {:>13}",
+            "{:<48} {:>12.0} {:>7.4} {:>15} {:>9.4} {:>9} {:>9} {:>7} {:>12} {:>9} {:>13}",
             config.label(),
             ops,
             ratio,
