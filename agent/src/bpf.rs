@@ -47,12 +47,28 @@ pub fn load(dwarf: bool) -> Result<Ebpf, BpfError> {
     let mut ebpf = EbpfLoader::new()
         .map_max_entries("STACK_SAMPLES", ring)
         .load(OBJECT)?;
-    match aya_log::EbpfLogger::init(&mut ebpf) {
-        Ok(logger) => spawn_log_forwarder(logger),
-        // The object has no log statements compiled in (or none reachable).
-        Err(e) => debug!("aya-log not initialised: {e}"),
+    // The programs, loaded later, refer to the log map by its descriptor:
+    // the logger that owns it must live as long as they do, so it is only
+    // taken when a runtime will keep forwarding (not in plain unit tests).
+    if let Ok(handle) = tokio::runtime::Handle::try_current() {
+        match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(logger) => spawn_log_forwarder(&handle, logger),
+            Err(e) => warn!("eBPF logs will not be shown: {e}"),
+        }
     }
     Ok(ebpf)
+}
+
+/// The object with both generations of the aggregation map shrunk to
+/// `entries`, and no logger started (tests drive their own).
+#[cfg(test)]
+pub fn load_with_aggregation_entries(entries: u32) -> Result<Ebpf, BpfError> {
+    raise_memlock();
+    Ok(EbpfLoader::new()
+        .map_max_entries("STACK_SAMPLES", 4096)
+        .map_max_entries("COUNTS_0", entries)
+        .map_max_entries("COUNTS_1", entries)
+        .load(OBJECT)?)
 }
 
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; newer ones (and
@@ -73,10 +89,7 @@ fn raise_memlock() {
 }
 
 /// aya-log records arrive in a ring buffer; poll it from the runtime.
-fn spawn_log_forwarder(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
-    let Ok(handle) = tokio::runtime::Handle::try_current() else {
-        return;
-    };
+fn spawn_log_forwarder(handle: &tokio::runtime::Handle, logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
     handle.spawn(async move {
         // SAFETY: the logger owns its ring buffer's fd for as long as the
         // AsyncFd owns the logger, and as_raw_fd always returns that fd.

@@ -23,6 +23,30 @@ pub unsafe fn field<T: Copy>(ctx: &TracePointContext, offset: usize) -> T {
     unsafe { core::ptr::read((ctx.as_ptr() as *const u8).add(offset) as *const T) }
 }
 
+/// When this CPU last logged (ns): kernel-side warnings are rate-limited.
+#[map]
+pub static LOG_AT: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Whether this CPU may log now: one message a second at most, so that a
+/// condition met on every sample (a full map) cannot flood the agent. The
+/// counters keep the exact numbers; the log says it is happening.
+#[inline(always)]
+pub fn may_log() -> bool {
+    let Some(last) = LOG_AT.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: no preconditions.
+    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
+    // SAFETY: per-CPU value, no concurrent writer on this CPU.
+    unsafe {
+        if *last != 0 && now.wrapping_sub(*last) < 1_000_000_000 {
+            return false;
+        }
+        *last = now;
+    }
+    true
+}
+
 /// The processes being profiled, keyed by tgid. Every program's first (and,
 /// for non-targets, only) lookup.
 #[map]

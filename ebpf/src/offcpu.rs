@@ -25,7 +25,7 @@ use flamewatch_common::{
 };
 
 use crate::{
-    maps::{field, TARGETS},
+    maps::{field, may_log, TARGETS},
     sampling::{copy_stack, Copied},
 };
 
@@ -179,6 +179,13 @@ fn switch_out(ctx: &TracePointContext, tgid: u32, tid: u32, now: u64) {
     }
     if OFFCPU_START.insert(&tid, &start, 0).is_err() {
         stats.start_full += 1;
+        if may_log() {
+            aya_log_ebpf::warn!(
+                ctx,
+                "off-CPU start map full: blocks of pid {} are being lost (counted in off_cpu.lost)",
+                tgid
+            );
+        }
     }
     charge(stats, now);
 }

@@ -25,7 +25,8 @@ use flamewatch_common::{
 };
 
 use crate::maps::{
-    CONFIG, COUNTS_0, COUNTS_1, FOREIGN, SCRATCH, STACKS_0, STACKS_1, STACK_SAMPLES, TARGETS, TARGET_STATS,
+    may_log, CONFIG, COUNTS_0, COUNTS_1, FOREIGN, SCRATCH, STACKS_0, STACKS_1, STACK_SAMPLES, TARGETS,
+    TARGET_STATS,
 };
 
 const EEXIST: i32 = 17;
@@ -124,6 +125,13 @@ pub fn try_sample(ctx: &PerfEventContext) -> Result<(), i64> {
         // CPU's slot (per-CPU hash), which is still what we want.
         if counts.insert(&key, &value, 0).is_err() {
             stats.map_full += 1;
+            if may_log() {
+                aya_log_ebpf::warn!(
+                    ctx,
+                    "aggregation map full: samples of pid {} are being lost (counted as lost_samples)",
+                    tgid
+                );
+            }
         }
     }
     Ok(())

@@ -34,7 +34,6 @@ use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     programs::TracePointContext,
-    EbpfContext as _,
 };
 use flamewatch_common::tcp::{
     event_kind,
@@ -278,6 +277,13 @@ pub fn try_set_state(ctx: &TracePointContext) -> Result<(), i64> {
         // Remember the socket unless the map already says so.
         if !entry_valid && TCP_SOCKS.insert(&skaddr, &TcpSock { tgid, flags: 0 }, 0).is_err() {
             stats.untracked_sockets += 1;
+            if crate::maps::may_log() {
+                aya_log_ebpf::warn!(
+                    ctx,
+                    "TCP socket map full: sockets of pid {} go untracked (counted as untracked_sockets)",
+                    tgid
+                );
+            }
         }
     }
 

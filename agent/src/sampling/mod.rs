@@ -637,4 +637,69 @@ mod tests {
             "CPU time counted across the re-open"
         );
     }
+
+    /// Test that a warning of the kernel side reaches the agent through
+    /// aya-log: with a one-entry aggregation map, a second thread's samples
+    /// cannot be stored, which is counted and logged (once a second).
+    #[test]
+    fn ebpf_warnings_reach_the_log() {
+        if !privileged("ebpf_warnings_reach_the_log") {
+            return;
+        }
+        struct Capture(std::sync::Mutex<Vec<String>>);
+        impl log::Log for Capture {
+            fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+                true
+            }
+            fn log(&self, record: &log::Record<'_>) {
+                self.0
+                    .lock()
+                    .unwrap()
+                    .push(format!("{} {}", record.level(), record.args()));
+            }
+            fn flush(&self) {}
+        }
+        static CAPTURE: Capture = Capture(std::sync::Mutex::new(Vec::new()));
+        let mut ebpf = crate::bpf::load_with_aggregation_entries(1).expect("load eBPF");
+        let mut logger =
+            aya_log::EbpfLogger::init_with_logger(&mut ebpf, &CAPTURE).expect("aya-log in the object");
+        let stop = Arc::new(AtomicBool::new(false));
+        let (a, _) = busy_thread(stop.clone());
+        let (b, _) = busy_thread(stop.clone());
+        let mut sampler = Sampler::new(&mut ebpf).expect("sampler");
+        let me = Target {
+            pid: std::process::id(),
+            comm: "test".into(),
+            exe: None,
+        };
+        sampler
+            .add_target(&me, false, false, Some(period_for(1000)))
+            .expect("attach");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let wanted = format!("samples of pid {} are being lost", me.pid);
+        while std::time::Instant::now() < deadline
+            && !CAPTURE.0.lock().unwrap().iter().any(|m| m.contains(&wanted))
+        {
+            std::thread::sleep(Duration::from_millis(100));
+            logger.flush();
+        }
+        stop.store(true, Ordering::Relaxed);
+        a.join().unwrap();
+        b.join().unwrap();
+        let lost = sampler.target_stats(me.pid).map_or(0, |s| s.map_full);
+        let messages = CAPTURE.0.lock().unwrap().clone();
+        assert!(lost > 0, "samples lost to the full map are counted");
+        assert!(
+            messages
+                .iter()
+                .any(|m| m.starts_with("WARN") && m.contains(&wanted)),
+            "{messages:?}"
+        );
+        // Rate-limited: far fewer messages than lost samples.
+        assert!(
+            (messages.len() as u64) < lost.max(2),
+            "{} messages for {lost} lost",
+            messages.len()
+        );
+    }
 }
