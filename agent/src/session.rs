@@ -738,6 +738,18 @@ pub async fn record(
                 "{collisions} stacks lost to stack-map collisions (shown as [lost … stack])"
             ));
         }
+        let stack_errors = st.user_stack_errors + st.kernel_stack_errors;
+        if stack_errors > 0 {
+            warnings.push(format!(
+                "{stack_errors} stacks could not be read by the kernel (counted in sampling.stack_errors)"
+            ));
+        }
+        if st.dwarf_lost > 0 {
+            warnings.push(format!(
+                "{} DWARF samples lost: the stack ring buffer was full (the agent fell behind)",
+                st.dwarf_lost
+            ));
+        }
         if t.paused_s > 0.0 {
             warnings.push(format!(
                 "sampling was paused for {:.0} s: even 1 Hz cost more than the {:.1} % budget",

@@ -408,6 +408,44 @@ fn source_frames_of(sym: &Sym<'_>, suffix: &str) -> Vec<SourceFrame> {
     frames
 }
 
+/// Where the functions of a file start (file offsets), from the unwind
+/// tables' index, which stripping leaves in place: an address without a
+/// symbol is named after the start of its function, so a stripped binary's
+/// samples stay together per function instead of scattering per address.
+#[derive(Debug, Default)]
+struct FunctionStarts {
+    offsets: Vec<u64>,
+}
+
+impl FunctionStarts {
+    fn read(path: &std::path::Path) -> Self {
+        let Ok(data) = crate::unwind::elf::UnwindData::read(path) else {
+            return Self::default();
+        };
+        let Some((svma, hdr)) = &data.eh_frame_hdr else {
+            return Self::default();
+        };
+        let mut offsets: Vec<u64> = crate::unwind::elf::function_starts(svma.start, hdr)
+            .into_iter()
+            .filter_map(|start| {
+                let seg = data
+                    .segments
+                    .iter()
+                    .find(|s| s.exec && start >= s.vaddr && start < s.vaddr + s.filesz)?;
+                Some(seg.offset + (start - seg.vaddr))
+            })
+            .collect();
+        offsets.sort_unstable();
+        Self { offsets }
+    }
+
+    /// The start of the function holding file offset `off`.
+    fn function_of(&self, off: u64) -> Option<u64> {
+        let i = self.offsets.partition_point(|&s| s <= off);
+        i.checked_sub(1).map(|i| self.offsets[i])
+    }
+}
+
 /// A file and the (address, file offset) pairs to look up in it.
 type FileBatch = (Arc<ModuleFile>, Vec<(u64, u64)>);
 
@@ -481,11 +519,14 @@ pub fn symbolize(raw: &RawProfile, maps: &MapsCache, pids: &[u32]) -> SymbolTabl
                     Vec::new()
                 });
             let short = file.short_name();
+            // Read only when some address of the file has no symbol.
+            let mut starts: Option<FunctionStarts> = None;
             for (i, &(addr, off)) in entries.iter().enumerate() {
-                let frames = results
-                    .get(i)
-                    .and_then(frames_of)
-                    .unwrap_or_else(|| vec![FrameName::from(format!("{short}+{off:#x}"))]);
+                let frames = results.get(i).and_then(frames_of).unwrap_or_else(|| {
+                    let starts = starts.get_or_insert_with(|| FunctionStarts::read(&file.open_path));
+                    let at = starts.function_of(off).unwrap_or(off);
+                    vec![FrameName::from(format!("{short}+{at:#x}"))]
+                });
                 table.user.insert((tgid, addr), frames.into());
                 if let Some(Symbolized::Sym(sym)) = results.get(i) {
                     table
@@ -660,6 +701,23 @@ mod tests {
             panic!("our code is in a file");
         };
         assert!(file.build_id().is_some_and(|id| id.len() >= 16), "{file:?}");
+    }
+
+    /// Test that an offset is named after the start of its function, and
+    /// that one before every function has none.
+    #[test]
+    fn function_of_offset() {
+        let starts = FunctionStarts {
+            offsets: vec![0x1000, 0x1040, 0x1100],
+        };
+        assert_eq!(starts.function_of(0x1000), Some(0x1000));
+        assert_eq!(starts.function_of(0x103f), Some(0x1000));
+        assert_eq!(starts.function_of(0x1041), Some(0x1040));
+        assert_eq!(starts.function_of(0x5000), Some(0x1100));
+        assert_eq!(starts.function_of(0x10), None);
+        // Our own binary has an index with many functions.
+        let own = FunctionStarts::read(&std::env::current_exe().unwrap());
+        assert!(own.offsets.len() > 100, "{}", own.offsets.len());
     }
 
     /// Test that the GNU build id is found among ELF notes (the format of

@@ -129,6 +129,52 @@ fn by_name_and_late_threads() {
     );
 }
 
+/// Test that a stripped production binary (no symbols, no frame pointers)
+/// is still profiled usefully: frames are `module+0x<start of the
+/// function>` (from .eh_frame_hdr, which stripping keeps), so the 3:1 split
+/// shows on the functions that hot_a and hot_b are in the unstripped copy,
+/// and libc's frames keep their names.
+#[test]
+fn stripped_binary_frames_per_function() {
+    if !privileged("stripped_binary_frames_per_function") {
+        return;
+    }
+    // Function addresses of the same build before stripping (gcc's PIE
+    // layout maps .text at file offset = address).
+    let nm = Command::new("nm")
+        .arg(target_bin("hotpaths"))
+        .output()
+        .expect("nm (binutils)");
+    let symbols = String::from_utf8_lossy(&nm.stdout).into_owned();
+    let address_of = |name: &str| {
+        symbols
+            .lines()
+            .find_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.len() == 3 && f[2] == name).then(|| u64::from_str_radix(f[0], 16).unwrap())
+            })
+            .unwrap_or_else(|| panic!("{name} in nm output"))
+    };
+    let frame = |name: &str| format!("hotpaths-stripped+{:#x}", address_of(name));
+    let mut cmd = Command::new(target_bin("hotpaths-stripped"));
+    cmd.args(["--ratio", "3:1"]);
+    let target = TestProcess::spawn_ready(cmd);
+    let r = record(target.pid(), &["--duration", "4s", "--freq", "199"]);
+    let a = self_pct(&r.summary, &frame("hot_a"));
+    let b = self_pct(&r.summary, &frame("hot_b"));
+    assert!(
+        (a - 75.0).abs() <= 5.0 && (b - 25.0).abs() <= 5.0,
+        "hot_a {a} %, hot_b {b} % (want 75/25 ± 5)\n{:#}",
+        r.summary["top_functions"]
+    );
+    let main = frame("main");
+    let libc_then_main = r.stacks.iter().any(|(s, _)| {
+        s.windows(2)
+            .any(|w| w[0] == "__libc_start_call_main" && w[1] == main)
+    });
+    assert!(libc_then_main, "__libc_start_call_main;{main} in the stacks");
+}
+
 /// Test that bad input gets one clear line on stderr and exit status 2.
 #[test]
 fn bad_input_exits_2() {
