@@ -149,11 +149,12 @@ fn alertmanager_firing_then_resolved() {
         return;
     }
     let dir = output_dir();
-    // Busy 5 s of CPU, then asleep for long: fires, then clears.
+    // Busy 8 s of CPU, then asleep for long: fires (and is profiled), then
+    // clears.
     let mut cmd = Command::new(target_bin("sleepspin"));
     cmd.args([
         "--spin-us",
-        "5000000",
+        "8000000",
         "--sleep-us",
         "60000000",
         "--seconds",
@@ -188,8 +189,11 @@ fn alertmanager_firing_then_resolved() {
     let _d = daemon(
         dir.path(),
         target.pid(),
-        &format!("metrics_addr = \"off\"\nalertmanager = \"http://{am_addr}\""),
-        "[[target.rule]]\nname = \"cpu_burst\"\nseverity = \"warning\"\nkind = \"threshold\"\n\
+        &format!(
+            "metrics_addr = \"off\"\nalertmanager = \"http://{am_addr}\"\n[emergency]\nduration = \"2s\""
+        ),
+        // Critical: it starts an emergency profile, linked in Alertmanager.
+        "[[target.rule]]\nname = \"cpu_burst\"\nseverity = \"critical\"\nkind = \"threshold\"\n\
          metric = \"cpu_pct\"\nabove = 50\nfor_s = 1\nclear_s = 2\n",
     );
     let mut alerts = Value::Null;
@@ -210,10 +214,32 @@ fn alertmanager_firing_then_resolved() {
         .iter()
         .find(|x| x["labels"]["alertname"] == "cpu_burst")
         .unwrap();
-    assert_eq!(a["labels"]["severity"], "warning");
+    assert_eq!(a["labels"]["severity"], "critical");
     assert_eq!(a["labels"]["target"], "sleepspin");
     assert_eq!(a["status"]["state"], "active");
     assert!(a["annotations"]["message"].as_str().unwrap().contains("above 50"));
+    // The emergency profile's flamegraph joins the same alert.
+    let mut flamegraph = String::new();
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            flamegraph = http_get(&am_addr, "/api/v2/alerts")
+                .and_then(|(_, b)| serde_json::from_str::<Value>(&b).ok())
+                .and_then(|all| {
+                    all.as_array()?
+                        .iter()
+                        .find(|x| x["labels"]["alertname"] == "cpu_burst")?["annotations"]["flamegraph"]
+                        .as_str()
+                        .map(str::to_owned)
+                })
+                .unwrap_or_default();
+            !flamegraph.is_empty()
+        }),
+        "flamegraph annotation in Alertmanager"
+    );
+    assert!(
+        flamegraph.ends_with(".svg") && Path::new(&flamegraph).exists(),
+        "{flamegraph}"
+    );
     let resolved =
         |n: &Value| n["status"] == "resolved" && n["alerts"][0]["labels"]["alertname"] == "cpu_burst";
     assert!(

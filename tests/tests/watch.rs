@@ -68,7 +68,6 @@ fn rule_is(a: &Value, rule: &str, status: &str) -> bool {
 struct Logcaster {
     server: TestProcess,
     _load: Option<TestProcess>,
-    port: u16,
 }
 
 fn logcaster(bin: &Path, port: u16, incident: &[&str], load: &[&str]) -> Logcaster {
@@ -85,11 +84,7 @@ fn logcaster(bin: &Path, port: u16, incident: &[&str], load: &[&str]) -> Logcast
             .stderr(Stdio::null());
         TestProcess::spawn(cmd)
     });
-    Logcaster {
-        server,
-        _load: load,
-        port,
-    }
+    Logcaster { server, _load: load }
 }
 
 /// Test that LogCaster's busy loop raises the CPU alert within 15 s of the
@@ -101,6 +96,8 @@ fn busy_loop_alert_and_emergency_profile() {
         return;
     }
     let dir = output_dir();
+    // The incident begins 3 s after the server starts (within the spawn).
+    let incident = Instant::now() + Duration::from_secs(3);
     let lc = logcaster(
         &target_bin("logcaster"),
         free_tcp_port(),
@@ -109,15 +106,16 @@ fn busy_loop_alert_and_emergency_profile() {
     );
     let config = logcaster_config(dir.path(), &format!("pid = {}", lc.server.pid()));
     let _d = daemon(&config, &[]);
-    let incident = Instant::now() + Duration::from_secs(3);
     let alert = wait_alert(dir.path(), Duration::from_secs(30), |a| {
         rule_is(a, "cpu_high", "firing")
     })
     .expect("cpu_high fired");
-    let after = Instant::now().saturating_duration_since(incident);
+    let after = Instant::now().checked_duration_since(incident);
+    // The preset's rule needs 10 s above 80 %: an alert sooner would not be
+    // the incident's (polling adds up to 0.5 s; a tick of slack).
     assert!(
-        after <= Duration::from_secs(15),
-        "alert {after:?} after the incident"
+        after.is_some_and(|a| a >= Duration::from_secs(9) && a <= Duration::from_secs(15)),
+        "alert {after:?} after the incident (want 10-15 s)"
     );
     assert_eq!(alert["severity"], "critical");
     assert_eq!(alert["target"]["pid"].as_u64(), Some(u64::from(lc.server.pid())));
@@ -254,7 +252,9 @@ fn timewait_alert_names_port() {
         alert["message"].as_str().unwrap().contains("port 9999"),
         "{alert:#}"
     );
-    assert_eq!(lc.port, 9999);
+    // The port's own count, from the kernel, is in the evidence.
+    assert!(alert["value"].as_f64().unwrap_or(0.0) > 0.0, "{alert:#}");
+    drop(lc);
 }
 
 /// Test that LogCaster's lock-order deadlock raises the stuck alert with the
@@ -477,4 +477,55 @@ fn trigger_schedule_and_differential() {
         dir.path().join("control.sock").to_str().unwrap(),
     ]);
     assert_eq!(out.status.code(), Some(2));
+}
+
+/// Test that the daemon runs at most three sessions at once: of four
+/// profiles asked for together, three are written and the fourth is
+/// refused with a reason (exit status 2).
+#[test]
+fn at_most_three_sessions() {
+    if !privileged("at_most_three_sessions") {
+        return;
+    }
+    let dir = output_dir();
+    let mut cmd = Command::new(target_bin("hotpaths"));
+    cmd.args(["--seconds", "60"]);
+    let target = TestProcess::spawn_ready(cmd);
+    let config = write_config(dir.path(), &format!("[[target]]\npid = {}\n", target.pid()));
+    let _d = daemon(&config, &[]);
+    let socket = dir.path().join("control.sock");
+    assert!(
+        wait_until(Duration::from_secs(10), || socket.exists()),
+        "control socket"
+    );
+    // The socket opens before the first interval finds the target.
+    std::thread::sleep(Duration::from_secs(2));
+    let pid = target.pid().to_string();
+    let triggers: Vec<std::process::Child> = (0..4)
+        .map(|_| {
+            Command::new(flamewatch_bin())
+                .args(["trigger", "--pid", &pid, "--duration", "4s", "--control-socket"])
+                .arg(&socket)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outs: Vec<std::process::Output> = triggers
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect();
+    let ok = outs.iter().filter(|o| o.status.success()).count();
+    let refused: Vec<String> = outs
+        .iter()
+        .filter(|o| !o.status.success())
+        .map(|o| {
+            assert_eq!(o.status.code(), Some(2));
+            String::from_utf8_lossy(&o.stderr).into_owned()
+        })
+        .collect();
+    assert_eq!(ok, 3, "three sessions ran; refused: {refused:?}");
+    assert_eq!(refused.len(), 1);
+    assert!(refused[0].contains("sessions"), "{}", refused[0]);
 }

@@ -512,7 +512,8 @@ mod tests {
         assert!(linear_fit(&zigzag).unwrap().1 < 0.1);
     }
 
-    /// Test that TIME_WAIT accumulation names the port.
+    /// Test that TIME_WAIT accumulation fires on the count or on the rate,
+    /// and names the port.
     #[test]
     fn time_wait_names_port() {
         let rule = Check::TimeWait {
@@ -529,6 +530,20 @@ mod tests {
         m.clear();
         m.record(0.0, &[(Metric::TimeWait, 10.0), (Metric::TimeWaitPerS, 5.0)]);
         assert!(rule.evaluate(&m, &ctx).is_none());
+        // Few sockets yet, but entering fast (mean of the last 10 s): fires
+        // on the rate before the count is reached.
+        m.clear();
+        for t in 0..10 {
+            m.record(
+                f64::from(t),
+                &[
+                    (Metric::TimeWait, 150.0 * f64::from(t)),
+                    (Metric::TimeWaitPerS, 150.0),
+                ],
+            );
+        }
+        let f = rule.evaluate(&m, &ctx).expect("fires on the rate");
+        assert!(f.message.contains("150 more per second"), "{}", f.message);
     }
 
     /// Test the ways of being stuck: busy then idle with clients connected
