@@ -415,6 +415,8 @@ pub async fn record(
             last_tcp_processing = processing;
             (delta.mean_ns(), processing_delta)
         });
+        // Charged to the targets below: not housekeeping as well.
+        housekeeping_ns = housekeeping_ns.saturating_sub(tcp_processing_ns);
         let tcp_deltas: HashMap<u32, u64> = tracked
             .iter()
             .map(|t| {

@@ -83,6 +83,29 @@ fn cheap_request_keeps_its_rate() {
         .all(|p| p["hz"] == 99));
 }
 
+/// Test that a quiet target (1 % of a core) keeps its requested rate: the
+/// agent's fixed housekeeping (~0.2 % of a core here: some 17 % of such a
+/// target's CPU) is reported apart and does not count against its budget.
+#[test]
+fn quiet_target_is_not_starved() {
+    if !privileged("quiet_target_is_not_starved") {
+        return;
+    }
+    let mut cmd = Command::new(target_bin("sleepspin-fp"));
+    cmd.args(["--spin-us", "1000", "--sleep-us", "99000", "--seconds", "60"]);
+    let target = TestProcess::spawn_ready(cmd);
+    let s = record(target.pid(), &["--freq", "99", "--duration", "5s"]).summary;
+    let o = &s["overhead"];
+    assert_eq!(s["sampling"]["effective_hz"].as_f64(), Some(99.0), "{o:#}");
+    assert!(
+        o["timeline"].as_array().unwrap().iter().all(|p| p["hz"] == 99),
+        "{o:#}"
+    );
+    assert!(o["measured_pct"].as_f64().unwrap() < 5.0, "{o:#}");
+    // The agent's own CPU, as a share of the session's wall time.
+    assert!(o["agent_cpu_pct"].as_f64().unwrap() > 0.0, "{o:#}");
+}
+
 /// Test that when even 1 Hz is over budget, sampling pauses and the report
 /// says so (and the session still ends normally).
 #[test]
