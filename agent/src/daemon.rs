@@ -347,27 +347,18 @@ impl Daemon {
                 }
             }
             for (rule, transition, last) in transitions {
-                let rule_labels = RuleLabels {
-                    target: labels.target.clone(),
-                    rule: rule.name.clone(),
-                    severity: format!("{:?}", rule.severity).to_lowercase(),
-                };
-                self.exporter
-                    .alert(&rule_labels, matches!(transition, Transition::Fire(_)));
+                self.exporter.alert(
+                    &rule_labels(&labels.target, &rule),
+                    matches!(transition, Transition::Fire(_)),
+                );
                 match transition {
                     Transition::Fire(f) => self.fire(i, &process, &rule, &f, stop).await,
-                    Transition::Resolve => {
-                        let last = last.unwrap_or_else(|| Finding {
-                            metric: String::new(),
-                            value: 0.0,
-                            threshold: 0.0,
-                            message: String::new(),
-                        });
-                        let mut record =
-                            AlertRecord::new(Status::Resolved, alert_target(&process), &rule, &last);
-                        record.message = format!("{} cleared", rule.name);
-                        self.sinks.emit(&record);
-                    }
+                    Transition::Resolve => self.sinks.emit(&resolved(
+                        &process,
+                        &rule,
+                        last.as_ref(),
+                        format!("{} cleared", rule.name),
+                    )),
                 }
             }
             self.schedules(i, &process, stop);
@@ -478,20 +469,14 @@ impl Daemon {
             let Some(state) = w.states.get(&rule.name).filter(|s| s.is_firing()) else {
                 continue;
             };
-            let last = state.last_finding().cloned().unwrap_or_else(|| Finding {
-                metric: String::new(),
-                value: 0.0,
-                threshold: 0.0,
-                message: String::new(),
-            });
-            let mut record = AlertRecord::new(Status::Resolved, alert_target(process), rule, &last);
-            record.message = format!("{} cleared: {why}", rule.name);
-            let labels = RuleLabels {
-                target: target_labels(w, process).target,
-                rule: rule.name.clone(),
-                severity: format!("{:?}", rule.severity).to_lowercase(),
-            };
-            self.exporter.alert(&labels, false);
+            let record = resolved(
+                process,
+                rule,
+                state.last_finding(),
+                format!("{} cleared: {why}", rule.name),
+            );
+            self.exporter
+                .alert(&rule_labels(&target_labels(w, process).target, rule), false);
             self.sinks.emit(&record);
         }
     }
@@ -771,6 +756,33 @@ impl Daemon {
             });
         }
     }
+}
+
+/// Metric labels of one rule of a target.
+fn rule_labels(target: &str, rule: &Rule) -> RuleLabels {
+    RuleLabels {
+        target: target.to_owned(),
+        rule: rule.name.clone(),
+        severity: format!("{:?}", rule.severity).to_lowercase(),
+    }
+}
+
+/// The `resolved` record of `rule`, with the last finding it fired on.
+fn resolved(process: &Target, rule: &Rule, last: Option<&Finding>, message: String) -> AlertRecord {
+    let none = Finding {
+        metric: String::new(),
+        value: 0.0,
+        threshold: 0.0,
+        message: String::new(),
+    };
+    let mut record = AlertRecord::new(
+        Status::Resolved,
+        alert_target(process),
+        rule,
+        last.unwrap_or(&none),
+    );
+    record.message = message;
+    record
 }
 
 /// Metric labels of a target: its watched name and pid.

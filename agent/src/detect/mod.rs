@@ -359,21 +359,18 @@ impl Check {
                     return None;
                 }
                 // Idle, yet requests wait unread: nobody is reading them.
-                {
-                    let waiting = &queued;
-                    if waiting.len() as f64 >= for_s * 0.8 && waiting.iter().all(|&b| b > 0.0) {
-                        let bytes = waiting.last().copied().unwrap_or(0.0);
-                        return finding(
-                            "recv_queue_bytes",
-                            bytes,
-                            0.0,
-                            format!(
-                                "no progress: {bytes:.0} bytes of requests unread for {for_s:.0} s while using \
-                                 {:.1} % CPU",
-                                recent.iter().copied().fold(0.0, f64::max)
-                            ),
-                        );
-                    }
+                if queued.len() as f64 >= for_s * 0.8 && queued.iter().all(|&b| b > 0.0) {
+                    let bytes = queued.last().copied().unwrap_or(0.0);
+                    return finding(
+                        "recv_queue_bytes",
+                        bytes,
+                        0.0,
+                        format!(
+                            "no progress: {bytes:.0} bytes of requests unread for {for_s:.0} s while using \
+                             {:.1} % CPU",
+                            recent.iter().copied().fold(0.0, f64::max)
+                        ),
+                    );
                 }
                 // Busy before, idle now, clients still there and requests
                 // arriving (some unread data during the window).

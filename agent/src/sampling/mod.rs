@@ -551,6 +551,20 @@ mod tests {
         (handle, tid.load(Ordering::SeqCst))
     }
 
+    /// Makes the test process a target sampled at `hz` (frame pointers,
+    /// no kernel stacks).
+    fn attach_self(sampler: &mut Sampler, hz: u64) -> Target {
+        let me = Target {
+            pid: std::process::id(),
+            comm: "test".into(),
+            exe: None,
+        };
+        sampler
+            .add_target(&me, false, false, Some(period_for(hz)))
+            .expect("attach");
+        me
+    }
+
     fn samples_by_tid(raw: &RawProfile, tid: u32) -> u64 {
         raw.samples
             .iter()
@@ -572,14 +586,7 @@ mod tests {
         let (first, first_tid) = busy_thread(stop.clone());
         let mut ebpf = crate::bpf::load(false).expect("load eBPF");
         let mut sampler = Sampler::new(&mut ebpf).expect("sampler");
-        let me = Target {
-            pid: std::process::id(),
-            comm: "test".into(),
-            exe: None,
-        };
-        sampler
-            .add_target(&me, false, false, Some(period_for(100)))
-            .expect("attach");
+        let me = attach_self(&mut sampler, 100);
         let (late, late_tid) = busy_thread(stop.clone());
 
         // Rates per CPU-second of each thread: other tests may share the cores.
@@ -667,14 +674,7 @@ mod tests {
         let (a, _) = busy_thread(stop.clone());
         let (b, _) = busy_thread(stop.clone());
         let mut sampler = Sampler::new(&mut ebpf).expect("sampler");
-        let me = Target {
-            pid: std::process::id(),
-            comm: "test".into(),
-            exe: None,
-        };
-        sampler
-            .add_target(&me, false, false, Some(period_for(1000)))
-            .expect("attach");
+        let me = attach_self(&mut sampler, 1000);
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         let wanted = format!("samples of pid {} are being lost", me.pid);
         while std::time::Instant::now() < deadline
