@@ -61,6 +61,25 @@ pub fn privileged(test: &str) -> bool {
     false
 }
 
+/// Spawns `cmd`. A program the test has just copied (to give it a unique
+/// name) can fail with ETXTBSY: another test thread that forks in the
+/// moment between the copy's open and close holds its write descriptor
+/// until it execs (rust-lang/rust#114554). That window is microseconds,
+/// so spawning again shortly after succeeds.
+fn spawn_retrying(cmd: &mut Command) -> Child {
+    let mut tries = 0;
+    loop {
+        match cmd.spawn() {
+            Ok(child) => return child,
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 50 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => panic!("spawning {cmd:?}: {e}"),
+        }
+    }
+}
+
 /// A child process killed (SIGKILL) and reaped when dropped.
 pub struct TestProcess {
     child: Child,
@@ -73,7 +92,7 @@ impl TestProcess {
     /// (targets print one when they are ready).
     pub fn spawn_ready(mut cmd: Command) -> Self {
         cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
-        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
+        let mut child = spawn_retrying(&mut cmd);
         let stdout = child.stdout.take().expect("piped");
         let mut reader = BufReader::new(stdout);
         let mut banner = String::new();
@@ -90,7 +109,7 @@ impl TestProcess {
 
     /// Starts `cmd` without waiting for anything.
     pub fn spawn(mut cmd: Command) -> Self {
-        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
+        let child = spawn_retrying(&mut cmd);
         Self {
             child,
             banner: String::new(),
