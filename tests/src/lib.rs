@@ -13,6 +13,17 @@ use std::{
 
 use serde_json::Value;
 
+/// Held by the tests that keep a core busy or whose assertions need their
+/// target to get a whole core on time (an alert 10 s into a busy loop).
+/// This VM has two cores and libtest runs two tests at once: two CPU-bound
+/// tests together starve each other's targets and shift the timings they
+/// check, so they take turns. Other tests run beside them as usual.
+pub fn cpu_bound_turn() -> std::sync::MutexGuard<'static, ()> {
+    static TURN: Mutex<()> = Mutex::new(());
+    // A test that failed while holding it poisons it; the next one may go.
+    TURN.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Path of a target program built by build.rs (e.g. `hotpaths-fp`).
 pub fn target_bin(name: &str) -> PathBuf {
     let path = Path::new(env!("FLAMEWATCH_TARGETS_DIR")).join(name);

@@ -95,6 +95,7 @@ fn busy_loop_alert_and_emergency_profile() {
     if !privileged("busy_loop_alert_and_emergency_profile") {
         return;
     }
+    let _turn = cpu_bound_turn();
     let dir = output_dir();
     // The incident begins 3 s after the server starts (within the spawn).
     let incident = Instant::now() + Duration::from_secs(3);
@@ -377,6 +378,7 @@ fn flapping_metric_one_alert() {
     if !privileged("flapping_metric_one_alert") {
         return;
     }
+    let _turn = cpu_bound_turn();
     let dir = output_dir();
     let mut cmd = Command::new(target_bin("sleepspin"));
     // 3 s below: two whole 1 s samples at ~0 % however the phases fall
@@ -414,6 +416,7 @@ fn trigger_schedule_and_differential() {
     if !privileged("trigger_schedule_and_differential") {
         return;
     }
+    let _turn = cpu_bound_turn();
     let dir = output_dir();
     let lc = logcaster(
         &target_bin("logcaster"),
@@ -490,6 +493,7 @@ fn at_most_three_sessions() {
     if !privileged("at_most_three_sessions") {
         return;
     }
+    let _turn = cpu_bound_turn();
     let dir = output_dir();
     let mut cmd = Command::new(target_bin("hotpaths"));
     cmd.args(["--seconds", "60"]);

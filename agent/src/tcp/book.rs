@@ -25,9 +25,16 @@ pub struct TimeWaitNow {
 
 /// Addresses of the TIME_WAIT entries the kernel attributed, kept while the
 /// kernel still lists them (at most `tcp_max_tw_buckets` entries).
+///
+/// A sock_diag dump is not a snapshot: it walks the hash table in parts, and
+/// sockets inserted or freed in a bucket between two parts can shift another
+/// one past the walk. Under connection churn a socket that is still there is
+/// missing from one dump now and then, so an entry is forgotten only when two
+/// dumps in a row miss it (forgetting it at once made its next sighting look
+/// like an entry the kernel never reported, and it was counted twice).
 #[derive(Debug, Default)]
 pub struct TimeWaitBook {
-    /// Tuple → (tgid, generation it was recorded in).
+    /// Tuple → (tgid, generation it was recorded in or last listed in).
     entered: HashMap<Tuple, (u32, u64)>,
     /// Bumped right before each dump: entries of an older generation were
     /// in the kernel's table when that dump started; newer ones (recorded
@@ -63,8 +70,9 @@ impl TimeWaitBook {
     }
 
     /// Counts the TIME_WAIT sockets of each target in a sock_diag dump and
-    /// forgets the entries the kernel no longer lists (expired or killed),
-    /// except those recorded since [`Self::next_generation`].
+    /// forgets the entries the kernel no longer lists (expired or killed):
+    /// those missing from this dump and from the one before it, not counting
+    /// a dump that ran while they were recorded.
     /// `listening`: listening port → tgid. Only sockets sock_diag reports in
     /// TIME_WAIT proper are counted, as `ss state time-wait` does; those
     /// still waiting for the peer's FIN (sub-state FIN_WAIT2) are kept.
@@ -97,10 +105,15 @@ impl TimeWaitBook {
                 *n.remote_ports.entry(s.tuple.remote_port).or_default() += 1;
             }
         }
-        // Entries recorded while the dump ran may be missing from it.
+        // An entry recorded while the previous dump ran has been in one
+        // full dump (this one), so it too is kept once when missing.
         let current = self.generation;
-        self.entered
-            .retain(|t, &mut (_, generation)| present.contains(t) || generation == current);
+        self.entered.retain(|t, (_, generation)| {
+            if present.contains(t) {
+                *generation = current;
+            }
+            current - *generation <= 1
+        });
         now
     }
 }
@@ -115,9 +128,14 @@ impl TimeWaitBook {
 /// entry has not come as an event by its second dump was missed (at the
 /// first, the event may still be on its way); it is counted here. Only as
 /// many as runs were skipped, so an entry the kernel counted but whose event
-/// was lost (ring buffer full) is not counted twice.
+/// was lost (ring buffer full) is not counted twice. As in [`TimeWaitBook`],
+/// a socket is forgotten only when two dumps in a row miss it.
 #[derive(Debug, Default)]
 pub struct Recovery {
+    /// Dumps seen so far.
+    dumps: u64,
+    /// Every socket of these sets → the last dump that listed it.
+    listed: HashMap<Tuple, u64>,
     /// In TIME_WAIT when tracking started: not entered during it.
     preexisting: HashSet<Tuple>,
     /// Counted, by the kernel or here, and still listed.
@@ -134,13 +152,16 @@ impl Recovery {
     /// The TIME_WAIT sockets on the target's ports when tracking started.
     pub fn start(&mut self, present: &[Tuple]) {
         self.preexisting = present.iter().copied().collect();
+        self.listed = present.iter().map(|&t| (t, self.dumps)).collect();
     }
 
     /// One dump: `present` are the TIME_WAIT sockets (either sub-state) on
     /// the target's listening ports, `evented` tells which entries the
     /// kernel reported, `budget` holds skipped runs not yet matched.
     pub fn update(&mut self, present: &[Tuple], evented: impl Fn(&Tuple) -> bool, budget: &mut u64) {
+        self.dumps += 1;
         for t in present {
+            self.listed.insert(*t, self.dumps);
             if self.preexisting.contains(t) {
                 continue;
             }
@@ -169,11 +190,13 @@ impl Recovery {
                 self.accounted.insert(*t);
             }
         }
-        let present: HashSet<&Tuple> = present.iter().collect();
-        self.preexisting.retain(|t| present.contains(t));
-        self.accounted.retain(|t| present.contains(t));
-        self.recovered.retain(|t| present.contains(t));
-        self.pending.retain(|t| present.contains(t));
+        let dumps = self.dumps;
+        self.listed.retain(|_, &mut last| dumps - last <= 1);
+        let listed = &self.listed;
+        self.preexisting.retain(|t| listed.contains_key(t));
+        self.accounted.retain(|t| listed.contains_key(t));
+        self.recovered.retain(|t| listed.contains_key(t));
+        self.pending.retain(|t| listed.contains_key(t));
     }
 }
 
@@ -235,9 +258,10 @@ mod tests {
         assert_eq!(now.len(), 2);
     }
 
-    /// Test that entries the kernel no longer lists are forgotten (not those
-    /// recorded while the dump ran), those it lists in sub-state FIN_WAIT2
-    /// are kept but not counted (as `ss state time-wait` does not).
+    /// Test that entries two dumps in a row do not list are forgotten (a dump
+    /// that ran while one was recorded does not count), and that those listed
+    /// in sub-state FIN_WAIT2 are kept but not counted (as `ss state
+    /// time-wait` does not count them).
     #[test]
     fn pruning_and_fin_wait2() {
         let mut book = TimeWaitBook::default();
@@ -253,10 +277,15 @@ mod tests {
         }];
         let now = book.attribute(&sockets, &HashMap::new());
         assert!(now.is_empty());
-        assert!(!book.has(&tuple(1, 2)) && book.has(&tuple(3, 4)) && book.has(&tuple(5, 6)));
+        // One dump missing (1, 2) may be the dump's fault: kept.
+        assert!(book.has(&tuple(1, 2)) && book.has(&tuple(3, 4)) && book.has(&tuple(5, 6)));
         book.cancelled(&tuple(3, 4));
-        assert_eq!(book.len(), 1);
-        // At the next dump it is old enough to be pruned.
+        assert_eq!(book.len(), 2);
+        // The second dump in a row without (1, 2) forgets it; (5, 6) has
+        // been in one full dump now and is kept once more.
+        book.next_generation();
+        book.attribute(&[], &HashMap::new());
+        assert!(!book.has(&tuple(1, 2)) && book.has(&tuple(5, 6)));
         book.next_generation();
         book.attribute(&[], &HashMap::new());
         assert_eq!(book.len(), 0);
@@ -292,11 +321,36 @@ mod tests {
         // b's event was only late: the recovery is taken back.
         r.update(&[old, a, b, c], |x| *x == a || *x == b, &mut budget);
         assert_eq!((r.count, budget), (1, 1));
-        // Sockets gone are forgotten; the count stays.
+        // Sockets gone are forgotten after two dumps without them; the
+        // count stays.
+        r.update(&[], |_| false, &mut budget);
+        assert!(!r.accounted.is_empty());
         r.update(&[], |_| false, &mut budget);
         assert_eq!(r.count, 1);
         assert!(r.accounted.is_empty() && r.recovered.is_empty());
         assert!(r.preexisting.is_empty() && r.pending.is_empty());
+    }
+
+    /// Test that a reported socket one dump misses (the dump is not a
+    /// snapshot) is neither forgotten nor, when listed again, recovered as
+    /// an entry the kernel missed: it is counted once.
+    #[test]
+    fn socket_missing_from_one_dump_counted_once() {
+        let t = tuple(9999, 7);
+        let mut book = TimeWaitBook::default();
+        let mut r = Recovery::default();
+        r.start(&[]);
+        book.entered(t, 100);
+        let mut budget = 4;
+        for listed in [true, false, true, true, true] {
+            book.next_generation();
+            let sockets = if listed { vec![tw(9999, 7)] } else { vec![] };
+            book.attribute(&sockets, &HashMap::new());
+            let present: Vec<Tuple> = sockets.iter().map(|s| s.tuple).collect();
+            r.update(&present, |x| book.has(x), &mut budget);
+        }
+        assert!(book.has(&t));
+        assert_eq!((r.count, budget), (0, 4));
     }
 
     /// Test that ports are ranked by count, then by port.
