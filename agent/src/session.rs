@@ -198,6 +198,8 @@ pub async fn record(
     let started_at = SystemTime::now();
     let registry = budget::Registry::system();
     // Refuse before touching anything when other sessions use the budget.
+    // Until our claims are written, sessions starting now wait for us.
+    let admission = registry.admit().await;
     let mut budgets = HashMap::new();
     for t in &targets {
         budgets.insert(t.pid, registry.available(t.pid, config.max_overhead_pct, None)?);
@@ -280,6 +282,12 @@ pub async fn record(
             min_hz: 1,
         });
         let hz = governor.start_with_estimate(calibration.cost_per_hz_pct());
+        // Reserved in our claim until the first interval measures it.
+        let predicted_pct = if config.mode.on_cpu() {
+            (hz as f64 * calibration.cost_per_hz_pct()).min(governor.budget_pct())
+        } else {
+            0.0
+        };
         if hz < config.freq_hz {
             info!(
                 pid = t.pid,
@@ -311,7 +319,7 @@ pub async fn record(
         info!(pid = t.pid, comm = %t.comm, threads, "{what}, unwinding with {}: {}",
               if choice.dwarf { "DWARF" } else { "frame pointers" }, choice.reason);
         tracked.push(Tracked {
-            claim: registry.claim(t.pid, &session_id, hz),
+            claim: registry.claim(t.pid, &session_id, predicted_pct, hz),
             target: t,
             threads_at_start: threads,
             exited_after: None,
@@ -330,6 +338,7 @@ pub async fn record(
             timeline: Vec::new(),
         });
     }
+    drop(admission);
 
     let start = Instant::now();
     let start_mono_ns = cost::monotonic_ns();

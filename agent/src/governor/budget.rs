@@ -7,6 +7,12 @@
 //! number of sessions), and otherwise governs itself within what is left.
 //! Claims of dead agents are ignored and removed; a claim is removed when its
 //! session ends.
+//!
+//! A session checks the budget before it loads anything and can only claim
+//! its share after calibrating, a second later. Two sessions starting
+//! together would both see the whole budget, so a session holds the
+//! registry's admission lock (`flock` on `.lock`) from its check until its
+//! claim, with the overhead it predicts, is written.
 
 use std::path::{Path, PathBuf};
 
@@ -66,6 +72,17 @@ pub struct Registry {
     dir: PathBuf,
 }
 
+/// The admission lock, held from checking the budget until claiming it;
+/// released when dropped.
+#[derive(Debug)]
+pub struct Admission {
+    _file: Option<std::fs::File>,
+}
+
+/// Longest wait for another session to finish starting. Starting takes about
+/// a second; a session stuck longer must not stop every other one.
+const ADMISSION_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Our claim on a target; removed when dropped.
 #[derive(Debug)]
 pub struct Claim {
@@ -82,6 +99,44 @@ impl Registry {
     /// A registry in another folder (tests).
     pub fn at(dir: impl Into<PathBuf>) -> Self {
         Self { dir: dir.into() }
+    }
+
+    /// Waits until no other session (of any agent) is between its budget
+    /// check and its claim, and holds that turn until the returned value is
+    /// dropped. Without a usable registry folder, or after
+    /// [`ADMISSION_WAIT`], it goes on unserialized rather than not at all.
+    pub async fn admit(&self) -> Admission {
+        let path = self.dir.join(".lock");
+        let file = std::fs::create_dir_all(&self.dir).and_then(|()| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+        });
+        let file = match file {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!("budget admission lock {}: {e}; not serialized", path.display());
+                return Admission { _file: None };
+            }
+        };
+        let deadline = tokio::time::Instant::now() + ADMISSION_WAIT;
+        loop {
+            match file.try_lock() {
+                Ok(()) => return Admission { _file: Some(file) },
+                Err(std::fs::TryLockError::WouldBlock) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "budget admission lock {}: {e}; going on without it",
+                        path.display()
+                    );
+                    return Admission { _file: None };
+                }
+            }
+        }
     }
 
     fn target_dir(&self, target: u32) -> PathBuf {
@@ -146,15 +201,16 @@ impl Registry {
         Ok(budget_pct - used)
     }
 
-    /// Registers a claim of `session` on `target`.
-    pub fn claim(&self, target: u32, session: &str, hz: u64) -> Claim {
+    /// Registers a claim of `session` on `target`, at `pct` (the overhead it
+    /// predicts) until it measures its own.
+    pub fn claim(&self, target: u32, session: &str, pct: f64, hz: u64) -> Claim {
         let dir = self.target_dir(target);
         let _ = std::fs::create_dir_all(&dir);
         let me = std::process::id();
         let record = ClaimRecord {
             agent_pid: me,
             session: session.to_owned(),
-            pct: 0.0,
+            pct,
             hz,
         };
         let file: String = session
@@ -265,12 +321,41 @@ mod tests {
         assert!(matches!(err, BudgetError::TooMany { count: 3, .. }), "{err}");
     }
 
+    /// Test that a session starting while another is between its budget
+    /// check and its claim waits for that claim, and so sees it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn admission_serializes_check_and_claim() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Registry::at(dir.path());
+        let first = reg.admit().await;
+        assert_eq!(reg.available(9, 5.0, None).unwrap(), 5.0);
+        let second = {
+            let reg = reg.clone();
+            tokio::spawn(async move {
+                let _turn = reg.admit().await;
+                reg.available(9, 5.0, None).unwrap()
+            })
+        };
+        // The second one is still waiting while the first calibrates.
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert!(
+            !second.is_finished(),
+            "admitted while another session was starting"
+        );
+        let claim = reg.claim(9, "first", 3.0, 99);
+        drop(first);
+        let left = second.await.unwrap();
+        assert!((left - 2.0).abs() < 1e-9, "the second session saw {left} % left");
+        drop(claim);
+    }
+
     /// Test that our claim is published and removed with the session.
     #[test]
     fn claim_lifecycle() {
         let dir = tempfile::tempdir().unwrap();
         let reg = Registry::at(dir.path());
-        let mut claim = reg.claim(7, "on-demand_x", 99);
+        let mut claim = reg.claim(7, "on-demand_x", 0.2, 99);
+        assert!((reg.available(7, 5.0, None).unwrap() - 4.8).abs() < 1e-9);
         claim.update(0.5, 99);
         let path = reg
             .target_dir(7)
