@@ -5,6 +5,11 @@
 //! its maps change), so a target that exits mid-session is still symbolized.
 //! Kernel addresses are looked up in kallsyms. A frame that cannot be
 //! symbolized becomes `module+0xoffset` or `[unknown]`: data, never an error.
+//!
+//! blazesym demangles with cpp_demangle, which rejects some names GCC emits
+//! (an `sr` expression on a substitution, as in libstdc++'s `enable_if`
+//! helpers: gimli-rs/cpp_demangle#308). Names left mangled go through
+//! `c++filt`, the GNU demangler perf uses too, in one batch per profile.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -19,7 +24,7 @@ use blazesym::symbolize::{
     CodeInfo, Input, Sym, Symbolized, Symbolizer,
 };
 use blazesym::MaybeDefault;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::aggregate::{FrameName, RawProfile, Symbols};
 
@@ -570,6 +575,7 @@ pub fn symbolize(raw: &RawProfile, maps: &MapsCache, pids: &[u32]) -> SymbolTabl
             }
         }
     }
+    demangle_leftovers(&mut table);
     debug!(
         user = table.user.len(),
         kernel = table.kernel.len(),
@@ -577,6 +583,87 @@ pub fn symbolize(raw: &RawProfile, maps: &MapsCache, pids: &[u32]) -> SymbolTabl
         started.elapsed().as_secs_f64() * 1e3
     );
     table
+}
+
+/// Itanium C++ names blazesym could not demangle, demangled by `c++filt`.
+/// Without it they stay mangled (still the right function), with a warning.
+fn demangle_leftovers(table: &mut SymbolTable) {
+    let mangled = |n: &str| n.starts_with("_Z");
+    let names: Vec<FrameName> = table
+        .user
+        .values()
+        .flat_map(|f| f.iter())
+        .filter(|n| mangled(n))
+        .cloned()
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
+    if names.is_empty() {
+        return;
+    }
+    let demangled = match cxxfilt(&names) {
+        Ok(d) => d,
+        Err(e) => {
+            warn!(
+                "{} C++ names left mangled: cpp_demangle cannot parse them and c++filt (binutils) failed: {e}",
+                names.len()
+            );
+            return;
+        }
+    };
+    let map: HashMap<FrameName, FrameName> = names
+        .into_iter()
+        .zip(demangled)
+        .filter(|(m, d)| m.as_ref() != d)
+        .map(|(m, d)| (m, FrameName::from(d)))
+        .collect();
+    let rename = |n: &FrameName| map.get(n).cloned().unwrap_or_else(|| n.clone());
+    for frames in table.user.values_mut() {
+        if frames.iter().any(|n| map.contains_key(n)) {
+            *frames = frames.iter().map(rename).collect();
+        }
+    }
+    for frames in table.user_source.values_mut() {
+        if frames.iter().any(|f| map.contains_key(&f.name)) {
+            *frames = frames
+                .iter()
+                .map(|f| SourceFrame {
+                    name: rename(&f.name),
+                    ..f.clone()
+                })
+                .collect();
+        }
+    }
+}
+
+/// Runs `c++filt` over `names` (one per line in, one per line out).
+fn cxxfilt(names: &[FrameName]) -> std::io::Result<Vec<String>> {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new("c++filt")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let input: String = names.iter().map(|n| format!("{n}\n")).collect();
+    let mut stdin = child.stdin.take().expect("stdin is piped");
+    // Written from another thread: c++filt answers line by line and would
+    // block on a full stdout pipe while we block on its full stdin.
+    let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
+    let out = child.wait_with_output()?;
+    writer.join().expect("c++filt writer")?;
+    let lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    if !out.status.success() || lines.len() != names.len() {
+        return Err(std::io::Error::other(format!(
+            "{} for {} names, {} lines back",
+            out.status,
+            names.len(),
+            lines.len()
+        )));
+    }
+    Ok(lines)
 }
 
 #[cfg(test)]
@@ -701,6 +788,30 @@ mod tests {
             panic!("our code is in a file");
         };
         assert!(file.build_id().is_some_and(|id| id.len() >= 16), "{file:?}");
+    }
+
+    /// Test that a GCC name cpp_demangle rejects (libstdc++'s vector
+    /// relocation helper, seen in the game server) is demangled through
+    /// c++filt in both the flamegraph's and pprof's frames.
+    #[test]
+    fn names_cpp_demangle_rejects_are_demangled() {
+        let name = "_ZSt14__relocate_a_1IiiENSt9enable_ifIXsrSt24__is_bitwise_relocatableIT_vE5valueEPS2_E4typeES4_S4_S4_RSaIT0_E";
+        let mut table = SymbolTable::default();
+        let frame = |n: &str| SourceFrame {
+            name: FrameName::from(n),
+            file: None,
+            line: Some(3),
+        };
+        table.insert_user(1, 0x10, vec![frame(name), frame("inlined")]);
+        table.insert_user(1, 0x20, vec![frame("main")]);
+        demangle_leftovers(&mut table);
+        let want = "std::enable_if<std::__is_bitwise_relocatable<int, void>::value, int*>::type \
+                    std::__relocate_a_1<int, int>(int*, int*, int*, std::allocator<int>&)";
+        assert_eq!(table.user(1, 0x10, true)[0].as_ref(), want);
+        let source = table.user_source(1, 0x10).unwrap();
+        assert_eq!((source[0].name.as_ref(), source[0].line), (want, Some(3)));
+        assert_eq!(source[1].name.as_ref(), "inlined");
+        assert_eq!(table.user(1, 0x20, true)[0].as_ref(), "main");
     }
 
     /// Test that an offset is named after the start of its function, and

@@ -15,6 +15,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("gcc", "gcc"),
     ("g++", "g++"),
     ("strip", "binutils"),
+    // The agent's fallback demangler for names cpp_demangle cannot parse.
+    ("c++filt", "binutils"),
     ("ss", "iproute2"),
     ("setpriv", "util-linux"),
     ("mount", "mount"),
