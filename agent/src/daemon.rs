@@ -85,6 +85,19 @@ struct SessionDone {
     reply: Option<oneshot::Sender<Reply>>,
 }
 
+/// An emergency profile waiting for a session slot or budget.
+struct Deferred {
+    /// The firing alert's rule.
+    rule: Rule,
+    /// Its firing record (the profile record is built from it).
+    record: AlertRecord,
+    /// Not retried before this (a budget refusal is retried after a pause).
+    not_before: Instant,
+}
+
+/// Wait before asking again for a budget that refused an emergency profile.
+const DEFERRED_RETRY: Duration = Duration::from_secs(5);
+
 /// Rule name of the record saying a target came back with a new pid.
 pub const TARGET_RESTARTED: &str = "target_restarted";
 /// Rule name of the record saying a target is gone (resolved when it is back).
@@ -118,6 +131,10 @@ struct Watched {
     /// when: its return, however late, is a restart.
     gone: Option<(Target, Instant)>,
     last_emergency: Option<Instant>,
+    /// An emergency profile that could not start yet (every session slot
+    /// taken, or the shared budget used up): it starts when it can, as long
+    /// as its alert still fires.
+    deferred: Option<Deferred>,
     schedules: Vec<(cron::Schedule, Duration, u64, DateTime<Utc>)>,
     /// Folded stacks of the latest baseline (for differential flamegraphs).
     baseline: Option<PathBuf>,
@@ -195,6 +212,7 @@ impl Daemon {
                 states: HashMap::new(),
                 gone: None,
                 last_emergency: None,
+                deferred: None,
                 schedules,
                 baseline: None,
                 top_threads: Vec::new(),
@@ -361,6 +379,8 @@ impl Daemon {
                     )),
                 }
             }
+            // Before the schedules: an emergency takes a freed slot first.
+            self.deferred(i, &process, stop);
             self.schedules(i, &process, stop);
         }
         if let Some(me) = self.self_sampler.sample(std::process::id()) {
@@ -396,6 +416,8 @@ impl Daemon {
             let w = &mut self.watched[i];
             w.metrics.clear();
             w.states.clear();
+            // An emergency profile of the old process is no longer wanted.
+            w.deferred = None;
         }
         let w = &mut self.watched[i];
         let found = w.resolve();
@@ -526,8 +548,8 @@ impl Daemon {
         if rule.severity < Severity::Critical {
             return;
         }
-        let w = &mut self.watched[i];
-        if w.last_emergency
+        if self.watched[i]
+            .last_emergency
             .is_some_and(|t| t.elapsed() < self.config.emergency.cooldown)
         {
             info!(
@@ -536,6 +558,20 @@ impl Daemon {
             );
             return;
         }
+        self.emergency(i, process, rule, record, stop);
+    }
+
+    /// Starts the emergency profile of `rule`'s alert, or defers it when
+    /// every session slot is taken.
+    fn emergency(
+        &mut self,
+        i: usize,
+        process: &Target,
+        rule: &Rule,
+        record: AlertRecord,
+        stop: &watch::Receiver<bool>,
+    ) {
+        let stuck = matches!(rule.check, Check::Stuck { .. });
         let config = RecordConfig {
             freq_hz: self.config.emergency.freq_hz,
             duration: Some(self.config.emergency.duration),
@@ -543,8 +579,22 @@ impl Daemon {
             mode: if stuck { Mode::Offcpu } else { Mode::Cpu },
             ..self.session_config(&format!("{}-emergency", sanitize(&process.comm)))
         };
-        // The cooldown starts with a session that runs: an emergency that
-        // found no free session slot may start at the next alert.
+        if self.sessions.len() >= self.config.max_sessions {
+            info!(
+                pid = process.pid,
+                "emergency profile of {} deferred: {} sessions already running (max_sessions); \
+                 it starts when one ends, if the alert still fires",
+                rule.name,
+                self.sessions.len()
+            );
+            self.watched[i].deferred = Some(Deferred {
+                rule: rule.clone(),
+                record,
+                not_before: Instant::now(),
+            });
+            return;
+        }
+        // The cooldown starts with a session that runs (see `finished`).
         if self.start_session(
             i,
             process,
@@ -556,6 +606,26 @@ impl Daemon {
         ) {
             self.watched[i].last_emergency = Some(Instant::now());
         }
+    }
+
+    /// Starts target `i`'s deferred emergency profile once a slot is free,
+    /// or drops it when its alert no longer fires.
+    fn deferred(&mut self, i: usize, process: &Target, stop: &watch::Receiver<bool>) {
+        let w = &mut self.watched[i];
+        let Some(d) = w.deferred.as_ref() else { return };
+        if !w.states.get(&d.rule.name).is_some_and(AlertState::is_firing) {
+            info!(
+                pid = process.pid,
+                "deferred emergency profile of {} dropped: the alert resolved first", d.rule.name
+            );
+            w.deferred = None;
+            return;
+        }
+        if Instant::now() < d.not_before || self.sessions.len() >= self.config.max_sessions {
+            return;
+        }
+        let d = w.deferred.take().expect("checked above");
+        self.emergency(i, process, &d.rule, d.record, stop);
     }
 
     fn session_config(&self, label: &str) -> RecordConfig {
@@ -696,9 +766,22 @@ impl Daemon {
             Err(e) => {
                 warn!(pid = done.pid, "{} profile failed: {e}", done.kind.as_str());
                 // Refused (no budget left, say): not a profile that counts
-                // for the cooldown.
+                // for the cooldown; it is asked for again after a pause
+                // while its alert fires.
                 if done.kind == SessionKind::Emergency {
-                    self.watched[done.target].last_emergency = None;
+                    let w = &mut self.watched[done.target];
+                    w.last_emergency = None;
+                    let rule = done
+                        .alert
+                        .as_ref()
+                        .and_then(|a| w.spec.rules.iter().find(|r| r.name == a.rule));
+                    if let (Some(rule), Some(record)) = (rule.cloned(), done.alert) {
+                        w.deferred = Some(Deferred {
+                            rule,
+                            record,
+                            not_before: Instant::now() + DEFERRED_RETRY,
+                        });
+                    }
                 }
                 if let Some(reply) = done.reply {
                     let _ = reply.send(Reply {

@@ -536,3 +536,74 @@ fn at_most_three_sessions() {
     assert_eq!(refused.len(), 1);
     assert!(refused[0].contains("sessions"), "{}", refused[0]);
 }
+
+/// Test that an emergency profile that finds every session slot taken is
+/// deferred, not lost: it starts once the running session ends, while its
+/// alert still fires.
+#[test]
+fn deferred_emergency_starts_when_a_slot_frees() {
+    if !privileged("deferred_emergency_starts_when_a_slot_frees") {
+        return;
+    }
+    let _turn = cpu_bound_turn();
+    let dir = output_dir();
+    let lc = logcaster(
+        &target_bin("logcaster"),
+        free_tcp_port(),
+        &["--incident", "busy-loop", "--incident-after", "3"],
+        &["--connections", "2", "--rate", "200", "--duration", "60"],
+    );
+    let pid = lc.server.pid().to_string();
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "[[target]]\npid = {pid}\n[[target.rule]]\nname = \"cpu_high\"\nseverity = \"critical\"\n\
+             kind = \"threshold\"\nmetric = \"cpu_pct\"\nabove = 80\nfor_s = 2\n"
+        ),
+    );
+    // One session slot, so the on-demand profile below takes it.
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("max_sessions = 1\n{text}")).unwrap();
+    let _d = daemon(&config, &[]);
+    let socket = dir.path().join("control.sock");
+    assert!(
+        wait_until(Duration::from_secs(10), || socket.exists()),
+        "control socket"
+    );
+    // The socket opens before the first interval finds the target.
+    std::thread::sleep(Duration::from_secs(2));
+    let mut trigger = Command::new(flamewatch_bin())
+        .args(["trigger", "--pid", &pid, "--duration", "12s", "--control-socket"])
+        .arg(&socket)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_alert(dir.path(), Duration::from_secs(30), |a| {
+        rule_is(a, "cpu_high", "firing")
+    })
+    .expect("cpu_high fired");
+    assert!(
+        trigger.try_wait().unwrap().is_none(),
+        "the alert fired while the on-demand profile held the only slot"
+    );
+    assert!(
+        !alerts(dir.path())
+            .iter()
+            .any(|a| rule_is(a, "cpu_high", "profile")),
+        "no emergency profile while the slot is taken"
+    );
+    let out = trigger.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let profile = wait_alert(dir.path(), Duration::from_secs(30), |a| {
+        rule_is(a, "cpu_high", "profile")
+    })
+    .expect("the deferred emergency profile ran once the slot freed");
+    let summary = read_json(Path::new(profile["profile"]["json"].as_str().unwrap()));
+    assert_eq!(summary["session"]["kind"], "emergency");
+    assert!(
+        total_pct(&summary, "accept_loop") > 60.0,
+        "{:#}",
+        summary["top_functions"]
+    );
+}
