@@ -571,14 +571,6 @@ impl Daemon {
         record: AlertRecord,
         stop: &watch::Receiver<bool>,
     ) {
-        let stuck = matches!(rule.check, Check::Stuck { .. });
-        let config = RecordConfig {
-            freq_hz: self.config.emergency.freq_hz,
-            duration: Some(self.config.emergency.duration),
-            // Stuck threads do not run: their off-CPU stacks are the story.
-            mode: if stuck { Mode::Offcpu } else { Mode::Cpu },
-            ..self.session_config(&format!("{}-emergency", sanitize(&process.comm)))
-        };
         if self.sessions.len() >= self.config.max_sessions {
             info!(
                 pid = process.pid,
@@ -594,6 +586,14 @@ impl Daemon {
             });
             return;
         }
+        let stuck = matches!(rule.check, Check::Stuck { .. });
+        let config = RecordConfig {
+            freq_hz: self.config.emergency.freq_hz,
+            duration: Some(self.config.emergency.duration),
+            // Stuck threads do not run: their off-CPU stacks are the story.
+            mode: if stuck { Mode::Offcpu } else { Mode::Cpu },
+            ..self.session_config(&format!("{}-emergency", sanitize(&process.comm)))
+        };
         // The cooldown starts with a session that runs (see `finished`).
         if self.start_session(
             i,

@@ -18,16 +18,57 @@ fn logcaster_config(dir: &Path, target: &str) -> PathBuf {
     write_config(dir, &preset.replace("process = \"logcaster\"", target))
 }
 
-/// A config of `tables` writing into `dir`, with short emergency profiles.
+/// A config of `tables` (top-level keys may come first) writing into
+/// `dir`, with short emergency profiles.
 fn write_config(dir: &Path, tables: &str) -> PathBuf {
     let path = dir.join("flamewatch.toml");
     let text = format!(
-        "output = {:?}\ncontrol_socket = {:?}\nmetrics_addr = \"off\"\n[emergency]\nduration = \"4s\"\n{tables}",
+        "output = {:?}\ncontrol_socket = {:?}\nmetrics_addr = \"off\"\n{tables}\n[emergency]\nduration = \"4s\"\n",
         dir.display().to_string(),
         dir.join("control.sock").display().to_string()
     );
     std::fs::write(&path, text).unwrap();
     path
+}
+
+/// A critical `cpu_high` rule of the target above it: over 80 % for `for_s` s.
+fn cpu_high_rule(for_s: u32) -> String {
+    format!(
+        "[[target.rule]]\nname = \"cpu_high\"\nseverity = \"critical\"\nkind = \"threshold\"\n\
+         metric = \"cpu_pct\"\nabove = 80\nfor_s = {for_s}\n"
+    )
+}
+
+/// The daemon of `config` (writing into `dir`), once it serves its control
+/// socket and has found its targets; with that socket.
+fn daemon_ready(dir: &Path, config: &Path) -> (TestProcess, PathBuf) {
+    let d = daemon(config, &[]);
+    let socket = dir.join("control.sock");
+    assert!(
+        wait_until(Duration::from_secs(10), || socket.exists()),
+        "control socket"
+    );
+    // The socket opens before the first interval finds the target.
+    std::thread::sleep(Duration::from_secs(2));
+    (d, socket)
+}
+
+/// `flamewatch trigger` of a `duration` profile of `pid`, in the background.
+fn trigger(pid: &str, duration: &str, socket: &Path) -> std::process::Child {
+    Command::new(flamewatch_bin())
+        .args([
+            "trigger",
+            "--pid",
+            pid,
+            "--duration",
+            duration,
+            "--control-socket",
+        ])
+        .arg(socket)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
 }
 
 fn daemon(config: &Path, extra_args: &[&str]) -> TestProcess {
@@ -428,10 +469,9 @@ fn trigger_schedule_and_differential() {
         dir.path(),
         &format!(
             "[[target]]\npid = {}\n\
-             [[target.schedule]]\ncron = \"*/5 * * * * *\"\nduration = \"2s\"\n\
-             [[target.rule]]\nname = \"cpu_high\"\nseverity = \"critical\"\nkind = \"threshold\"\n\
-             metric = \"cpu_pct\"\nabove = 80\nfor_s = 3\n",
-            lc.server.pid()
+             [[target.schedule]]\ncron = \"*/5 * * * * *\"\nduration = \"2s\"\n{}",
+            lc.server.pid(),
+            cpu_high_rule(3)
         ),
     );
     let _d = daemon(&config, &[]);
@@ -499,26 +539,9 @@ fn at_most_three_sessions() {
     cmd.args(["--seconds", "60"]);
     let target = TestProcess::spawn_ready(cmd);
     let config = write_config(dir.path(), &format!("[[target]]\npid = {}\n", target.pid()));
-    let _d = daemon(&config, &[]);
-    let socket = dir.path().join("control.sock");
-    assert!(
-        wait_until(Duration::from_secs(10), || socket.exists()),
-        "control socket"
-    );
-    // The socket opens before the first interval finds the target.
-    std::thread::sleep(Duration::from_secs(2));
+    let (_d, socket) = daemon_ready(dir.path(), &config);
     let pid = target.pid().to_string();
-    let triggers: Vec<std::process::Child> = (0..4)
-        .map(|_| {
-            Command::new(flamewatch_bin())
-                .args(["trigger", "--pid", &pid, "--duration", "4s", "--control-socket"])
-                .arg(&socket)
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
+    let triggers: Vec<std::process::Child> = (0..4).map(|_| trigger(&pid, "4s", &socket)).collect();
     let outs: Vec<std::process::Output> = triggers
         .into_iter()
         .map(|c| c.wait_with_output().unwrap())
@@ -554,37 +577,19 @@ fn deferred_emergency_starts_when_a_slot_frees() {
         &["--connections", "2", "--rate", "200", "--duration", "60"],
     );
     let pid = lc.server.pid().to_string();
+    // One session slot, so the on-demand profile below takes it.
     let config = write_config(
         dir.path(),
-        &format!(
-            "[[target]]\npid = {pid}\n[[target.rule]]\nname = \"cpu_high\"\nseverity = \"critical\"\n\
-             kind = \"threshold\"\nmetric = \"cpu_pct\"\nabove = 80\nfor_s = 2\n"
-        ),
+        &format!("max_sessions = 1\n[[target]]\npid = {pid}\n{}", cpu_high_rule(2)),
     );
-    // One session slot, so the on-demand profile below takes it.
-    let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(&config, format!("max_sessions = 1\n{text}")).unwrap();
-    let _d = daemon(&config, &[]);
-    let socket = dir.path().join("control.sock");
-    assert!(
-        wait_until(Duration::from_secs(10), || socket.exists()),
-        "control socket"
-    );
-    // The socket opens before the first interval finds the target.
-    std::thread::sleep(Duration::from_secs(2));
-    let mut trigger = Command::new(flamewatch_bin())
-        .args(["trigger", "--pid", &pid, "--duration", "12s", "--control-socket"])
-        .arg(&socket)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let (_d, socket) = daemon_ready(dir.path(), &config);
+    let mut holder = trigger(&pid, "12s", &socket);
     wait_alert(dir.path(), Duration::from_secs(30), |a| {
         rule_is(a, "cpu_high", "firing")
     })
     .expect("cpu_high fired");
     assert!(
-        trigger.try_wait().unwrap().is_none(),
+        holder.try_wait().unwrap().is_none(),
         "the alert fired while the on-demand profile held the only slot"
     );
     assert!(
@@ -593,7 +598,7 @@ fn deferred_emergency_starts_when_a_slot_frees() {
             .any(|a| rule_is(a, "cpu_high", "profile")),
         "no emergency profile while the slot is taken"
     );
-    let out = trigger.wait_with_output().unwrap();
+    let out = holder.wait_with_output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let profile = wait_alert(dir.path(), Duration::from_secs(30), |a| {
         rule_is(a, "cpu_high", "profile")
