@@ -146,9 +146,28 @@ pub struct TriggerArgs {
     #[arg(long, value_name = "DURATION", value_parser = parse_duration,
           default_value_t = DurationArg(RecordConfig::default().duration))]
     pub duration: DurationArg,
+    /// Instead of a new session: the last DURATION of the daemon's flight
+    /// recorder, answered at once (e.g. `--since 5m`).
+    #[arg(long, value_name = "DURATION", value_parser = parse_since, conflicts_with = "duration")]
+    pub since: Option<std::time::Duration>,
+    /// Sampling rate of the session (a ceiling: the governor keeps the budget).
+    #[arg(long, value_name = "HZ", value_parser = clap::value_parser!(u64).range(1..=crate::config::MAX_FREQ_HZ))]
+    pub freq: Option<u64>,
+    /// How long to wait for a configured target that is still starting.
+    #[arg(long, value_name = "DURATION", value_parser = parse_since, default_value = "5s")]
+    pub wait: std::time::Duration,
     /// The daemon's control socket.
     #[arg(long, value_name = "PATH", default_value_os_t = WatchConfig::default().control_socket)]
     pub control_socket: PathBuf,
+}
+
+/// A bounded, positive duration (`--since`, `--wait`).
+fn parse_since(text: &str) -> Result<std::time::Duration, String> {
+    let d = humantime::parse_duration(text).map_err(|e| format!("'{text}': {e}"))?;
+    if d > std::time::Duration::from_secs(86_400) {
+        return Err(format!("'{text}': at most 24h"));
+    }
+    Ok(d)
 }
 
 /// Which processes to attach to.

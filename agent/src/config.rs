@@ -162,6 +162,16 @@ pub struct WatchConfig {
     /// svg, folded and json are always written: baselines, differential
     /// flamegraphs and alert links are made of them.
     pub formats: Vec<Format>,
+    /// Continuous profiling: every target is sampled all the time at this
+    /// rate into its flight recorder (0 turns it off). Counts against the
+    /// target's budget like any session.
+    pub continuous_hz: u64,
+    /// How much of the past each target's flight recorder keeps.
+    #[serde(with = "humantime_serde_opt")]
+    pub history: Duration,
+    /// Memory cap of each target's flight recorder, bytes (the oldest
+    /// intervals go first).
+    pub history_max_bytes: u64,
     /// The processes to watch.
     #[serde(rename = "target")]
     pub targets: Vec<TargetConfig>,
@@ -181,6 +191,9 @@ impl Default for WatchConfig {
             metrics_addr: "127.0.0.1:9464".into(),
             alertmanager: None,
             formats: RecordConfig::default().formats,
+            continuous_hz: 19,
+            history: Duration::from_secs(600),
+            history_max_bytes: 16 << 20,
             targets: Vec::new(),
         }
     }
@@ -220,6 +233,10 @@ pub struct EmergencyConfig {
     /// At most one emergency session per target within this time.
     #[serde(with = "humantime_serde_opt")]
     pub cooldown: Duration,
+    /// How far before the alert an emergency profile reaches back into the
+    /// flight recorder.
+    #[serde(with = "humantime_serde_opt")]
+    pub pre: Duration,
 }
 
 impl Default for EmergencyConfig {
@@ -228,6 +245,7 @@ impl Default for EmergencyConfig {
             duration: Duration::from_secs(30),
             freq_hz: 499,
             cooldown: Duration::from_secs(600),
+            pre: Duration::from_secs(60),
         }
     }
 }

@@ -49,8 +49,18 @@ pub struct Request {
     /// …or by pid.
     #[serde(default)]
     pub pid: Option<u32>,
-    /// Session length, seconds.
+    /// Session length, seconds: the rate is boosted for that long.
+    #[serde(default)]
     pub duration_s: f64,
+    /// Instead, the last this many seconds from the flight recorder, at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since_s: Option<f64>,
+    /// Sampling rate of the boost (default: the record default, 99 Hz).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freq_hz: Option<u64>,
+    /// How long to wait for a configured target that is not running yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait_s: Option<f64>,
 }
 
 /// The daemon's answer.
@@ -179,6 +189,9 @@ mod tests {
             process: Some("logcaster".into()),
             pid: None,
             duration_s: 1.0,
+            since_s: None,
+            freq_hz: None,
+            wait_s: None,
         };
         let reply = trigger(&path, &req, Duration::from_secs(5)).await.unwrap();
         assert!(reply.ok);

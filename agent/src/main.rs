@@ -9,6 +9,7 @@ mod config;
 mod control;
 mod daemon;
 mod detect;
+mod engine;
 mod export;
 mod governor;
 mod http;
@@ -177,13 +178,18 @@ async fn watch(args: cli::WatchArgs) -> Result<(), Failure> {
 
 async fn trigger(args: cli::TriggerArgs) -> Result<(), Failure> {
     let duration = args.duration.0.unwrap_or(std::time::Duration::from_secs(30));
+    let since = args.since.map(|d| d.as_secs_f64());
     let req = control::Request {
         process: args.targets.processes.first().cloned(),
         pid: args.targets.pids.first().copied(),
         duration_s: duration.as_secs_f64(),
+        since_s: since,
+        freq_hz: args.freq,
+        wait_s: Some(args.wait.as_secs_f64()),
     };
-    // The session, its symbolization, and some slack.
-    let timeout = duration + std::time::Duration::from_secs(120);
+    // The wait, the session, its symbolization, and some slack.
+    let collect = if since.is_some() { std::time::Duration::ZERO } else { duration };
+    let timeout = args.wait + collect + std::time::Duration::from_secs(120);
     let reply = control::trigger(&args.control_socket, &req, timeout)
         .await
         .map_err(Failure::usage)?;

@@ -147,20 +147,29 @@ pub struct ProcSample {
     /// Every thread with how long it has been blocked (s; 0 when running or
     /// runnable): the stuck detector's view.
     pub blocked: Vec<(String, f64)>,
-    /// Unread bytes in its TCP and UDP sockets.
+    /// Unread bytes in its UDP sockets, and in its TCP sockets unless the
+    /// caller has them from the TCP tracker ([`ProcSampler::tcp_from_proc`]).
     pub recv_queue_bytes: u64,
 }
 
-/// Unread bytes in the receive queues of `pid`'s TCP and UDP sockets, from
-/// /proc/PID/net/{tcp,udp}{,6} (`rx_queue`, matched by socket inode).
-pub fn recv_queue_bytes(pid: u32) -> u64 {
+/// Unread bytes in the receive queues of `pid`'s sockets, from
+/// /proc/PID/net/{udp,udp6} and, with `tcp`, /proc/PID/net/{tcp,tcp6}
+/// (`rx_queue`, matched by socket inode). Reading the TCP files walks the
+/// kernel's whole established hash (milliseconds on a large machine, every
+/// read): the daemon takes TCP queues from the tracker's sock_diag dump.
+pub fn recv_queue_bytes(pid: u32, tcp: bool) -> u64 {
     let inodes = crate::tcp::diag::socket_inodes(pid);
     if inodes.is_empty() {
         return 0;
     }
     let mut total = 0;
     // UDP too: a game server's player input arrives in datagrams.
-    for file in ["tcp", "tcp6", "udp", "udp6"] {
+    let files: &[&str] = if tcp {
+        &["tcp", "tcp6", "udp", "udp6"]
+    } else {
+        &["udp", "udp6"]
+    };
+    for file in files {
         let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{file}")) else {
             continue;
         };
@@ -199,6 +208,9 @@ struct Previous {
 #[derive(Debug, Default)]
 pub struct ProcSampler {
     prev: std::collections::HashMap<u32, Previous>,
+    /// Leave TCP receive queues out of `recv_queue_bytes` (the caller adds
+    /// them from the TCP tracker).
+    pub no_tcp_queues: bool,
 }
 
 /// Clock ticks per second (for /proc/PID/stat times).
@@ -226,6 +238,14 @@ fn exec_start_ms(path: &str) -> Option<f64> {
 }
 
 impl ProcSampler {
+    /// A sampler that leaves TCP receive queues out.
+    pub fn without_tcp_queues() -> Self {
+        Self {
+            no_tcp_queues: true,
+            ..Self::default()
+        }
+    }
+
     /// Forgets a process (it exited or was replaced).
     pub fn forget(&mut self, pid: u32) {
         self.prev.remove(&pid);
@@ -303,7 +323,7 @@ impl ProcSampler {
             ctx_switches_per_s,
             top_threads: top,
             blocked,
-            recv_queue_bytes: recv_queue_bytes(pid),
+            recv_queue_bytes: recv_queue_bytes(pid, !self.no_tcp_queues),
         })
     }
 }

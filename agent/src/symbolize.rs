@@ -84,7 +84,7 @@ pub struct Mapping {
 }
 
 /// Captured executable mappings of the targets, kept after they exit.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct MapsCache {
     by_pid: HashMap<u32, Vec<Mapping>>,
     last_text: HashMap<u32, String>,

@@ -133,6 +133,33 @@ impl Governor {
         self.config.budget_pct = budget_pct;
     }
 
+    /// Changes the requested rate (a session boosts it for a while, or its
+    /// boost ends). Lowering takes effect at once; raising goes as high as
+    /// the known cost allows within the budget. Returns the new rate when it
+    /// changed (nothing while paused: the next probe starts low anyway).
+    pub fn set_ceiling(&mut self, hz: u64) -> Option<u64> {
+        let hz = hz.max(self.config.min_hz);
+        if hz == self.config.ceiling_hz {
+            return None;
+        }
+        self.config.ceiling_hz = hz;
+        if self.paused {
+            self.hz = self.hz.min(hz);
+            return None;
+        }
+        let new = if hz < self.hz {
+            hz
+        } else {
+            self.cost_per_hz
+                .map_or(hz, |c| self.safe_hz(c).max(self.hz))
+                .min(hz)
+        };
+        (new != self.hz).then(|| {
+            self.hz = new;
+            new
+        })
+    }
+
     /// The budget in force.
     pub fn budget_pct(&self) -> f64 {
         self.config.budget_pct
@@ -202,6 +229,25 @@ impl Governor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Test that a boost raises the rate only as far as the known cost
+    /// allows, and that its end lowers it back at once.
+    #[test]
+    fn boost_within_budget_and_back() {
+        let mut gov = Governor::new(GovernorConfig {
+            budget_pct: 5.0,
+            ceiling_hz: 19,
+            min_hz: 1,
+        });
+        // 0.003 % per Hz: 5 % allows SETPOINT x 5 / 0.003 Hz.
+        assert_eq!(gov.start_with_estimate(0.003), 19);
+        assert_eq!(gov.set_ceiling(499), Some(499));
+        let capped = gov.set_ceiling(20_000).expect("raised");
+        assert!(capped < 20_000 && capped > 499, "{capped}");
+        assert_eq!(gov.set_ceiling(19), Some(19));
+        assert_eq!(gov.set_ceiling(19), None);
+        assert_eq!(gov.hz(), 19);
+    }
 
     /// A simulated target: overhead = rate x per-Hz cost (+ optional noise).
     struct Sim {

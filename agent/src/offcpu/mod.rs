@@ -62,6 +62,14 @@ fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
     T::try_from(map).map_err(|source| BpfError::Map { name, source }.into())
 }
 
+fn program(ebpf: &mut Ebpf) -> Result<&mut TracePoint, OffCpuError> {
+    Ok(ebpf
+        .program_mut(PROG)
+        .ok_or(BpfError::MissingMap(PROG))?
+        .try_into()
+        .map_err(|source| BpfError::Program { name: PROG, source })?)
+}
+
 /// A thread of a target that is off CPU right now, as the kernel saw it
 /// leave.
 #[derive(Debug, Clone, Copy)]
@@ -80,6 +88,8 @@ pub struct OffCpuTracer {
     counts: PerCpuHashMap<MapData, SampleKey, SampleValue>,
     stacks: StackTraceMap<MapData>,
     stats: PerCpuArray<MapData, OffStats>,
+    /// The program's link while attached.
+    link: Option<aya::programs::trace_point::TracePointLinkId>,
 }
 
 impl OffCpuTracer {
@@ -98,19 +108,43 @@ impl OffCpuTracer {
             counts: take(ebpf, "OFFCPU_COUNTS")?,
             stacks: take(ebpf, "OFFCPU_STACKS")?,
             stats: take(ebpf, "OFFCPU_STATS")?,
+            link: None,
         };
-        let program: &mut TracePoint = ebpf
-            .program_mut(PROG)
-            .ok_or(BpfError::MissingMap(PROG))?
-            .try_into()
-            .map_err(|source| BpfError::Program { name: PROG, source })?;
+        let program = program(ebpf)?;
         program
             .load()
             .map_err(|source| BpfError::Program { name: PROG, source })?;
-        program
-            .attach("sched", "sched_switch")
-            .map_err(|source| BpfError::Program { name: PROG, source })?;
+        let mut tracer = tracer;
+        tracer.reattach(ebpf)?;
         Ok(tracer)
+    }
+
+    /// Attaches the loaded program to `sched_switch` again (after
+    /// [`Self::detach_program`]).
+    pub fn reattach(&mut self, ebpf: &mut Ebpf) -> Result<(), OffCpuError> {
+        if self.link.is_none() {
+            let link = program(ebpf)?
+                .attach("sched", "sched_switch")
+                .map_err(|source| BpfError::Program { name: PROG, source })?;
+            self.link = Some(link);
+        }
+        Ok(())
+    }
+
+    /// Detaches the program from `sched_switch`, which it would otherwise
+    /// run on on every context switch of the machine, while no target needs
+    /// it. Maps and the loaded program stay.
+    pub fn detach_program(&mut self, ebpf: &mut Ebpf) {
+        if let (Some(link), Ok(program)) = (self.link.take(), program(ebpf)) {
+            if let Err(e) = program.detach(link) {
+                tracing::debug!("detaching the off-CPU program: {e}");
+            }
+        }
+    }
+
+    /// Whether the program runs on context switches now.
+    pub fn is_attached(&self) -> bool {
+        self.link.is_some()
     }
 
     fn set_bit(&mut self, pid: u32, on: bool) -> Result<(), OffCpuError> {

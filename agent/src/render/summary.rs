@@ -32,10 +32,32 @@ pub struct Summary {
     /// TIME_WAIT entered and now (absent when TCP tracking was unavailable).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tcp: Option<crate::tcp::summary::TcpSummary>,
+    /// The time window of the flight recorder this profile covers (daemon
+    /// sessions; an emergency's reaches back before its alert).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub window: Option<WindowInfo>,
     /// Paths of the files written.
     pub files: Files,
     /// Things the reader should know (target exited early, lost stacks…).
     pub warnings: Vec<String>,
+}
+
+/// The window of the recorder a profile covers.
+#[derive(Debug, Clone, Serialize)]
+pub struct WindowInfo {
+    /// Start, RFC 3339 UTC (the oldest interval included).
+    pub from: String,
+    /// End, RFC 3339 UTC.
+    pub to: String,
+    /// When the alert that asked for it fired (emergencies).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub alert_at: Option<String>,
+    /// Samples taken before the alert fired.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub before_alert_samples: Option<u64>,
+    /// Samples taken from the alert on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub after_alert_samples: Option<u64>,
 }
 
 /// Identity and timing of a session.
@@ -229,13 +251,17 @@ pub struct Files {
     /// pprof profile (gzipped profile.proto).
     #[serde(skip_serializing_if = "String::is_empty")]
     pub pprof: String,
+    /// Differential flamegraph of the window after the alert against the
+    /// part before it (emergencies), normalized to the two totals.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub before_after_svg: String,
 }
 
 impl Files {
     /// Paths of the files written, in a fixed order (svg, folded, json,
     /// pprof).
     pub fn written(&self) -> Vec<String> {
-        [&self.svg, &self.folded, &self.json, &self.pprof]
+        [&self.svg, &self.folded, &self.json, &self.pprof, &self.before_after_svg]
             .into_iter()
             .filter(|p| !p.is_empty())
             .cloned()
@@ -325,7 +351,9 @@ mod tests {
                 json: "flamegraphs/demo-100-20261122T030000Z.json".into(),
                 // Not asked for: no `pprof` key, so the golden file stands.
                 pprof: String::new(),
+                before_after_svg: String::new(),
             },
+            window: None,
             warnings: vec![],
         };
         crate::render::assert_golden("demo.json", &summary.to_json().expect("json"));

@@ -392,6 +392,34 @@ impl Sampler {
         }
     }
 
+    /// Forgets `pid` entirely (after [`Self::remove_target`] and a last
+    /// read of its counters): its slot is free for another target.
+    pub fn forget(&mut self, pid: u32) {
+        self.remove_target(pid);
+        self.targets.remove(&pid);
+    }
+
+    /// Starts CPU sampling of a target registered without it, or resumes
+    /// a paused one, every `period_ns`.
+    pub fn start_sampling(&mut self, pid: u32, period_ns: u64) -> Result<(), SamplingError> {
+        let prog_fd = self.prog_fd();
+        let Some(t) = self.targets.get_mut(&pid) else {
+            return Ok(());
+        };
+        if !t.events.is_empty() {
+            return self.resume(pid, period_ns);
+        }
+        t.events = open_events(pid, period_ns, prog_fd)?;
+        t.period_ns = period_ns;
+        t.paused = false;
+        Ok(())
+    }
+
+    /// Whether `pid` has perf events sampling it (paused or not).
+    pub fn is_sampling(&self, pid: u32) -> bool {
+        self.targets.get(&pid).is_some_and(|t| !t.events.is_empty())
+    }
+
     /// Counters of one target, summed over CPUs.
     pub fn target_stats(&self, pid: u32) -> Option<TargetStats> {
         let slot = self.targets.get(&pid)?.slot;

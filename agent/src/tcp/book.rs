@@ -228,6 +228,7 @@ mod tests {
             tuple: tuple(lport, rport),
             state: state::TIME_WAIT,
             inode: 0,
+            recv_queue: 0,
         }
     }
 
@@ -248,6 +249,7 @@ mod tests {
                 tuple: tuple(8080, 1),
                 state: state::ESTABLISHED,
                 inode: 7,
+                recv_queue: 0,
             },
         ];
         let now = book.attribute(&sockets, &listening);
@@ -274,6 +276,7 @@ mod tests {
             tuple: tuple(3, 4),
             state: state::FIN_WAIT2,
             inode: 0,
+            recv_queue: 0,
         }];
         let now = book.attribute(&sockets, &HashMap::new());
         assert!(now.is_empty());

@@ -59,6 +59,9 @@ pub struct DiagSocket {
     pub state: u8,
     /// Inode of the socket (0 for TIME_WAIT sockets: no file).
     pub inode: u32,
+    /// Unread bytes (established), or connections waiting to be accepted
+    /// (listening): what /proc/net/tcp calls `rx_queue`.
+    pub recv_queue: u32,
 }
 
 /// A `NETLINK_SOCK_DIAG` socket.
@@ -151,6 +154,7 @@ impl SockDiag {
                             },
                             state: h.state,
                             inode: h.inode,
+                            recv_queue: h.recv_queue,
                         });
                     }
                     _ => {}

@@ -137,6 +137,8 @@ struct TargetState {
     max_time_wait_per_s: f64,
     time_wait: TimeWaitNow,
     established: u64,
+    /// Unread bytes and pending accepts in its TCP sockets, at the last dump.
+    recv_queue: u64,
     /// TIME_WAIT entries recovered from sock_diag.
     recovery: Recovery,
     /// Not dumped yet: the next dump gives the pre-existing TIME_WAIT.
@@ -169,7 +171,15 @@ pub struct TcpTracker {
     skip_budget: u64,
     /// Skipped program runs seen so far.
     skipped_seen: u64,
+    /// When sock_diag was last dumped, and the machine's transitions then.
+    last_dump: Option<(Instant, u64)>,
 }
+
+/// Longest time between two sock_diag dumps while no TCP socket of the
+/// machine changes state. A dump walks the kernel's whole established hash
+/// (about 2 ms per address family here, however few sockets there are);
+/// without transitions only TIME_WAIT expiries and receive queues change.
+const QUIET_DUMP_EVERY: std::time::Duration = std::time::Duration::from_secs(3);
 
 impl TcpTracker {
     /// Takes the TCP maps out of `ebpf`, attaches the TCP programs and
@@ -201,6 +211,7 @@ impl TcpTracker {
             options,
             skip_budget: 0,
             skipped_seen: 0,
+            last_dump: None,
         };
         tracker.set_detail(options.detail)?;
         tracker.links = attach::attach(ebpf)?;
@@ -257,6 +268,7 @@ impl TcpTracker {
                 max_time_wait_per_s: 0.0,
                 time_wait: TimeWaitNow::default(),
                 established: 0,
+                recv_queue: 0,
                 recovery: Recovery::default(),
                 fresh: true,
             },
@@ -301,7 +313,14 @@ impl TcpTracker {
             let values = self.stats.get(&t.slot, 0).map_err(map_err("TCP_STATS"))?;
             t.counters = Counters::sum(values.iter());
         }
-        self.refresh_sockets()?;
+        let transitions = self.transitions_seen();
+        let quiet = self.last_dump.is_some_and(|(at, seen)| {
+            seen == transitions && now.duration_since(at) < QUIET_DUMP_EVERY
+        }) && !self.targets.values().any(|t| t.fresh);
+        if !quiet {
+            self.refresh_sockets()?;
+            self.last_dump = Some((now, transitions));
+        }
         for (pid, t) in self.targets.iter_mut() {
             let (was, was_entered) = before[pid];
             let dt = now.duration_since(t.last_poll).as_secs_f64();
@@ -335,19 +354,24 @@ impl TcpTracker {
         let sockets = self
             .diag
             .dump(StateFlags::ESTABLISHED | StateFlags::LISTEN | StateFlags::TIME_WAIT)?;
-        let mut by_inode: HashMap<u32, (u8, u16)> = HashMap::new();
+        let mut by_inode: HashMap<u32, (u8, u16, u32)> = HashMap::new();
         for s in &sockets {
             if s.inode != 0 && (s.state == tcp_state::LISTEN || s.state == tcp_state::ESTABLISHED) {
-                by_inode.insert(s.inode, (s.state, s.tuple.local_port));
+                by_inode.insert(s.inode, (s.state, s.tuple.local_port, s.recv_queue));
             }
         }
         for (&pid, t) in self.targets.iter_mut() {
             let inodes: HashSet<u32> = diag::socket_inodes(pid);
             let mut established = 0;
+            t.recv_queue = inodes
+                .iter()
+                .filter_map(|i| by_inode.get(i))
+                .map(|&(_, _, q)| u64::from(q))
+                .sum();
             for inode in &inodes {
-                match by_inode.get(inode) {
-                    Some(&(tcp_state::ESTABLISHED, _)) => established += 1,
-                    Some(&(tcp_state::LISTEN, port)) => {
+                match by_inode.get(inode).map(|&(s, p, _)| (s, p)) {
+                    Some((tcp_state::ESTABLISHED, _)) => established += 1,
+                    Some((tcp_state::LISTEN, port)) => {
                         let port = u32::from(port);
                         if self.listen_map.get(&port, 0).ok() != Some(pid) {
                             // A full map is counted by the kernel side's
@@ -401,6 +425,12 @@ impl TcpTracker {
             }
         }
         Ok(())
+    }
+
+    /// Unread bytes and pending accepts in `pid`'s TCP sockets at the last
+    /// poll (None if not tracked).
+    pub fn recv_queue(&self, pid: u32) -> Option<u64> {
+        self.targets.get(&pid).map(|t| t.recv_queue)
     }
 
     /// What `pid`'s TCP did since it was added (None if not tracked).

@@ -22,8 +22,12 @@ use framehop::x86_64::CacheX86_64;
 use super::{Ending, FileCache, ProcessUnwinder, UnwindStats};
 use crate::aggregate::{LostReason, RawProfile, RawSampleKey, StackSlot, Weight};
 
-/// How often the ring buffer is drained.
+/// How often the ring buffer is drained while samples arrive.
 pub const POLL: Duration = Duration::from_millis(20);
+/// How often it is drained while none do (continuous profiling at a low
+/// rate, or only frame-pointer targets): a wakeup costs tens of µs in a VM,
+/// and 8 MiB hold over half a second even at 999 Hz of 16 KiB samples.
+pub const IDLE_POLL: Duration = Duration::from_millis(200);
 
 /// What the consumer shares with the session while it runs.
 #[derive(Default)]
@@ -39,6 +43,12 @@ pub struct Shared {
     /// Off-CPU begins known to userspace (threads already blocked when the
     /// tracer attached), joined with their ends like the kernel's.
     pub seeded: Mutex<Begins>,
+    /// What was aggregated since the engine last took it ([`Consumer::take`]).
+    pub fresh: Mutex<Output>,
+    /// Processes whose unwinding state can go (they were removed).
+    pub forget: Mutex<Vec<u32>>,
+    /// Rounds of draining done.
+    pub rounds: AtomicU64,
 }
 
 /// The stacks of a DWARF target thread that went off CPU, waiting for the
@@ -85,6 +95,48 @@ impl Consumer {
         &self.shared
     }
 
+    /// Wakes the thread and waits until it has drained both rings at least
+    /// once since now (at most half a second).
+    pub fn sync(&self) {
+        let start = self.shared.rounds.load(Ordering::SeqCst);
+        let deadline = std::time::Instant::now() + Duration::from_millis(500);
+        while self.shared.rounds.load(Ordering::SeqCst) < start + 2 && std::time::Instant::now() < deadline {
+            self.handle.thread().unpark();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Takes what was aggregated since the last call: on-CPU samples and
+    /// finished off-CPU blocks. Blocks in progress stay with the consumer
+    /// (their end has not come yet); a copy of them is returned.
+    pub fn take(&self) -> Output {
+        let Ok(mut fresh) = self.shared.fresh.lock() else {
+            return Output::default();
+        };
+        Output {
+            cpu: std::mem::take(&mut fresh.cpu),
+            off: std::mem::take(&mut fresh.off),
+            begins: fresh.begins.clone(),
+        }
+    }
+
+    /// A copy of the off-CPU blocks of DWARF targets still in progress.
+    pub fn take_begins(&self) -> Begins {
+        self.shared
+            .fresh
+            .lock()
+            .map(|f| f.begins.clone())
+            .unwrap_or_default()
+    }
+
+    /// Drops the unwinding state and counters of `pid` (it is no longer a
+    /// target): the consumer's memory is bounded by the live targets.
+    pub fn forget(&self, pid: u32) {
+        if let Ok(mut f) = self.shared.forget.lock() {
+            f.push(pid);
+        }
+    }
+
     /// Drains what is left and returns everything aggregated.
     pub fn finish(self) -> Output {
         self.stop.store(true, Ordering::SeqCst);
@@ -108,7 +160,9 @@ fn run(
     let mut cache = CacheX86_64::new();
     let mut setup_ns = 0;
     let header = std::mem::size_of::<StackSampleHeader>();
+    let mut poll = POLL;
     loop {
+        let mut records = 0usize;
         // Stop only after a last full drain.
         let stopping = stop.load(Ordering::SeqCst);
         if let Ok(mut seeded) = shared.seeded.lock() {
@@ -116,6 +170,7 @@ fn run(
         }
         let mut stats: HashMap<u32, UnwindStats> = HashMap::new();
         while let Some(item) = ring.next() {
+            records += 1;
             let bytes: &[u8] = &item;
             if bytes.len() < header {
                 continue;
@@ -180,6 +235,7 @@ fn run(
         if let Some(ends) = ends.as_mut() {
             let mut fresh = Vec::new();
             while let Some(item) = ends.next() {
+                records += 1;
                 if item.len() >= std::mem::size_of::<OffEnd>() {
                     // SAFETY: the kernel wrote an OffEnd record.
                     fresh.push((
@@ -222,13 +278,35 @@ fn run(
                 t.no_user_stack += s.no_user_stack;
             }
         }
+        if let Ok(mut forget) = shared.forget.lock() {
+            for pid in forget.drain(..) {
+                procs.remove(&pid);
+                out.begins.retain(|_, (tgid, _, _)| *tgid != pid);
+                if let Ok(mut all) = shared.stats.lock() {
+                    all.remove(&pid);
+                }
+            }
+        }
+        if let Ok(mut fresh) = shared.fresh.lock() {
+            fresh.cpu.merge(std::mem::take(&mut out.cpu));
+            fresh.off.merge(std::mem::take(&mut out.off));
+            fresh.begins.clone_from(&out.begins);
+        }
         shared.setup_ns.store(setup_ns, Ordering::Relaxed);
         shared
             .cpu_ns
             .store(crate::governor::cost::thread_cpu_ns(), Ordering::Relaxed);
         if stopping {
+            if let Ok(mut fresh) = shared.fresh.lock() {
+                out.cpu = std::mem::take(&mut fresh.cpu);
+                out.off = std::mem::take(&mut fresh.off);
+            }
             return out;
         }
-        std::thread::sleep(POLL);
+        // Back off while nothing arrives; fast again as soon as it does.
+        poll = if records > 0 { POLL } else { (poll * 2).min(IDLE_POLL) };
+        shared.rounds.fetch_add(1, Ordering::SeqCst);
+        // Parked, not asleep: `sync` wakes it for a final drain.
+        std::thread::park_timeout(poll);
     }
 }

@@ -1,0 +1,351 @@
+//! `flamewatch watch`: the daemon left running beside production processes.
+//!
+//! One engine for the daemon's life (the eBPF object loaded once, programs
+//! attached once); the daemon is a loop of small parts:
+//!
+//! - [`follow`]: find the targets (following restarts) → engine add/remove;
+//! - the drain tick: the engine records one interval of every target into
+//!   its flight recorder (continuous profiling at `continuous_hz`);
+//! - [`rules`]: sample metrics, evaluate rules, emit alert records;
+//! - [`sessions`]: start, boost and finish profiles (on-demand, scheduled,
+//!   emergency) as windows over the recorder, at most `max_sessions` at once;
+//! - the control socket, bound after the first discovery pass.
+
+mod follow;
+mod rules;
+mod sessions;
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    str::FromStr as _,
+    time::{Duration, Instant, SystemTime},
+};
+
+use chrono::{DateTime, Utc};
+use tokio::{sync::watch, task::JoinSet};
+use tracing::{info, warn};
+
+use crate::{
+    alerts::{sinks::Sinks, AlertState},
+    config::{TargetConfig, WatchConfig},
+    control,
+    engine::{Engine, EngineError, EngineOptions},
+    export::Exporter,
+    metrics::{ProcSampler, TargetMetrics},
+    target::Target,
+};
+
+pub use follow::TARGET_RESTARTED;
+use sessions::{Active, Deferred, PendingTrigger, SessionDone};
+
+/// Errors of the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// Nothing to watch.
+    #[error("nothing to watch: give --process/--pid or targets in the config")]
+    NoTargets,
+    /// A target is configured without a name or pid.
+    #[error("a [[target]] needs `process` or `pid`")]
+    BadTarget,
+    /// A schedule does not parse.
+    #[error("schedule '{cron}' of {target}: {source}")]
+    Schedule {
+        /// Expression.
+        cron: String,
+        /// Target.
+        target: String,
+        /// Cause.
+        #[source]
+        source: cron::error::Error,
+    },
+    /// The control socket cannot be opened.
+    #[error("control socket {path}: {source}")]
+    Control {
+        /// Path.
+        path: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The engine could not start.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+/// How often the engine drains the kernel into the flight recorders.
+const DRAIN: Duration = Duration::from_secs(1);
+
+/// One watched process.
+struct Watched {
+    spec: TargetConfig,
+    /// The live process, when there is one.
+    process: Option<Target>,
+    metrics: TargetMetrics,
+    states: HashMap<String, AlertState>,
+    /// The process that went away (reported once as `target_gone`) and
+    /// when: its return, however late, is a restart.
+    gone: Option<(Target, Instant)>,
+    last_emergency: Option<Instant>,
+    /// An emergency profile that could not start yet (every session slot
+    /// taken): it starts when it can, as long as its alert still fires.
+    deferred: Option<Deferred>,
+    schedules: Vec<(cron::Schedule, Duration, u64, DateTime<Utc>)>,
+    /// Folded stacks of the latest healthy profile (for differentials).
+    baseline: Option<PathBuf>,
+    /// When an alert of this target last fired or resolved: the recorder is
+    /// healthy after that (baselines come from there).
+    last_alert_change: Option<SystemTime>,
+    /// The busiest threads at the latest sample: (tid, name, CPU %).
+    top_threads: Vec<(u32, String, f64)>,
+}
+
+impl Watched {
+    /// Finds (or re-finds) the process.
+    fn resolve(&self) -> Option<Target> {
+        match (&self.spec.process, self.spec.pid) {
+            (Some(name), _) => crate::target::find_by_name(name).into_iter().next(),
+            (None, Some(pid)) => Target::from_pid(pid).ok().filter(Target::is_alive),
+            _ => None,
+        }
+    }
+
+    /// Whether `req` names this target's process.
+    fn matches(&self, req: &control::Request) -> bool {
+        let by_process = self.process.as_ref().is_some_and(|p| {
+            req.pid == Some(p.pid) || req.process.as_deref().is_some_and(|n| n == p.comm)
+        });
+        by_process
+            || req
+                .process
+                .as_deref()
+                .is_some_and(|n| self.spec.process.as_deref() == Some(n))
+            || req.pid.is_some_and(|pid| self.spec.pid == Some(pid))
+    }
+}
+
+/// The daemon.
+pub struct Daemon {
+    config: WatchConfig,
+    sinks: Sinks,
+    watched: Vec<Watched>,
+    sampler: ProcSampler,
+    engine: Option<Engine>,
+    /// Sessions collecting (their window is still open).
+    active: Vec<Active>,
+    /// Sessions being symbolized and written.
+    finishing: JoinSet<SessionDone>,
+    /// Triggers for a configured target that is not running yet.
+    pending: Vec<PendingTrigger>,
+    start: Instant,
+    exporter: std::sync::Arc<Exporter>,
+    /// The agent's own process, for its CPU and memory.
+    self_sampler: ProcSampler,
+}
+
+/// A built-in or generic rule set for `spec` when it has none.
+fn with_rules(mut spec: TargetConfig) -> TargetConfig {
+    if spec.rules.is_empty() {
+        let preset = spec.process.as_deref().and_then(crate::config::preset);
+        match preset {
+            Some(p) => {
+                spec.rules = p.rules;
+                if spec.schedules.is_empty() {
+                    spec.schedules = p.schedules;
+                }
+            }
+            None => spec.rules = crate::config::default_rules(),
+        }
+    }
+    spec
+}
+
+impl Daemon {
+    /// Prepares the daemon for `config`.
+    pub fn new(config: WatchConfig) -> Result<Self, DaemonError> {
+        if config.targets.is_empty() {
+            return Err(DaemonError::NoTargets);
+        }
+        let mut watched = Vec::new();
+        for spec in config.targets.iter().cloned().map(with_rules) {
+            if spec.process.is_none() && spec.pid.is_none() {
+                return Err(DaemonError::BadTarget);
+            }
+            let mut schedules = Vec::new();
+            for s in &spec.schedules {
+                let parsed = cron::Schedule::from_str(&s.cron).map_err(|source| DaemonError::Schedule {
+                    cron: s.cron.clone(),
+                    target: spec.describe(),
+                    source,
+                })?;
+                let next = parsed.upcoming(Utc).next().unwrap_or_else(Utc::now);
+                schedules.push((parsed, s.duration, s.freq_hz, next));
+            }
+            watched.push(Watched {
+                spec,
+                process: None,
+                metrics: TargetMetrics::default(),
+                states: HashMap::new(),
+                gone: None,
+                last_emergency: None,
+                deferred: None,
+                schedules,
+                baseline: None,
+                last_alert_change: None,
+                top_threads: Vec::new(),
+            });
+        }
+        let sinks = Sinks::new(
+            &config.alerts_path(),
+            config.webhook.clone(),
+            config.alertmanager.clone(),
+        );
+        Ok(Self {
+            config,
+            sinks,
+            watched,
+            sampler: ProcSampler::default(),
+            engine: None,
+            active: Vec::new(),
+            finishing: JoinSet::new(),
+            pending: Vec::new(),
+            start: Instant::now(),
+            exporter: std::sync::Arc::new(Exporter::new()),
+            // Its own TCP queues are nobody's concern (and cost a walk of
+            // the kernel's TCP hash to read).
+            self_sampler: ProcSampler::without_tcp_queues(),
+        })
+    }
+
+    fn engine_options(&self) -> EngineOptions {
+        let record = crate::config::RecordConfig::default();
+        EngineOptions {
+            kernel_stacks: record.kernel_stacks,
+            stack_window: record.stack_window,
+            min_block_ns: record.min_block.as_nanos() as u64,
+            unwind: record.unwind,
+            budget_pct: self.config.max_overhead_pct,
+            // Targets come later: any of them may need stack copies.
+            dwarf_ring: true,
+            tcp: true,
+            history: self.config.history,
+            history_bytes: usize::try_from(self.config.history_max_bytes).unwrap_or(usize::MAX),
+        }
+    }
+
+    /// Runs until `stop` turns true, listening for `flamewatch trigger` on
+    /// `socket`.
+    pub async fn run(mut self, socket: &Path, mut stop: watch::Receiver<bool>) -> Result<(), DaemonError> {
+        std::fs::create_dir_all(&self.config.output).ok();
+        if self.config.metrics_addr != "off" {
+            // Validated when the configuration was read.
+            if let Ok(addr) = self.config.metrics_addr.parse() {
+                if let Err(e) = crate::export::serve(addr, self.exporter.clone()).await {
+                    warn!("cannot serve metrics on {addr}: {e}");
+                }
+            }
+        }
+        self.engine = Some(Engine::start(self.engine_options())?);
+        // The first discovery pass before the socket: a trigger that comes
+        // as soon as the socket exists finds its running target.
+        for i in 0..self.watched.len() {
+            self.follow(i);
+        }
+        let mut control = control::serve(socket).map_err(|source| DaemonError::Control {
+            path: socket.display().to_string(),
+            source,
+        })?;
+        info!(
+            "watching {} (alerts to {}, profiles to {}; continuous profiling at {} Hz, {} of history)",
+            self.watched
+                .iter()
+                .map(|w| w.spec.describe())
+                .collect::<Vec<_>>()
+                .join(", "),
+            self.config.alerts_path().display(),
+            self.config.output.display(),
+            self.config.continuous_hz,
+            humantime::format_duration(self.config.history),
+        );
+        let mut tick = tokio::time::interval(self.config.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut drain = tokio::time::interval(DRAIN);
+        drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let next_end = self.next_end();
+            tokio::select! {
+                _ = drain.tick() => self.drain(),
+                _ = tick.tick() => self.step().await,
+                _ = tokio::time::sleep_until(next_end.unwrap_or_else(far_future).into()), if next_end.is_some() => {
+                    self.end_due(false);
+                }
+                Some((req, reply)) = control.recv() => self.on_demand(req, reply),
+                Some(done) = self.finishing.join_next(), if !self.finishing.is_empty() => {
+                    if let Ok(done) = done {
+                        self.finished(done);
+                    }
+                }
+                _ = stop.changed() => break,
+            }
+        }
+        info!("stopping: writing the reports of running sessions");
+        self.end_due(true);
+        while let Some(done) = self.finishing.join_next().await {
+            if let Ok(done) = done {
+                self.finished(done);
+            }
+        }
+        if let Some(engine) = self.engine.take() {
+            engine.shutdown();
+        }
+        let _ = std::fs::remove_file(socket);
+        Ok(())
+    }
+
+    fn now(&self) -> f64 {
+        self.start.elapsed().as_secs_f64()
+    }
+
+    /// The engine records an interval of every target.
+    fn drain(&mut self) {
+        let Some(engine) = self.engine.as_mut() else { return };
+        match engine.tick() {
+            Ok(gone) => {
+                for pid in gone {
+                    info!(pid, "target process exited");
+                }
+            }
+            Err(e) => warn!("draining the kernel's aggregates: {e}"),
+        }
+    }
+
+    /// One interval: targets, metrics, rules, schedules.
+    async fn step(&mut self) {
+        for i in 0..self.watched.len() {
+            self.follow(i);
+            let Some(process) = self.watched[i].process.clone() else {
+                continue;
+            };
+            self.rules(i, &process).await;
+            // Before the schedules: an emergency takes a freed slot first.
+            self.deferred(i, &process);
+            self.schedules(i, &process);
+        }
+        self.pending_triggers();
+        if let Some(me) = self.self_sampler.sample(std::process::id()) {
+            let failed = self
+                .sinks
+                .webhook_stats
+                .failed
+                .load(std::sync::atomic::Ordering::Relaxed);
+            self.exporter.set_agent(me.cpu_pct, me.rss_bytes, failed);
+        }
+        self.exporter.set_sessions_running(self.sessions_running());
+        // The index shows the folder's alerts: rewrite it when they changed.
+        crate::render::html::refresh_if_alerts_changed(&self.config.output);
+    }
+}
+
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(86_400)
+}

@@ -1,0 +1,530 @@
+//! Profiles of the daemon, as windows over the engine's flight recorder.
+//!
+//! A session asks the engine for a higher rate on its target for a while
+//! (the boost), and when it ends takes its window from the recorder: an
+//! on-demand `trigger --since 5m` is a window of the past and ends at once;
+//! an emergency reaches `emergency.pre` back before its alert. Finishing
+//! (symbolize, render, write) runs on a blocking thread; at most
+//! `max_sessions` sessions collect or finish at once.
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant, SystemTime},
+};
+
+use chrono::Utc;
+use tokio::sync::oneshot;
+use tracing::{info, warn};
+
+use super::{follow::target_labels, Daemon};
+use crate::{
+    alerts::{AlertRecord, AlertState, ProfileLinks, Rule, Status},
+    config::{Mode, RecordConfig},
+    control::{self, Reply},
+    detect::Check,
+    engine::{Want, WantId},
+    export::SessionLabels,
+    render::{self, flamegraph},
+    session::{
+        finish::{self, Window},
+        sanitize, Report, SessionError, SessionKind,
+    },
+    target::Target,
+};
+
+/// Longest healthy stretch of the recorder used as a baseline.
+const BASELINE_SPAN: Duration = Duration::from_secs(300);
+/// A recorder baseline with fewer samples than this gives way to the latest
+/// healthy on-demand or scheduled profile, when there is one.
+const MIN_BASELINE_SAMPLES: u64 = 100;
+/// Longest a trigger may ask to wait for its target.
+const MAX_WAIT: Duration = Duration::from_secs(300);
+
+/// What a finished session reports back to the loop.
+pub(super) struct SessionDone {
+    target: usize,
+    pid: u32,
+    kind: SessionKind,
+    result: Result<Report, SessionError>,
+    /// The firing alert that started it (emergencies).
+    alert: Option<AlertRecord>,
+    /// Where to answer (on-demand sessions).
+    reply: Option<oneshot::Sender<Reply>>,
+}
+
+/// An emergency profile waiting for a session slot.
+pub(super) struct Deferred {
+    /// The firing alert's rule.
+    rule: Rule,
+    /// Its firing record (the profile record is built from it).
+    record: AlertRecord,
+    /// When it fired.
+    alert_at: SystemTime,
+}
+
+/// A trigger for a configured target that is not running yet.
+pub(super) struct PendingTrigger {
+    req: control::Request,
+    reply: oneshot::Sender<Reply>,
+    deadline: Instant,
+}
+
+/// A session collecting: its window is open until `until`.
+pub(super) struct Active {
+    target: usize,
+    pid: u32,
+    kind: SessionKind,
+    config: RecordConfig,
+    /// When it was asked for (its id and file names).
+    started_at: SystemTime,
+    /// Start of its window (may be in the past).
+    from: SystemTime,
+    until: Instant,
+    alert_at: Option<SystemTime>,
+    /// Its boost of the target's rate.
+    want: Option<WantId>,
+    alert: Option<AlertRecord>,
+    reply: Option<oneshot::Sender<Reply>>,
+    /// The healthy part of the recorder before the window (emergencies).
+    baseline_from: Option<SystemTime>,
+}
+
+/// What a new session is.
+struct Start {
+    kind: SessionKind,
+    config: RecordConfig,
+    from: SystemTime,
+    duration: Duration,
+    alert_at: Option<SystemTime>,
+    alert: Option<AlertRecord>,
+    reply: Option<oneshot::Sender<Reply>>,
+}
+
+fn refuse(reply: Option<oneshot::Sender<Reply>>, why: String) {
+    if let Some(reply) = reply {
+        let _ = reply.send(Reply {
+            error: Some(why),
+            ..Reply::default()
+        });
+    }
+}
+
+impl Daemon {
+    /// Sessions collecting or finishing.
+    pub(super) fn sessions_running(&self) -> usize {
+        self.active.len() + self.finishing.len()
+    }
+
+    /// When the next session's window closes.
+    pub(super) fn next_end(&self) -> Option<Instant> {
+        self.active.iter().map(|a| a.until).min()
+    }
+
+    fn session_config(&self, label: &str) -> RecordConfig {
+        RecordConfig {
+            output: self.config.output.clone(),
+            label: Some(label.to_owned()),
+            max_overhead_pct: self.config.max_overhead_pct,
+            formats: self.config.session_formats(),
+            ..RecordConfig::default()
+        }
+    }
+
+    /// Starts a session unless `max_sessions` already run; says whether it did.
+    fn start(&mut self, i: usize, process: &Target, s: Start) -> bool {
+        if self.sessions_running() >= self.config.max_sessions {
+            let why = format!("{} sessions already running (max_sessions)", self.sessions_running());
+            warn!(pid = process.pid, "{} profile not started: {why}", s.kind.as_str());
+            refuse(s.reply, why);
+            return false;
+        }
+        let Some(engine) = self.engine.as_mut() else {
+            refuse(s.reply, "the engine is not running".into());
+            return false;
+        };
+        info!(pid = process.pid, "{} profile of {}: starting", s.kind.as_str(), process.comm);
+        self.exporter.session_started(&SessionLabels {
+            target: target_labels(&self.watched[i], process).target,
+            kind: s.kind.as_str().to_owned(),
+        });
+        let want = (!s.duration.is_zero()).then(|| {
+            engine.want(
+                process.pid,
+                Want {
+                    hz: if s.config.mode.on_cpu() { s.config.freq_hz } else { 0 },
+                    off_cpu: s.config.mode.off_cpu(),
+                    thread_names: s.config.writes(crate::config::Format::Pprof),
+                },
+            )
+        });
+        let baseline_from = s.alert_at.map(|_| {
+            let span_start = s.from.checked_sub(BASELINE_SPAN).unwrap_or(s.from);
+            // Healthy: after the last alert transition before this one.
+            let w = &self.watched[i];
+            w.last_alert_change
+                .filter(|t| *t < s.from && *t > span_start)
+                .unwrap_or(span_start)
+        });
+        self.active.push(Active {
+            target: i,
+            pid: process.pid,
+            kind: s.kind,
+            config: s.config,
+            started_at: SystemTime::now(),
+            from: s.from,
+            until: Instant::now() + s.duration,
+            alert_at: s.alert_at,
+            want,
+            alert: s.alert,
+            reply: s.reply,
+            baseline_from,
+        });
+        true
+    }
+
+    /// Ends the sessions whose window has closed (`all`: every session, as
+    /// the daemon stops).
+    pub(super) fn end_due(&mut self, all: bool) {
+        let now = Instant::now();
+        let due: Vec<usize> = (0..self.active.len())
+            .filter(|&k| all || self.active[k].until <= now)
+            .collect();
+        self.end(due);
+    }
+
+    /// Ends the sessions of `pid` now (its process went away).
+    pub(super) fn end_sessions_of(&mut self, pid: u32) {
+        let of: Vec<usize> = (0..self.active.len())
+            .filter(|&k| self.active[k].pid == pid)
+            .collect();
+        self.end(of);
+    }
+
+    /// Closes the windows of the sessions at `indices`: the engine records
+    /// up to now, each window is taken and finished on a blocking thread.
+    fn end(&mut self, mut indices: Vec<usize>) {
+        if indices.is_empty() {
+            return;
+        }
+        let Some(engine) = self.engine.as_mut() else { return };
+        if let Err(e) = engine.flush() {
+            warn!("draining the kernel's aggregates: {e}");
+        }
+        indices.sort_unstable();
+        let to = SystemTime::now();
+        for k in indices.into_iter().rev() {
+            let a = self.active.remove(k);
+            let mut window = Window::take(engine, a.pid, a.from, to, a.config.mode.off_cpu());
+            if let Some(id) = a.want {
+                engine.unwant(a.pid, id);
+            }
+            if let (Some(w), Some(bf)) = (window.as_mut(), a.baseline_from) {
+                w.baseline = engine.window(a.pid, bf, a.from);
+            }
+            let Some(mut window) = window else {
+                refuse(a.reply, "the target is no longer followed".into());
+                continue;
+            };
+            window.alert_at = a.alert_at;
+            window.show_window = true;
+            let (target, pid, kind, alert, reply) = (a.target, a.pid, a.kind, a.alert, a.reply);
+            let (config, started_at) = (a.config, a.started_at);
+            self.finishing.spawn_blocking(move || {
+                let spec = finish::Spec {
+                    config: &config,
+                    kind,
+                    started_at,
+                };
+                SessionDone {
+                    target,
+                    pid,
+                    kind,
+                    result: finish::finish(window, &spec),
+                    alert,
+                    reply,
+                }
+            });
+        }
+    }
+
+    /// Starts the emergency profile of `rule`'s alert, or defers it when
+    /// every session slot is taken.
+    pub(super) fn emergency(
+        &mut self,
+        i: usize,
+        process: &Target,
+        rule: &Rule,
+        record: AlertRecord,
+        alert_at: SystemTime,
+    ) {
+        if self.sessions_running() >= self.config.max_sessions {
+            info!(
+                pid = process.pid,
+                "emergency profile of {} deferred: {} sessions already running (max_sessions); \
+                 it starts when one ends, if the alert still fires",
+                rule.name,
+                self.sessions_running()
+            );
+            self.watched[i].deferred = Some(Deferred {
+                rule: rule.clone(),
+                record,
+                alert_at,
+            });
+            return;
+        }
+        let stuck = matches!(rule.check, Check::Stuck { .. });
+        let config = RecordConfig {
+            freq_hz: self.config.emergency.freq_hz,
+            duration: Some(self.config.emergency.duration),
+            // Stuck threads do not run: their off-CPU stacks are the story.
+            mode: if stuck { Mode::Offcpu } else { Mode::Cpu },
+            ..self.session_config(&format!("{}-emergency", sanitize(&process.comm)))
+        };
+        // Off-CPU time is traced from now; CPU samples reach back.
+        let from = if stuck {
+            SystemTime::now()
+        } else {
+            alert_at.checked_sub(self.config.emergency.pre).unwrap_or(alert_at)
+        };
+        let started = self.start(
+            i,
+            process,
+            Start {
+                kind: SessionKind::Emergency,
+                config,
+                from,
+                duration: self.config.emergency.duration,
+                alert_at: (!stuck).then_some(alert_at),
+                alert: Some(record),
+                reply: None,
+            },
+        );
+        // The cooldown starts with a session that runs.
+        if started {
+            self.watched[i].last_emergency = Some(Instant::now());
+        }
+    }
+
+    /// Starts target `i`'s deferred emergency profile once a slot is free,
+    /// or drops it when its alert no longer fires.
+    pub(super) fn deferred(&mut self, i: usize, process: &Target) {
+        let w = &mut self.watched[i];
+        let Some(d) = w.deferred.as_ref() else { return };
+        if !w.states.get(&d.rule.name).is_some_and(AlertState::is_firing) {
+            info!(
+                pid = process.pid,
+                "deferred emergency profile of {} dropped: the alert resolved first", d.rule.name
+            );
+            w.deferred = None;
+            return;
+        }
+        if self.sessions_running() >= self.config.max_sessions {
+            return;
+        }
+        let Some(d) = self.watched[i].deferred.take() else { return };
+        self.emergency(i, process, &d.rule, d.record, d.alert_at);
+    }
+
+    /// Scheduled baselines that are due.
+    pub(super) fn schedules(&mut self, i: usize, process: &Target) {
+        let now = Utc::now();
+        let due: Vec<(Duration, u64)> = self.watched[i]
+            .schedules
+            .iter_mut()
+            .filter(|s| s.3 <= now)
+            .map(|s| {
+                s.3 =
+                    s.0.upcoming(Utc)
+                        .next()
+                        .unwrap_or(now + chrono::Duration::days(1));
+                (s.1, s.2)
+            })
+            .collect();
+        for (duration, freq_hz) in due {
+            let config = RecordConfig {
+                freq_hz,
+                duration: Some(duration),
+                ..self.session_config(&format!("{}-baseline", sanitize(&process.comm)))
+            };
+            let start = Start {
+                kind: SessionKind::Scheduled,
+                config,
+                from: SystemTime::now(),
+                duration,
+                alert_at: None,
+                alert: None,
+                reply: None,
+            };
+            self.start(i, process, start);
+        }
+    }
+
+    /// `flamewatch trigger`.
+    pub(super) fn on_demand(&mut self, req: control::Request, reply: oneshot::Sender<Reply>) {
+        let running = self
+            .watched
+            .iter()
+            .position(|w| w.process.is_some() && w.matches(&req));
+        let Some(i) = running else {
+            let configured = self.watched.iter().any(|w| w.matches(&req));
+            let wait = Duration::try_from_secs_f64(req.wait_s.unwrap_or(0.0))
+                .unwrap_or_default()
+                .min(MAX_WAIT);
+            if configured && !wait.is_zero() {
+                let deadline = Instant::now() + wait;
+                self.pending.push(PendingTrigger { req, reply, deadline });
+            } else {
+                refuse(Some(reply), format!("{} is not a running watched target", describe(&req)));
+            }
+            return;
+        };
+        let Some(process) = self.watched[i].process.clone() else {
+            return;
+        };
+        let freq_hz = req
+            .freq_hz
+            .unwrap_or(RecordConfig::default().freq_hz)
+            .clamp(1, crate::config::MAX_FREQ_HZ);
+        let config = RecordConfig {
+            freq_hz,
+            ..self.session_config(&format!("{}-trigger", sanitize(&process.comm)))
+        };
+        let now = SystemTime::now();
+        let (from, duration) = match req.since_s.and_then(|s| Duration::try_from_secs_f64(s).ok()) {
+            // A window of the past: answered at once from the recorder.
+            Some(since) => (now.checked_sub(since).unwrap_or(now), Duration::ZERO),
+            None => {
+                let d = Duration::try_from_secs_f64(req.duration_s.max(1.0)).unwrap_or(Duration::from_secs(30));
+                (now, d)
+            }
+        };
+        let start = Start {
+            kind: SessionKind::OnDemand,
+            config: RecordConfig {
+                duration: Some(duration),
+                ..config
+            },
+            from,
+            duration,
+            alert_at: None,
+            alert: None,
+            reply: Some(reply),
+        };
+        if self.start(i, &process, start) && duration.is_zero() {
+            self.end_due(false);
+        }
+    }
+
+    /// Triggers waiting for their target: started once it runs, refused
+    /// when their wait is over.
+    pub(super) fn pending_triggers(&mut self) {
+        let now = Instant::now();
+        for p in std::mem::take(&mut self.pending) {
+            let running = self.watched.iter().any(|w| w.process.is_some() && w.matches(&p.req));
+            if running {
+                self.on_demand(p.req, p.reply);
+            } else if now >= p.deadline {
+                refuse(Some(p.reply), format!("{} is not a running watched target", describe(&p.req)));
+            } else {
+                self.pending.push(p);
+            }
+        }
+    }
+
+    /// A session finished: answer, link its files, keep baselines.
+    pub(super) fn finished(&mut self, done: SessionDone) {
+        let report = match done.result {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(pid = done.pid, "{} profile failed: {e}", done.kind.as_str());
+                refuse(done.reply, e.to_string());
+                return;
+            }
+        };
+        let files = report.summary.files.written();
+        let w = &mut self.watched[done.target];
+        let firing = w.states.values().any(AlertState::is_firing);
+        match done.kind {
+            SessionKind::Scheduled => w.baseline = Some(PathBuf::from(&report.summary.files.folded)),
+            // A profile taken while nothing fires shows the healthy target:
+            // as good a baseline as a scheduled one, and newer.
+            SessionKind::OnDemand if !firing => {
+                w.baseline = Some(PathBuf::from(&report.summary.files.folded));
+            }
+            SessionKind::OnDemand => {}
+            SessionKind::Emergency => {
+                if let Some(alert) = done.alert {
+                    let record = profile_record(alert, &report, w.baseline.as_deref());
+                    self.sinks.emit(&record);
+                }
+            }
+        }
+        // The differential flamegraph and the profile record came after
+        // the session's files.
+        render::html::refresh_later(&self.config.output);
+        if let Some(reply) = done.reply {
+            let _ = reply.send(Reply {
+                ok: true,
+                error: None,
+                files,
+            });
+        }
+    }
+}
+
+/// The `profile` record of an emergency: its files and the differential
+/// against a baseline — the recorder's healthy minutes before the window
+/// when they hold enough samples, else the latest healthy profile.
+fn profile_record(mut alert: AlertRecord, report: &Report, file_baseline: Option<&Path>) -> AlertRecord {
+    let files = &report.summary.files;
+    let recorder = report
+        .baseline
+        .as_ref()
+        .filter(|(_, samples)| *samples >= MIN_BASELINE_SAMPLES || file_baseline.is_none())
+        .map(|(path, _)| PathBuf::from(path));
+    // Baselines are on-CPU profiles: an off-CPU emergency profile (a stuck
+    // target) has nothing to be diffed with.
+    let diff_svg = recorder
+        .or_else(|| file_baseline.map(Path::to_path_buf))
+        .filter(|_| report.summary.mode == "cpu")
+        .and_then(|b| differential(&b, &files.folded));
+    alert.status = Status::Profile;
+    alert.time = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+    alert.message = format!("emergency profile of {}: {}", alert.rule, files.svg);
+    alert.profile = Some(ProfileLinks {
+        svg: files.svg.clone(),
+        json: files.json.clone(),
+        diff_svg,
+    });
+    alert
+}
+
+fn describe(req: &control::Request) -> String {
+    req.process
+        .clone()
+        .unwrap_or_else(|| format!("pid {}", req.pid.unwrap_or(0)))
+}
+
+/// Writes `<folded stem>.diff.svg`: `after` against the baseline `before`,
+/// normalized to the two profiles' totals.
+fn differential(before: &Path, after: &str) -> Option<String> {
+    let b = std::fs::read_to_string(before).ok()?;
+    let a = std::fs::read_to_string(after).ok()?;
+    let title = flamegraph::Title {
+        title: "differential: emergency vs the healthy baseline".into(),
+        // The file name: the baseline sits beside it, and the picture may be
+        // shared without the machine's paths.
+        subtitle: format!(
+            "red grew, blue shrank (normalized to each profile's total); baseline {}",
+            before.file_name().map_or_else(
+                || before.display().to_string(),
+                |n| n.to_string_lossy().into_owned()
+            )
+        ),
+        count_name: "samples".into(),
+    };
+    let svg = flamegraph::render_diff(&b, &a, &title).ok()?;
+    let path = PathBuf::from(after.trim_end_matches(".folded").to_owned() + ".diff.svg");
+    render::write_file(&path, &svg).ok()?;
+    Some(path.display().to_string())
+}
