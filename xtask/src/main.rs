@@ -146,6 +146,10 @@ fn test(extra: &[String]) -> Result<()> {
         .args(extra)
         .env("FLAMEWATCH_BIN", &agent))?;
     if extra.is_empty() {
+        // The README's first command, end to end: a demo that breaks fails
+        // the suite.
+        eprintln!("xtask: the demo, end to end");
+        demo()?;
         run(cargo().args(["fmt", "--all", "--", "--check"]))?;
         run(cargo().args([
             "clippy",
@@ -199,6 +203,8 @@ impl Drop for Killed {
 
 /// Seconds of healthy LogCaster before its accept loop starts to spin.
 const DEMO_INCIDENT_AFTER_S: u64 = 20;
+/// Length of the healthy baseline profile asked for by `trigger`.
+const DEMO_BASELINE_S: u64 = 15;
 
 /// The main job: `flamewatch watch` with the LogCaster preset beside a
 /// LogCaster that goes through incident case 1 (busy loop). An on-demand
@@ -277,24 +283,28 @@ fn demo() -> Result<()> {
             .spawn()
             .context("starting flamewatch watch")?,
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !socket.exists() {
+    // The daemon binds its socket after its first discovery pass; a socket
+    // file left by an earlier, killed daemon is no sign of life.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
         if Instant::now() > deadline {
             bail!("flamewatch watch did not open {}", socket.display());
         }
+        if let Ok(Some(status)) = watch.0.try_wait() {
+            bail!("flamewatch watch exited ({status})");
+        }
         std::thread::sleep(Duration::from_millis(100));
     }
-    // A profile of the healthy server: the baseline of the emergency diff.
-    eprintln!("xtask: flamewatch trigger --process logcaster --duration 10s (the healthy baseline)");
+    // A profile of the healthy server at 999 Hz (a healthy LogCaster uses
+    // ~3 % of a core: 15 s give some 400 samples): the baseline of the
+    // emergency's differential.
+    eprintln!(
+        "xtask: flamewatch trigger --process logcaster --duration {DEMO_BASELINE_S}s --freq 999 (the healthy baseline)"
+    );
     let out = as_root(&agent)
-        .args([
-            "trigger",
-            "--process",
-            "logcaster",
-            "--duration",
-            "10s",
-            "--control-socket",
-        ])
+        .args(["trigger", "--process", "logcaster", "--freq", "999", "--duration"])
+        .arg(format!("{DEMO_BASELINE_S}s"))
+        .arg("--control-socket")
         .arg(&socket)
         .stderr(Stdio::inherit())
         .output()
@@ -362,7 +372,41 @@ fn demo() -> Result<()> {
     println!("summary:                 {json}");
     println!("index of every session:  {}", output.join("index.html").display());
     print_profile(Path::new(json))?;
-    check_busy_loop(Path::new(json))
+    check_busy_loop(Path::new(json))?;
+    check_window(Path::new(json), &baseline)
+}
+
+/// The demo's other claims: the emergency profile reaches back before its
+/// alert (the flight recorder), and its baseline has enough samples for the
+/// differential to mean something.
+fn check_window(json: &Path, baseline_svg: &str) -> Result<()> {
+    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(json)?)?;
+    let w = &summary["window"];
+    let time = |k: &str| -> Result<std::time::SystemTime> {
+        let text = w[k].as_str().with_context(|| format!("no window.{k} in {}", json.display()))?;
+        Ok(humantime::parse_rfc3339(text)?)
+    };
+    let (from, alert_at) = (time("from")?, time("alert_at")?);
+    let before = alert_at.duration_since(from).unwrap_or_default();
+    let before_samples = w["before_alert_samples"].as_u64().unwrap_or(0);
+    if before < Duration::from_secs(20) || before_samples == 0 {
+        bail!(
+            "the emergency profile should reach 20 s before its alert: it starts {:.0} s before, with {before_samples} samples",
+            before.as_secs_f64()
+        );
+    }
+    let base_json = baseline_svg.trim_end_matches(".svg").to_owned() + ".json";
+    let base: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&base_json)?)?;
+    let base_samples = base["sampling"]["samples"].as_u64().unwrap_or(0);
+    if base_samples < 200 {
+        bail!("the baseline {base_json} has {base_samples} samples (want at least 200)");
+    }
+    println!(
+        "checked: the emergency window starts {:.0} s before the alert ({before_samples} samples before it); \
+         the baseline has {base_samples} samples",
+        before.as_secs_f64()
+    );
+    Ok(())
 }
 
 /// The demo's claim, checked: the emergency profile shows the spinning

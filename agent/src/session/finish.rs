@@ -70,6 +70,9 @@ impl Window {
         } else {
             Vec::new()
         };
+        let intervals = engine.window(pid, from, to);
+        // The window starts where the recorder's history does.
+        let from = intervals.first().map_or(from, |i| i.from.max(from));
         Some(Self {
             target: slot.target.clone(),
             choice: slot.choice.clone(),
@@ -79,7 +82,7 @@ impl Window {
             from,
             to,
             alert_at: None,
-            intervals: engine.window(pid, from, to),
+            intervals,
             baseline: Vec::new(),
             still_blocked,
             still_blocked_off,
