@@ -300,6 +300,107 @@ mod humantime_serde_opt {
     }
 }
 
+/// Longest duration accepted anywhere (sessions, intervals, cooldowns,
+/// ages): a year. Longer ones would overflow the clocks they are added to;
+/// `forever` is the way to say "until Ctrl-C".
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Errors of a configuration's values (the TOML file and the flags share them).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A duration that must not be zero is.
+    #[error("{what} = {value:?}: must be longer than zero")]
+    Zero {
+        /// The setting.
+        what: String,
+        /// Its value as given.
+        value: String,
+    },
+    /// A duration past [`MAX_DURATION`].
+    #[error("{what} = {value:?}: longer than the maximum of 365 days")]
+    TooLong {
+        /// The setting.
+        what: String,
+        /// Its value as given.
+        value: String,
+    },
+    /// A number out of its range.
+    #[error("{what} = {value}: must be {range}")]
+    Range {
+        /// The setting.
+        what: String,
+        /// Its value.
+        value: String,
+        /// The accepted range, in words.
+        range: &'static str,
+    },
+}
+
+/// Checks a duration setting: at most [`MAX_DURATION`], and not zero
+/// unless `zero_ok`.
+pub fn check_duration(what: &str, d: Duration, zero_ok: bool) -> Result<Duration, ConfigError> {
+    let value = humantime::format_duration(d).to_string();
+    if d.is_zero() && !zero_ok {
+        return Err(ConfigError::Zero {
+            what: what.into(),
+            value,
+        });
+    }
+    if d > MAX_DURATION {
+        return Err(ConfigError::TooLong {
+            what: what.into(),
+            value,
+        });
+    }
+    Ok(d)
+}
+
+/// Checks a sampling frequency: 1 ..= [`MAX_FREQ_HZ`].
+pub fn check_freq(what: &str, hz: u64) -> Result<u64, ConfigError> {
+    if hz == 0 || hz > MAX_FREQ_HZ {
+        return Err(ConfigError::Range {
+            what: what.into(),
+            value: hz.to_string(),
+            range: "between 1 and 100000 Hz",
+        });
+    }
+    Ok(hz)
+}
+
+impl WatchConfig {
+    /// Checks every value a TOML file can set (the flags are checked by
+    /// clap with the same functions): a zero interval, a zero or endless
+    /// session, a zero rate would otherwise fail later, as a panic.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        check_duration("interval", self.interval, false)?;
+        check_duration("emergency.duration", self.emergency.duration, false)?;
+        check_duration("emergency.cooldown", self.emergency.cooldown, true)?;
+        check_freq("emergency.freq_hz", self.emergency.freq_hz)?;
+        if !(self.max_overhead_pct > 0.0 && self.max_overhead_pct <= 100.0) {
+            return Err(ConfigError::Range {
+                what: "max_overhead_pct".into(),
+                value: self.max_overhead_pct.to_string(),
+                range: "in (0, 100]",
+            });
+        }
+        if self.max_sessions == 0 {
+            return Err(ConfigError::Range {
+                what: "max_sessions".into(),
+                value: "0".into(),
+                range: "at least 1",
+            });
+        }
+        for t in &self.targets {
+            for s in &t.schedules {
+                let what = format!("schedule {:?} of {}", s.cron, t.describe());
+                check_duration(&format!("{what}: duration"), s.duration, false)?;
+                check_freq(&format!("{what}: freq_hz"), s.freq_hz)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Built-in presets, by process name (the files in configs/).
 pub const PRESETS: &[(&str, &str)] = &[
     ("logcaster", include_str!("../../configs/logcaster.toml")),

@@ -38,6 +38,9 @@ pub enum ControlError {
     /// It answered something unreadable.
     #[error("control socket: bad reply: {0}")]
     Reply(#[from] serde_json::Error),
+    /// A request's duration is not a usable number of seconds.
+    #[error("bad request: duration_s = {0}: want seconds in (0, 31536000] (at most 365 days)")]
+    Duration(f64),
 }
 
 /// What `flamewatch trigger` asks for.
@@ -51,6 +54,21 @@ pub struct Request {
     pub pid: Option<u32>,
     /// Session length, seconds.
     pub duration_s: f64,
+}
+
+impl Request {
+    /// The session length asked for (at least a second), or why it is not
+    /// one: `Duration::from_secs_f64` panics on a value like 1e300.
+    pub fn duration(&self) -> Result<Duration, ControlError> {
+        let s = self.duration_s;
+        if !(s.is_finite() && s > 0.0) {
+            return Err(ControlError::Duration(s));
+        }
+        Duration::try_from_secs_f64(s.max(1.0))
+            .ok()
+            .and_then(|d| crate::config::check_duration("duration_s", d, false).ok())
+            .ok_or(ControlError::Duration(s))
+    }
 }
 
 /// The daemon's answer.
@@ -105,6 +123,11 @@ async fn handle(stream: UnixStream, tx: mpsc::Sender<Incoming>) -> std::io::Resu
     let mut line = String::new();
     BufReader::new(read).read_line(&mut line).await?;
     let reply = match serde_json::from_str::<Request>(&line) {
+        // Checked here, so the daemon only ever sees a usable duration.
+        Ok(req) if req.duration().is_err() => Reply {
+            error: req.duration().err().map(|e| e.to_string()),
+            ..Reply::default()
+        },
         Ok(req) => {
             let (rtx, rrx) = oneshot::channel();
             if tx.send((req, rtx)).await.is_err() {
@@ -153,12 +176,27 @@ pub async fn trigger(path: &Path, req: &Request, timeout: Duration) -> Result<Re
 mod tests {
     use super::*;
 
+    /// Test that a request's duration is checked: a second at least, a year
+    /// at most, and 1e300, infinity or NaN are errors naming the value.
+    #[test]
+    fn request_durations() {
+        let req = |duration_s| Request {
+            process: None,
+            pid: Some(1),
+            duration_s,
+        };
+        assert_eq!(req(0.2).duration().unwrap(), Duration::from_secs(1));
+        assert_eq!(req(30.0).duration().unwrap(), Duration::from_secs(30));
+        for bad in [1e300, f64::INFINITY, f64::NAN, -3.0, 0.0, 4e7] {
+            let err = req(bad).duration().unwrap_err().to_string();
+            assert!(err.contains(&format!("duration_s = {bad}")), "{err}");
+        }
+    }
+
     /// Test a request/reply round trip over a socket only root may open.
     #[tokio::test]
     async fn round_trip() {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("SKIPPED round_trip: the daemon only answers root");
+        if !crate::testutil::privileged("round_trip", "the daemon only answers root") {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
@@ -180,6 +218,17 @@ mod tests {
             pid: None,
             duration_s: 1.0,
         };
+        // A duration the daemon could not turn into a session is answered
+        // here, with an error naming it.
+        for bad in [1e300, -1.0, 0.0, 1e20] {
+            let req = Request {
+                duration_s: bad,
+                ..req.clone()
+            };
+            let reply = trigger(&path, &req, Duration::from_secs(5)).await.unwrap();
+            assert!(!reply.ok, "{bad}");
+            assert!(reply.error.unwrap().contains("duration_s"), "{bad}");
+        }
         let reply = trigger(&path, &req, Duration::from_secs(5)).await.unwrap();
         assert!(reply.ok);
         assert_eq!(reply.files, ["a.svg"]);

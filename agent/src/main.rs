@@ -10,6 +10,7 @@ mod control;
 mod daemon;
 mod detect;
 mod export;
+mod fsafe;
 mod governor;
 mod http;
 mod metrics;
@@ -20,6 +21,8 @@ mod session;
 mod symbolize;
 mod target;
 mod tcp;
+#[cfg(test)]
+mod testutil;
 mod unwind;
 
 use std::process::ExitCode;
@@ -169,6 +172,20 @@ async fn watch(args: cli::WatchArgs) -> Result<(), Failure> {
     if let Some(missing) = target::missing_privileges() {
         return Err(Failure::usage(anyhow::anyhow!(missing)));
     }
+    // Every folder the daemon writes into: made 0755, refused when others
+    // could plant links in it.
+    let alerts = config.alerts_path();
+    for dir in [
+        Some(config.output.as_path()),
+        alerts.parent(),
+        config_socket.parent(),
+    ]
+    .into_iter()
+    .flatten()
+    .filter(|d| !d.as_os_str().is_empty())
+    {
+        fsafe::create_dir(dir).map_err(Failure::usage)?;
+    }
     let daemon = daemon::Daemon::new(config).map_err(Failure::usage)?;
     let socket = config_socket;
     daemon.run(&socket, stop).await?;
@@ -217,6 +234,7 @@ async fn record(args: RecordArgs) -> Result<(), Failure> {
     if let Some(missing) = target::missing_privileges() {
         return Err(Failure::usage(anyhow::anyhow!(missing)));
     }
+    fsafe::create_dir(&config.output).map_err(Failure::usage)?;
     let reports = match session::record(&config, targets, SessionKind::OnDemand, stop).await {
         Ok(reports) => reports,
         // No room in the target's budget: a refusal, not a failure of ours.

@@ -111,10 +111,11 @@ impl Sinks {
 }
 
 fn append_line(path: &Path, line: &str) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        crate::fsafe::create_dir(dir).map_err(std::io::Error::other)?;
     }
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+    // O_NOFOLLOW: a symlink planted at the name is an error, not a target.
+    let mut f = crate::fsafe::open_append(path)?;
     // One write per record: lines of concurrent writers do not interleave.
     f.write_all(format!("{line}\n").as_bytes())
 }

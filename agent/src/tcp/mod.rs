@@ -496,9 +496,7 @@ mod tests {
     /// root (it loads the BPF object); skipped otherwise.
     #[test]
     fn tracker_on_this_process() {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("SKIPPED tracker_on_this_process: needs root to load eBPF programs");
+        if !crate::testutil::privileged("tracker_on_this_process", "needs root to load eBPF programs") {
             return;
         }
         let mut ebpf = crate::bpf::load(false).expect("loading the BPF object");
