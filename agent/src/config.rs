@@ -165,6 +165,8 @@ pub struct WatchConfig {
     /// The processes to watch.
     #[serde(rename = "target")]
     pub targets: Vec<TargetConfig>,
+    /// How much of the output folder and alert stream is kept.
+    pub retention: RetentionConfig,
 }
 
 impl Default for WatchConfig {
@@ -182,6 +184,7 @@ impl Default for WatchConfig {
             alertmanager: None,
             formats: RecordConfig::default().formats,
             targets: Vec::new(),
+            retention: RetentionConfig::default(),
         }
     }
 }
@@ -300,6 +303,62 @@ mod humantime_serde_opt {
     }
 }
 
+/// What the output folder keeps (`[retention]`): the newest sessions within
+/// every limit, and the alert stream rotated at a size. A session is the
+/// files sharing a stem (`<stem>.svg`, `.folded`, `.json`, `.pb.gz`,
+/// `.diff.svg`); the oldest go first, except the profiles of alerts that
+/// still fire.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// Sessions kept at most.
+    pub max_sessions: usize,
+    /// Bytes of session files kept at most.
+    pub max_bytes: u64,
+    /// Sessions older than this go.
+    #[serde(with = "humantime_serde_opt")]
+    pub max_age: Duration,
+    /// alerts.jsonl is rotated (to alerts.jsonl.1) when it would grow past this.
+    pub alerts_max_bytes: u64,
+    /// Rotated alert files kept (alerts.jsonl.1 … .N).
+    pub alerts_keep: usize,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self {
+            max_sessions: 1000,
+            max_bytes: 2 << 30,
+            max_age: Duration::from_secs(14 * 24 * 3600),
+            alerts_max_bytes: 64 << 20,
+            alerts_keep: 5,
+        }
+    }
+}
+
+impl RetentionConfig {
+    /// Checks that every limit is positive (and the age at most a year).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        check_duration("retention.max_age", self.max_age, false)?;
+        let counts = [
+            ("retention.max_sessions", self.max_sessions as u64),
+            ("retention.max_bytes", self.max_bytes),
+            ("retention.alerts_max_bytes", self.alerts_max_bytes),
+            ("retention.alerts_keep", self.alerts_keep as u64),
+        ];
+        for (what, value) in counts {
+            if value == 0 {
+                return Err(ConfigError::Range {
+                    what: what.into(),
+                    value: "0".into(),
+                    range: "positive",
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Longest duration accepted anywhere (sessions, intervals, cooldowns,
 /// ages): a year. Longer ones would overflow the clocks they are added to;
 /// `forever` is the way to say "until Ctrl-C".
@@ -397,7 +456,7 @@ impl WatchConfig {
                 check_freq(&format!("{what}: freq_hz"), s.freq_hz)?;
             }
         }
-        Ok(())
+        self.retention.validate()
     }
 }
 
@@ -450,6 +509,33 @@ mod watch_tests {
         assert_eq!(c.interval, Duration::from_secs(2));
         assert_eq!(c.emergency.duration, Duration::from_secs(5));
         assert_eq!(c.emergency.freq_hz, 499);
+    }
+
+    /// Test that `[retention]` parses over its defaults, and that zero
+    /// limits are refused.
+    #[test]
+    fn retention_section() {
+        let d = RetentionConfig::default();
+        assert_eq!(WatchConfig::default().retention, d);
+        assert_eq!((d.max_sessions, d.max_bytes, d.alerts_keep), (1000, 2 << 30, 5));
+        assert_eq!(d.max_age, Duration::from_secs(14 * 86400));
+        let c: WatchConfig = toml::from_str("[retention]\nmax_sessions = 10\nmax_age = '2d'").unwrap();
+        assert_eq!(c.retention.max_sessions, 10);
+        assert_eq!(c.retention.max_age, Duration::from_secs(2 * 86400));
+        assert_eq!(c.retention.max_bytes, d.max_bytes);
+        c.validate().unwrap();
+        for bad in [
+            "max_sessions = 0",
+            "max_bytes = 0",
+            "max_age = '0s'",
+            "alerts_keep = 0",
+            "alerts_max_bytes = 0",
+        ] {
+            let c: WatchConfig = toml::from_str(&format!("[retention]\n{bad}")).unwrap();
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains("retention."), "{bad}: {err}");
+        }
+        assert!(toml::from_str::<WatchConfig>("[retention]\nmax_session = 1").is_err());
     }
 
     /// Test that the watch config's `formats` add to the svg, folded and

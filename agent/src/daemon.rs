@@ -222,7 +222,8 @@ impl Daemon {
             &config.alerts_path(),
             config.webhook.clone(),
             config.alertmanager.clone(),
-        );
+        )
+        .with_rotation(&config.retention);
         Ok(Self {
             config,
             sinks,
@@ -831,6 +832,15 @@ impl Daemon {
         // The session wrote the index already; the differential flamegraph
         // and the profile record came after it.
         render::html::refresh_later(&self.config.output);
+        crate::retention::prune_later(
+            &self.config.output,
+            &self.config.retention,
+            &self.config.alerts_path(),
+            self.watched
+                .iter()
+                .filter_map(|w| w.baseline.as_ref().map(|b| b.display().to_string()))
+                .collect(),
+        );
         if let Some(reply) = done.reply {
             let _ = reply.send(Reply {
                 ok: true,

@@ -155,6 +155,34 @@ pub fn read_nofollow(path: &Path) -> std::io::Result<String> {
     Ok(text)
 }
 
+/// The last `max` bytes of `path` as text (whole lines: a line cut at the
+/// start is dropped), refusing a symlink. Bounds what a scan of a large
+/// append-only file (alerts.jsonl) reads.
+pub fn read_tail(path: &Path, max: u64) -> std::io::Result<String> {
+    use std::io::{Read as _, Seek as _, SeekFrom};
+    let mut f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)?;
+    let len = f.metadata()?.len();
+    let start = len.saturating_sub(max);
+    // One byte before the window: whether the window starts a line.
+    f.seek(SeekFrom::Start(start.saturating_sub(1)))?;
+    let mut bytes = Vec::with_capacity((len - start.saturating_sub(1)) as usize);
+    f.take(max + 1).read_to_end(&mut bytes)?;
+    let text = if start == 0 {
+        &bytes[..]
+    } else {
+        // Skip to the first line that starts inside the window.
+        let cut = bytes
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(bytes.len(), |i| i + 1);
+        &bytes[cut..]
+    };
+    Ok(String::from_utf8_lossy(text).into_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::symlink;
@@ -201,6 +229,20 @@ mod tests {
         open_append(&real).unwrap().write_all(b"a\n").unwrap();
         open_append(&real).unwrap().write_all(b"b\n").unwrap();
         assert_eq!(read_nofollow(&real).unwrap(), "a\nb\n");
+    }
+
+    /// Test that the tail of a file is whole lines within the bound.
+    #[test]
+    fn tails_are_whole_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.jsonl");
+        std::fs::write(&path, "one\ntwo\nthree\n").unwrap();
+        assert_eq!(read_tail(&path, 100).unwrap(), "one\ntwo\nthree\n");
+        assert_eq!(read_tail(&path, 14).unwrap(), "one\ntwo\nthree\n");
+        assert_eq!(read_tail(&path, 10).unwrap(), "two\nthree\n");
+        assert_eq!(read_tail(&path, 9).unwrap(), "three\n");
+        assert_eq!(read_tail(&path, 7).unwrap(), "three\n");
+        assert_eq!(read_tail(&path, 5).unwrap(), "");
     }
 
     /// Test that a folder others can write to is refused unless sticky, that

@@ -16,6 +16,7 @@ mod http;
 mod metrics;
 mod offcpu;
 mod render;
+mod retention;
 mod sampling;
 mod session;
 mod symbolize;
@@ -241,10 +242,23 @@ async fn record(args: RecordArgs) -> Result<(), Failure> {
         Err(session::SessionError::Budget(e)) => return Err(Failure::usage(e)),
         Err(e) => return Err(e.into()),
     };
-    for report in reports {
+    for report in &reports {
         for path in report.summary.files.written() {
             println!("{path}");
         }
+    }
+    // Keep the folder within the default retention limits (a daemon's
+    // folder keeps its alerts' profiles), off the runtime's workers.
+    let (dir, alerts) = (config.output.clone(), config.output.join(render::html::ALERTS));
+    let pruned = tokio::task::spawn_blocking(move || {
+        let retention = crate::config::RetentionConfig::default();
+        retention::prune_and_refresh(&dir, &retention, &alerts, &Default::default())
+    })
+    .await;
+    match pruned {
+        Ok(Err(e)) => tracing::warn!("{e}"),
+        Err(e) => tracing::warn!("retention: {e}"),
+        Ok(Ok(_)) => {}
     }
     Ok(())
 }

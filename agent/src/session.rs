@@ -876,7 +876,7 @@ pub async fn record(
     }
     // The folder's index.html lists every session in it, this one included.
     // A convenience: failing to write it does not fail the session.
-    if let Err(e) = render::html::refresh(&config.output) {
+    if let Err(e) = render::html::refresh_off_runtime(&config.output).await {
         warn!("cannot write the index of {}: {e}", config.output.display());
     }
     Ok(reports)
