@@ -4,8 +4,19 @@
 //! A Unix socket only root can open (mode 0600, and the peer's uid is
 //! checked too); one JSON request line, one JSON reply line when the
 //! session's files are written.
+//!
+//! Its lifecycle: a daemon holds `<socket>.lock` (`flock`, opened
+//! `O_NOFOLLOW`) for its whole life, so a second daemon on the same socket
+//! is refused ([`ControlError::Locked`]); holding the lock, a socket still
+//! at the path is a dead daemon's and is replaced; on exit a daemon removes
+//! the socket only if it is still the one it bound (same device and inode).
 
-use std::{os::unix::fs::PermissionsExt as _, path::Path, time::Duration};
+use std::{
+    fs::File,
+    os::unix::fs::{FileTypeExt as _, MetadataExt as _, PermissionsExt as _},
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use serde::{Deserialize, Serialize};
 use tokio::{
@@ -38,6 +49,30 @@ pub enum ControlError {
     /// It answered something unreadable.
     #[error("control socket: bad reply: {0}")]
     Reply(#[from] serde_json::Error),
+    /// Another daemon holds the socket's lock (or answers on the socket).
+    #[error("another `flamewatch watch` is running on {path} (it holds {path}.lock)")]
+    Locked {
+        /// Socket path.
+        path: PathBuf,
+    },
+    /// Something other than a socket is at the socket's path.
+    #[error("{path} exists and is not a socket; not replacing it")]
+    NotASocket {
+        /// Socket path.
+        path: PathBuf,
+    },
+    /// The socket's folder is not safe to create files in.
+    #[error(transparent)]
+    Folder(#[from] crate::fsafe::FsError),
+    /// Opening the lock, binding or setting up the socket failed.
+    #[error("{path}: {source}")]
+    Bind {
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// A request's duration is not a usable number of seconds.
     #[error("bad request: duration_s = {0}: want seconds in (0, 31536000] (at most 365 days)")]
     Duration(f64),
@@ -87,30 +122,190 @@ pub struct Reply {
 /// A request and where to send its reply.
 pub type Incoming = (Request, oneshot::Sender<Reply>);
 
-/// Listens on `path` and forwards requests to the daemon.
-pub fn serve(path: &Path) -> std::io::Result<mpsc::Receiver<Incoming>> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+impl ControlError {
+    /// Whether this is the user's to fix (exit status 2): another daemon,
+    /// or a path or folder that cannot be used.
+    pub fn is_usage(&self) -> bool {
+        matches!(
+            self,
+            Self::Locked { .. } | Self::NotASocket { .. } | Self::Folder(_)
+        )
     }
-    // A socket left by a daemon that was killed.
-    let _ = std::fs::remove_file(path);
-    let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    let (tx, rx) = mpsc::channel(16);
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                if let Err(e) = handle(stream, tx).await {
-                    debug!("control connection: {e}");
-                }
-            });
+}
+
+/// The lock file beside `socket`: `<socket>.lock`.
+pub fn lock_path(socket: &Path) -> PathBuf {
+    let mut name = socket.as_os_str().to_owned();
+    name.push(".lock");
+    PathBuf::from(name)
+}
+
+/// What a bound socket holds until it is dropped: the lock, and the
+/// identity of the socket file to remove (only that one) on the way out.
+#[derive(Debug)]
+struct Bound {
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+    /// Released after the socket is removed (fields drop after `drop`).
+    _lock: File,
+}
+
+impl Drop for Bound {
+    fn drop(&mut self) {
+        // A socket someone bound after ours was removed is theirs.
+        let ours =
+            std::fs::symlink_metadata(&self.path).is_ok_and(|m| m.dev() == self.dev && m.ino() == self.ino);
+        if ours {
+            let _ = std::fs::remove_file(&self.path);
         }
-    });
-    Ok(rx)
+    }
+}
+
+/// The daemon's control socket, bound and locked, not yet served.
+#[derive(Debug)]
+pub struct Listener {
+    listener: std::os::unix::net::UnixListener,
+    bound: Bound,
+}
+
+impl Listener {
+    /// Takes `<path>.lock` and binds the socket at `path` (mode 0600),
+    /// replacing a dead daemon's socket. Refused with
+    /// [`ControlError::Locked`] while another daemon runs on `path`.
+    pub fn bind(path: &Path) -> Result<Self, ControlError> {
+        let err = |p: &Path| {
+            let p = p.to_owned();
+            move |source| ControlError::Bind { path: p, source }
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            crate::fsafe::create_dir(dir)?;
+        }
+        let lock_file = lock_path(path);
+        let lock = crate::fsafe::open_lock(&lock_file).map_err(err(&lock_file))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(ControlError::Locked {
+                    path: path.to_owned(),
+                })
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(err(&lock_file)(e)),
+        }
+        remove_stale(path)?;
+        let listener = std::os::unix::net::UnixListener::bind(path).map_err(err(path))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err(path))?;
+        let meta = std::fs::symlink_metadata(path).map_err(err(path))?;
+        listener.set_nonblocking(true).map_err(err(path))?;
+        Ok(Self {
+            listener,
+            bound: Bound {
+                path: path.to_owned(),
+                dev: meta.dev(),
+                ino: meta.ino(),
+                _lock: lock,
+            },
+        })
+    }
+
+    /// Serves the socket (on the current tokio runtime): requests come out
+    /// of the returned [`Control`].
+    pub fn serve(self) -> Result<Control, ControlError> {
+        let listener = UnixListener::from_std(self.listener).map_err(|source| ControlError::Bind {
+            path: self.bound.path.clone(),
+            source,
+        })?;
+        let (tx, rx) = mpsc::channel(16);
+        let task = tokio::spawn(accept_loop(listener, tx));
+        Ok(Control {
+            rx,
+            task: task.abort_handle(),
+            _bound: self.bound,
+        })
+    }
+}
+
+/// Holding the lock, whatever socket is at `path` belongs to a daemon that
+/// died (or to an agent too old to take the lock, if it still answers).
+fn remove_stale(path: &Path) -> Result<(), ControlError> {
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return Ok(());
+    };
+    let kind = meta.file_type();
+    if kind.is_socket() && std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(ControlError::Locked {
+            path: path.to_owned(),
+        });
+    }
+    if !kind.is_socket() && !kind.is_symlink() {
+        return Err(ControlError::NotASocket {
+            path: path.to_owned(),
+        });
+    }
+    // unlink: a planted link is removed, never followed.
+    debug!("replacing the stale control socket {}", path.display());
+    std::fs::remove_file(path).map_err(|source| ControlError::Bind {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// A served control socket: the daemon's requests. Dropping it stops
+/// serving, removes the socket (if still ours) and releases the lock.
+#[derive(Debug)]
+pub struct Control {
+    rx: mpsc::Receiver<Incoming>,
+    task: tokio::task::AbortHandle,
+    _bound: Bound,
+}
+
+impl Control {
+    /// The next request, with where to send its reply.
+    pub async fn recv(&mut self) -> Option<Incoming> {
+        self.rx.recv().await
+    }
+}
+
+impl Drop for Control {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Binds and serves `path` ([`Listener::bind`], [`Listener::serve`]); the
+/// [`ControlError`] is inside the `io::Error` (see [`usage_error`]).
+pub fn serve(path: &Path) -> std::io::Result<Control> {
+    Listener::bind(path)
+        .and_then(Listener::serve)
+        .map_err(std::io::Error::other)
+}
+
+/// The [`ControlError`] inside an `io::Error` from [`serve`], when it is
+/// the user's to fix (another daemon on the socket, say).
+pub fn usage_error(e: &std::io::Error) -> Option<&ControlError> {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<ControlError>())
+        .filter(|c| c.is_usage())
+}
+
+async fn accept_loop(listener: UnixListener, tx: mpsc::Sender<Incoming>) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of descriptors, say: wait rather than spin.
+                debug!("control socket accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            if let Err(e) = handle(stream, tx).await {
+                debug!("control connection: {e}");
+            }
+        });
+    }
 }
 
 async fn handle(stream: UnixStream, tx: mpsc::Sender<Incoming>) -> std::io::Result<()> {
@@ -191,6 +386,95 @@ mod tests {
             let err = req(bad).duration().unwrap_err().to_string();
             assert!(err.contains(&format!("duration_s = {bad}")), "{err}");
         }
+    }
+
+    /// Test that a second daemon on a socket is refused while the first
+    /// serves it, and that the first removes its socket when dropped and
+    /// lets the next one in.
+    #[tokio::test]
+    async fn second_daemon_is_locked_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.sock");
+        let first = Listener::bind(&path).unwrap().serve().unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let err = Listener::bind(&path).unwrap_err();
+        assert!(
+            matches!(err, ControlError::Locked { .. }) && err.is_usage(),
+            "{err}"
+        );
+        assert!(err.to_string().contains("c.sock.lock"), "{err}");
+        let io = serve(&path).unwrap_err();
+        assert!(usage_error(&io).is_some(), "{io}");
+        assert!(path.exists(), "the refused daemon left the socket alone");
+        drop(first);
+        assert!(!path.exists(), "removed on the way out");
+        assert!(
+            lock_path(&path).exists(),
+            "the lock file stays (unlinking it races)"
+        );
+        let _again = Listener::bind(&path).unwrap();
+    }
+
+    /// Test that a socket left by a killed daemon is replaced, and that a
+    /// lock-less agent still answering on it is not.
+    #[test]
+    fn stale_socket_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.sock");
+        // Bound and closed: the file stays, nobody listens (Connection refused).
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        assert!(std::os::unix::net::UnixStream::connect(&path).is_err());
+        let l = Listener::bind(&path).unwrap();
+        assert!(std::os::unix::net::UnixStream::connect(&path).is_ok());
+        drop(l);
+        let alive = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let err = Listener::bind(&path).unwrap_err();
+        assert!(matches!(err, ControlError::Locked { .. }), "{err}");
+        drop(alive);
+    }
+
+    /// Test that a daemon removes only the socket it bound: one bound at the
+    /// same path after its own was removed stays.
+    #[test]
+    fn removes_only_its_own_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.sock");
+        let l = Listener::bind(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let _other = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        drop(l);
+        assert!(std::fs::symlink_metadata(&path).unwrap().file_type().is_socket());
+    }
+
+    /// Test that planted links are not followed: a symlink at the lock is
+    /// refused, one at the socket is replaced, and a regular file at the
+    /// socket's path is left alone with an error.
+    #[test]
+    fn planted_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "precious").unwrap();
+        let path = dir.path().join("c.sock");
+        std::os::unix::fs::symlink(&victim, lock_path(&path)).unwrap();
+        let err = Listener::bind(&path).unwrap_err();
+        assert!(
+            matches!(&err, ControlError::Bind { source, .. } if source.raw_os_error() == Some(libc::ELOOP)),
+            "{err}"
+        );
+        std::fs::remove_file(lock_path(&path)).unwrap();
+        std::os::unix::fs::symlink(&victim, &path).unwrap();
+        let l = Listener::bind(&path).unwrap();
+        assert!(std::fs::symlink_metadata(&path).unwrap().file_type().is_socket());
+        drop(l);
+        std::fs::write(&path, "not a socket").unwrap();
+        let err = Listener::bind(&path).unwrap_err();
+        assert!(
+            matches!(err, ControlError::NotASocket { .. }) && err.is_usage(),
+            "{err}"
+        );
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "not a socket");
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
     }
 
     /// Test a request/reply round trip over a socket only root may open.

@@ -299,7 +299,6 @@ impl Daemon {
         if let Some((mut ebpf, tcp)) = self.tcp.take() {
             tcp.detach(&mut ebpf);
         }
-        let _ = std::fs::remove_file(socket);
         Ok(())
     }
 

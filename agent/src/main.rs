@@ -189,8 +189,13 @@ async fn watch(args: cli::WatchArgs) -> Result<(), Failure> {
     }
     let daemon = daemon::Daemon::new(config).map_err(Failure::usage)?;
     let socket = config_socket;
-    daemon.run(&socket, stop).await?;
-    Ok(())
+    match daemon.run(&socket, stop).await {
+        // Another daemon on the socket, or a path that cannot be one.
+        Err(daemon::DaemonError::Control { source, .. }) if control::usage_error(&source).is_some() => {
+            Err(Failure::usage(source))
+        }
+        other => Ok(other?),
+    }
 }
 
 async fn trigger(args: cli::TriggerArgs) -> Result<(), Failure> {
