@@ -122,6 +122,10 @@ impl WatchArgs {
         if !self.formats.is_empty() {
             config.formats = dedup(&self.formats);
         }
+        config.validate().map_err(|e| match &self.config {
+            Some(path) => format!("{}: {e}", path.display()),
+            None => e.to_string(),
+        })?;
         if config.metrics_addr != "off" && config.metrics_addr.parse::<std::net::SocketAddr>().is_err() {
             return Err(format!(
                 "invalid metrics address '{}' (want IP:PORT or \"off\")",
@@ -257,6 +261,8 @@ fn parse_min_block(text: &str) -> Result<MinBlock, String> {
         return Ok(MinBlock(Duration::ZERO));
     }
     humantime::parse_duration(text.trim())
+        .map_err(|e| e.to_string())
+        .and_then(|d| crate::config::check_duration("min-block", d, true).map_err(|e| e.to_string()))
         .map(MinBlock)
         .map_err(|e| format!("invalid duration '{text}' ({e}); examples: 0, 500us, 1ms"))
 }
@@ -295,15 +301,23 @@ pub fn parse_duration(text: &str) -> Result<DurationArg, String> {
     }
     // A bare number is seconds, as in `perf record -- sleep N` habits.
     let parsed = match text.parse::<f64>() {
-        Ok(secs) if secs.is_finite() && secs > 0.0 => Ok(Duration::from_secs_f64(secs)),
+        // try_: from_secs_f64 panics past u64::MAX seconds (1e20).
+        Ok(secs) if secs.is_finite() && secs > 0.0 => {
+            Duration::try_from_secs_f64(secs).map_err(|_| too_long())
+        }
         Ok(_) => Err("must be positive".to_owned()),
         Err(_) => humantime::parse_duration(text).map_err(|e| e.to_string()),
     }
+    .and_then(|d| crate::config::check_duration("duration", d, true).map_err(|_| too_long()))
     .map_err(|e| format!("invalid duration '{text}' ({e}); examples: 30s, 2m, 1h30m"))?;
     if parsed.is_zero() {
         return Ok(DurationArg(None));
     }
     Ok(DurationArg(Some(parsed)))
+}
+
+fn too_long() -> String {
+    "longer than the maximum of 365 days; `forever` runs until Ctrl-C".into()
 }
 
 /// Labels become file names: keep them to a safe character set.
@@ -455,6 +469,51 @@ mod tests {
         assert!(parse_duration("ten").is_err());
         assert!(parse_duration("-3").is_err());
         assert!(parse_duration("10 parsecs").is_err());
+    }
+
+    /// Test that durations too long for the clocks are one-line errors
+    /// naming the value, not panics.
+    #[test]
+    fn endless_durations_are_errors() {
+        for text in ["1e20", "1e300", "18446744073709551616", "400d", "1000000000y"] {
+            let err = parse_duration(text).expect_err(text);
+            assert!(err.contains(&format!("'{text}'")) && !err.contains('\n'), "{err}");
+        }
+        assert!(parse_min_block("1000000y").is_err());
+        assert_eq!(
+            parse_duration("365d"),
+            Ok(DurationArg(Some(Duration::from_secs(365 * 86400))))
+        );
+        let err = parse(&["record", "--pid", "1", "--duration", "1e20"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+    }
+
+    /// Test that a watch config with a zero interval, a zero or endless
+    /// session, or a zero rate is refused at load with one line.
+    #[test]
+    fn watch_config_values_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let cases = [
+            ("interval = \"0s\"", "interval"),
+            ("interval = \"400d\"", "interval"),
+            ("[emergency]\nduration = \"0s\"", "emergency.duration"),
+            ("[emergency]\nfreq_hz = 0", "emergency.freq_hz"),
+            ("max_overhead_pct = 0.0", "max_overhead_pct"),
+            (
+                "[[target]]\nprocess = \"x\"\n[[target.schedule]]\ncron = \"0 * * * * *\"\nduration = \"0s\"",
+                "duration",
+            ),
+        ];
+        for (text, what) in cases {
+            let path = dir.path().join("c.toml");
+            std::fs::write(&path, text).unwrap();
+            let args = ["watch", "--pid", "1", "--config", path.to_str().unwrap()];
+            let err = match parse(&args).expect("parses").command {
+                Command::Watch(w) => w.to_config().expect_err(text),
+                other => panic!("not watch: {other:?}"),
+            };
+            assert!(err.contains(what) && !err.contains('\n'), "{text}: {err}");
+        }
     }
 
     /// Test that bad input is a usage error (clap exits with status 2 for these).

@@ -175,6 +175,8 @@ pub struct WatchConfig {
     /// The processes to watch.
     #[serde(rename = "target")]
     pub targets: Vec<TargetConfig>,
+    /// How much of the output folder and alert stream is kept.
+    pub retention: RetentionConfig,
 }
 
 impl Default for WatchConfig {
@@ -195,6 +197,7 @@ impl Default for WatchConfig {
             history: Duration::from_secs(600),
             history_max_bytes: 16 << 20,
             targets: Vec::new(),
+            retention: RetentionConfig::default(),
         }
     }
 }
@@ -318,6 +321,163 @@ mod humantime_serde_opt {
     }
 }
 
+/// What the output folder keeps (`[retention]`): the newest sessions within
+/// every limit, and the alert stream rotated at a size. A session is the
+/// files sharing a stem (`<stem>.svg`, `.folded`, `.json`, `.pb.gz`,
+/// `.diff.svg`); the oldest go first, except the profiles of alerts that
+/// still fire.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// Sessions kept at most.
+    pub max_sessions: usize,
+    /// Bytes of session files kept at most.
+    pub max_bytes: u64,
+    /// Sessions older than this go.
+    #[serde(with = "humantime_serde_opt")]
+    pub max_age: Duration,
+    /// alerts.jsonl is rotated (to alerts.jsonl.1) when it would grow past this.
+    pub alerts_max_bytes: u64,
+    /// Rotated alert files kept (alerts.jsonl.1 … .N).
+    pub alerts_keep: usize,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self {
+            max_sessions: 1000,
+            max_bytes: 2 << 30,
+            max_age: Duration::from_secs(14 * 24 * 3600),
+            alerts_max_bytes: 64 << 20,
+            alerts_keep: 5,
+        }
+    }
+}
+
+impl RetentionConfig {
+    /// Checks that every limit is positive (and the age at most a year).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        check_duration("retention.max_age", self.max_age, false)?;
+        let counts = [
+            ("retention.max_sessions", self.max_sessions as u64),
+            ("retention.max_bytes", self.max_bytes),
+            ("retention.alerts_max_bytes", self.alerts_max_bytes),
+            ("retention.alerts_keep", self.alerts_keep as u64),
+        ];
+        for (what, value) in counts {
+            if value == 0 {
+                return Err(ConfigError::Range {
+                    what: what.into(),
+                    value: "0".into(),
+                    range: "positive",
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Longest duration accepted anywhere (sessions, intervals, cooldowns,
+/// ages): a year. Longer ones would overflow the clocks they are added to;
+/// `forever` is the way to say "until Ctrl-C".
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Errors of a configuration's values (the TOML file and the flags share them).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A duration that must not be zero is.
+    #[error("{what} = {value:?}: must be longer than zero")]
+    Zero {
+        /// The setting.
+        what: String,
+        /// Its value as given.
+        value: String,
+    },
+    /// A duration past [`MAX_DURATION`].
+    #[error("{what} = {value:?}: longer than the maximum of 365 days")]
+    TooLong {
+        /// The setting.
+        what: String,
+        /// Its value as given.
+        value: String,
+    },
+    /// A number out of its range.
+    #[error("{what} = {value}: must be {range}")]
+    Range {
+        /// The setting.
+        what: String,
+        /// Its value.
+        value: String,
+        /// The accepted range, in words.
+        range: &'static str,
+    },
+}
+
+/// Checks a duration setting: at most [`MAX_DURATION`], and not zero
+/// unless `zero_ok`.
+pub fn check_duration(what: &str, d: Duration, zero_ok: bool) -> Result<Duration, ConfigError> {
+    let value = humantime::format_duration(d).to_string();
+    if d.is_zero() && !zero_ok {
+        return Err(ConfigError::Zero {
+            what: what.into(),
+            value,
+        });
+    }
+    if d > MAX_DURATION {
+        return Err(ConfigError::TooLong {
+            what: what.into(),
+            value,
+        });
+    }
+    Ok(d)
+}
+
+/// Checks a sampling frequency: 1 ..= [`MAX_FREQ_HZ`].
+pub fn check_freq(what: &str, hz: u64) -> Result<u64, ConfigError> {
+    if hz == 0 || hz > MAX_FREQ_HZ {
+        return Err(ConfigError::Range {
+            what: what.into(),
+            value: hz.to_string(),
+            range: "between 1 and 100000 Hz",
+        });
+    }
+    Ok(hz)
+}
+
+impl WatchConfig {
+    /// Checks every value a TOML file can set (the flags are checked by
+    /// clap with the same functions): a zero interval, a zero or endless
+    /// session, a zero rate would otherwise fail later, as a panic.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        check_duration("interval", self.interval, false)?;
+        check_duration("emergency.duration", self.emergency.duration, false)?;
+        check_duration("emergency.cooldown", self.emergency.cooldown, true)?;
+        check_freq("emergency.freq_hz", self.emergency.freq_hz)?;
+        if !(self.max_overhead_pct > 0.0 && self.max_overhead_pct <= 100.0) {
+            return Err(ConfigError::Range {
+                what: "max_overhead_pct".into(),
+                value: self.max_overhead_pct.to_string(),
+                range: "in (0, 100]",
+            });
+        }
+        if self.max_sessions == 0 {
+            return Err(ConfigError::Range {
+                what: "max_sessions".into(),
+                value: "0".into(),
+                range: "at least 1",
+            });
+        }
+        for t in &self.targets {
+            for s in &t.schedules {
+                let what = format!("schedule {:?} of {}", s.cron, t.describe());
+                check_duration(&format!("{what}: duration"), s.duration, false)?;
+                check_freq(&format!("{what}: freq_hz"), s.freq_hz)?;
+            }
+        }
+        self.retention.validate()
+    }
+}
+
 /// Built-in presets, by process name (the files in configs/).
 pub const PRESETS: &[(&str, &str)] = &[
     ("logcaster", include_str!("../../configs/logcaster.toml")),
@@ -367,6 +527,33 @@ mod watch_tests {
         assert_eq!(c.interval, Duration::from_secs(2));
         assert_eq!(c.emergency.duration, Duration::from_secs(5));
         assert_eq!(c.emergency.freq_hz, 499);
+    }
+
+    /// Test that `[retention]` parses over its defaults, and that zero
+    /// limits are refused.
+    #[test]
+    fn retention_section() {
+        let d = RetentionConfig::default();
+        assert_eq!(WatchConfig::default().retention, d);
+        assert_eq!((d.max_sessions, d.max_bytes, d.alerts_keep), (1000, 2 << 30, 5));
+        assert_eq!(d.max_age, Duration::from_secs(14 * 86400));
+        let c: WatchConfig = toml::from_str("[retention]\nmax_sessions = 10\nmax_age = '2d'").unwrap();
+        assert_eq!(c.retention.max_sessions, 10);
+        assert_eq!(c.retention.max_age, Duration::from_secs(2 * 86400));
+        assert_eq!(c.retention.max_bytes, d.max_bytes);
+        c.validate().unwrap();
+        for bad in [
+            "max_sessions = 0",
+            "max_bytes = 0",
+            "max_age = '0s'",
+            "alerts_keep = 0",
+            "alerts_max_bytes = 0",
+        ] {
+            let c: WatchConfig = toml::from_str(&format!("[retention]\n{bad}")).unwrap();
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains("retention."), "{bad}: {err}");
+        }
+        assert!(toml::from_str::<WatchConfig>("[retention]\nmax_session = 1").is_err());
     }
 
     /// Test that the watch config's `formats` add to the svg, folded and

@@ -11,16 +11,20 @@ mod daemon;
 mod detect;
 mod engine;
 mod export;
+mod fsafe;
 mod governor;
 mod http;
 mod metrics;
 mod offcpu;
 mod render;
+mod retention;
 mod sampling;
 mod session;
 mod symbolize;
 mod target;
 mod tcp;
+#[cfg(test)]
+mod testutil;
 mod unwind;
 
 use std::process::ExitCode;
@@ -170,10 +174,27 @@ async fn watch(args: cli::WatchArgs) -> Result<(), Failure> {
     if let Some(missing) = target::missing_privileges() {
         return Err(Failure::usage(anyhow::anyhow!(missing)));
     }
+    // Every folder the daemon writes into: made 0755, refused when others
+    // could plant links in it.
+    let alerts = config.alerts_path();
+    for dir in [
+        Some(config.output.as_path()),
+        alerts.parent(),
+        config_socket.parent(),
+    ]
+    .into_iter()
+    .flatten()
+    .filter(|d| !d.as_os_str().is_empty())
+    {
+        fsafe::create_dir(dir).map_err(Failure::usage)?;
+    }
     let daemon = daemon::Daemon::new(config).map_err(Failure::usage)?;
     let socket = config_socket;
-    daemon.run(&socket, stop).await?;
-    Ok(())
+    match daemon.run(&socket, stop).await {
+        // Another daemon on the socket, or a path that cannot be one.
+        Err(daemon::DaemonError::Control(e)) if e.is_usage() => Err(Failure::usage(e)),
+        other => Ok(other?),
+    }
 }
 
 async fn trigger(args: cli::TriggerArgs) -> Result<(), Failure> {
@@ -188,7 +209,11 @@ async fn trigger(args: cli::TriggerArgs) -> Result<(), Failure> {
         wait_s: Some(args.wait.as_secs_f64()),
     };
     // The wait, the session, its symbolization, and some slack.
-    let collect = if since.is_some() { std::time::Duration::ZERO } else { duration };
+    let collect = if since.is_some() {
+        std::time::Duration::ZERO
+    } else {
+        duration
+    };
     let timeout = args.wait + collect + std::time::Duration::from_secs(120);
     let reply = control::trigger(&args.control_socket, &req, timeout)
         .await
@@ -223,16 +248,30 @@ async fn record(args: RecordArgs) -> Result<(), Failure> {
     if let Some(missing) = target::missing_privileges() {
         return Err(Failure::usage(anyhow::anyhow!(missing)));
     }
+    fsafe::create_dir(&config.output).map_err(Failure::usage)?;
     let reports = match session::record(&config, targets, SessionKind::OnDemand, stop).await {
         Ok(reports) => reports,
         // No room in the target's budget: a refusal, not a failure of ours.
         Err(session::SessionError::Budget(e)) => return Err(Failure::usage(e)),
         Err(e) => return Err(e.into()),
     };
-    for report in reports {
+    for report in &reports {
         for path in report.summary.files.written() {
             println!("{path}");
         }
+    }
+    // Keep the folder within the default retention limits (a daemon's
+    // folder keeps its alerts' profiles), off the runtime's workers.
+    let (dir, alerts) = (config.output.clone(), config.output.join(render::html::ALERTS));
+    let pruned = tokio::task::spawn_blocking(move || {
+        let retention = crate::config::RetentionConfig::default();
+        retention::prune_and_refresh(&dir, &retention, &alerts, &Default::default())
+    })
+    .await;
+    match pruned {
+        Ok(Err(e)) => tracing::warn!("{e}"),
+        Err(e) => tracing::warn!("retention: {e}"),
+        Ok(Ok(_)) => {}
     }
     Ok(())
 }

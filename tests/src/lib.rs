@@ -68,7 +68,13 @@ pub fn privileged(test: &str) -> bool {
         std::env::var_os("CI").is_none(),
         "{test}: privileged tests must run as root in CI"
     );
-    eprintln!("SKIPPED {test}: needs root to load eBPF programs (run `sudo cargo xtask test`)");
+    // Straight to stderr, past libtest's capture: `cargo xtask test` counts
+    // these lines.
+    let _ = std::io::Write::write_all(
+        &mut std::io::stderr().lock(),
+        format!("SKIPPED {test}: needs root to load eBPF programs (run `sudo cargo xtask test`)\n")
+            .as_bytes(),
+    );
     false
 }
 

@@ -612,3 +612,52 @@ fn deferred_emergency_starts_when_a_slot_frees() {
         summary["top_functions"]
     );
 }
+
+/// Test the control socket's lifecycle: a second `flamewatch watch` on the
+/// socket of a running one exits 2 with one line and leaves it serving; a
+/// socket left by a killed (SIGKILL) daemon is replaced by the next one;
+/// a daemon stopped by SIGINT removes its socket.
+#[test]
+fn control_socket_lifecycle() {
+    if !privileged("control_socket_lifecycle") {
+        return;
+    }
+    let dir = output_dir();
+    let mut sleeper = Command::new("sleep");
+    sleeper.arg("120");
+    let target = TestProcess::spawn(sleeper);
+    let config = write_config(dir.path(), &format!("[[target]]\npid = {}\n", target.pid()));
+    let (first, socket) = daemon_ready(dir.path(), &config);
+    let logs = output_dir();
+    let log = logs.path().join("second.log");
+    let mut cmd = Command::new(flamewatch_bin());
+    cmd.args(["watch", "--config", config.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    let status = TestProcess::spawn(cmd)
+        .wait_with_timeout(Duration::from_secs(20))
+        .expect("the second daemon exits");
+    let stderr = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("another `flamewatch watch` is running"),
+        "{stderr}"
+    );
+    let answers = || std::os::unix::net::UnixStream::connect(&socket).is_ok();
+    assert!(answers(), "the first daemon still serves its socket");
+    first.signal(libc::SIGKILL);
+    assert!(first.wait_with_timeout(Duration::from_secs(10)).is_some());
+    assert!(
+        socket.exists() && !answers(),
+        "a killed daemon leaves a dead socket"
+    );
+    let (next, _) = daemon_ready(dir.path(), &config);
+    assert!(
+        wait_until(Duration::from_secs(10), answers),
+        "the next daemon replaced the stale socket"
+    );
+    next.signal(libc::SIGINT);
+    assert!(next.wait_with_timeout(Duration::from_secs(20)).is_some());
+    assert!(!socket.exists(), "a stopped daemon removes its socket");
+}

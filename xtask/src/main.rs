@@ -134,17 +134,29 @@ fn test(extra: &[String]) -> Result<()> {
     }
     // Unit tests of every crate and the end-to-end crate, against the
     // release agent just built.
-    run(cargo()
-        .args([
-            "test",
-            "--release",
-            "--workspace",
-            "--exclude",
-            "flamewatch-ebpf",
-            "--",
-        ])
-        .args(extra)
-        .env("FLAMEWATCH_BIN", &agent))?;
+    let (status, tally) = run_tallied(
+        cargo()
+            .args([
+                "test",
+                "--release",
+                "--workspace",
+                "--exclude",
+                "flamewatch-ebpf",
+                "--",
+            ])
+            .args(extra)
+            .env("FLAMEWATCH_BIN", &agent),
+    )?;
+    eprintln!("{}", tally.summary());
+    if !status.success() {
+        bail!("cargo test failed ({status})");
+    }
+    if std::env::var_os("CI").is_some() && tally.skipped() > 0 {
+        bail!(
+            "{} tests were skipped; under CI every test must run",
+            tally.skipped()
+        );
+    }
     if extra.is_empty() {
         // The README's first command, end to end: a demo that breaks fails
         // the suite.
@@ -165,6 +177,99 @@ fn test(extra: &[String]) -> Result<()> {
     }
     eprintln!("xtask: all tests passed");
     Ok(())
+}
+
+/// Totals of a `cargo test` run: libtest's `test result: ok. N passed; M
+/// failed; K ignored; …` lines, and the `SKIPPED <test>: why` lines of tests
+/// that returned early (libtest counts those as passed).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Tally {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+    skipped_lines: u64,
+}
+
+impl Tally {
+    /// Counts what `line` of the output says.
+    fn add_line(&mut self, line: &str) {
+        let line = line.trim();
+        if line.starts_with("SKIPPED ") {
+            self.skipped_lines += 1;
+            return;
+        }
+        let Some(rest) = line.strip_prefix("test result: ") else {
+            return;
+        };
+        // "ok. 12 passed", " 0 failed", " 1 ignored", " 0 measured", …
+        for part in rest.split(';') {
+            let words: Vec<&str> = part.split_whitespace().collect();
+            let [.., n, what] = words[..] else { continue };
+            let Ok(n) = n.parse::<u64>() else { continue };
+            match what {
+                "passed" => self.passed += n,
+                "failed" => self.failed += n,
+                "ignored" => self.ignored += n,
+                _ => {}
+            }
+        }
+    }
+
+    /// Tests that did not run for real: skipped without root, or ignored.
+    fn skipped(&self) -> u64 {
+        self.skipped_lines + self.ignored
+    }
+
+    /// The final line: `xtask: 171 passed, 0 failed, 0 skipped`.
+    fn summary(&self) -> String {
+        format!(
+            "xtask: {} passed, {} failed, {} skipped",
+            self.passed.saturating_sub(self.skipped_lines),
+            self.failed,
+            self.skipped()
+        )
+    }
+}
+
+/// Runs `cmd`, passing its stdout and stderr through line by line, and
+/// tallies the test results in them.
+fn run_tallied(cmd: &mut Command) -> Result<(std::process::ExitStatus, Tally)> {
+    use std::{
+        io::{BufRead as _, BufReader, Write as _},
+        sync::{Arc, Mutex},
+    };
+    eprintln!("xtask: $ {}", show(cmd));
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {}", show(cmd)))?;
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    let tee = |stream: Box<dyn std::io::Read + Send>, to_stderr: bool| {
+        let tally = tally.clone();
+        std::thread::spawn(move || {
+            let mut reader = BufReader::new(stream);
+            let mut line = Vec::new();
+            while reader.read_until(b'\n', &mut line).is_ok_and(|n| n > 0) {
+                let _ = if to_stderr {
+                    std::io::stderr().write_all(&line)
+                } else {
+                    std::io::stdout().write_all(&line)
+                };
+                tally
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .add_line(&String::from_utf8_lossy(&line));
+                line.clear();
+            }
+        })
+    };
+    let out = tee(Box::new(child.stdout.take().expect("piped")), false);
+    let err = tee(Box::new(child.stderr.take().expect("piped")), true);
+    let status = child.wait()?;
+    let _ = (out.join(), err.join());
+    let tally = *tally.lock().unwrap_or_else(|e| e.into_inner());
+    Ok((status, tally))
 }
 
 /// Builds the target programs for the demo and benchmarks into
@@ -383,7 +488,9 @@ fn check_window(json: &Path, baseline_svg: &str) -> Result<()> {
     let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(json)?)?;
     let w = &summary["window"];
     let time = |k: &str| -> Result<std::time::SystemTime> {
-        let text = w[k].as_str().with_context(|| format!("no window.{k} in {}", json.display()))?;
+        let text = w[k]
+            .as_str()
+            .with_context(|| format!("no window.{k} in {}", json.display()))?;
         Ok(humantime::parse_rfc3339(text)?)
     };
     let (from, alert_at) = (time("from")?, time("alert_at")?);
@@ -485,4 +592,29 @@ fn print_profile(json: &Path) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Test that libtest's result lines and the tests' SKIPPED lines add
+    /// up: skipped tests are not counted as passed, ignored ones are skipped.
+    #[test]
+    fn tally_of_test_output() {
+        let mut t = Tally::default();
+        for line in [
+            "running 3 tests",
+            "test a ... ok",
+            "SKIPPED round_trip: the daemon only answers root",
+            "test result: ok. 120 passed; 0 failed; 1 ignored; 0 measured; 3 filtered out; finished in 0.28s",
+            "test result: FAILED. 50 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out; finished in 9s",
+            "   Doc-tests flamewatch_common",
+            "test result: ok. 0 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.00s",
+        ] {
+            t.add_line(line);
+        }
+        assert_eq!((t.passed, t.failed, t.ignored, t.skipped_lines), (170, 2, 1, 1));
+        assert_eq!(t.summary(), "xtask: 169 passed, 2 failed, 2 skipped");
+    }
 }

@@ -41,6 +41,10 @@ pub struct WebhookStats {
 /// All the sinks of the daemon.
 pub struct Sinks {
     jsonl: PathBuf,
+    /// alerts.jsonl is rotated before it grows past this many bytes…
+    rotate_at: u64,
+    /// …keeping this many old files (`.1` newest).
+    keep: usize,
     webhook: Option<mpsc::Sender<AlertRecord>>,
     alertmanager: Option<mpsc::Sender<AlertRecord>>,
     /// Webhook counters.
@@ -58,12 +62,23 @@ impl Sinks {
             tx
         });
         let alertmanager = alertmanager.map(super::alertmanager::spawn);
+        let retention = crate::config::RetentionConfig::default();
         Self {
             jsonl: jsonl.to_owned(),
+            rotate_at: retention.alerts_max_bytes,
+            keep: retention.alerts_keep,
             webhook,
             alertmanager,
             webhook_stats: stats,
         }
+    }
+
+    /// Rotates the JSON-lines file at `retention.alerts_max_bytes`, keeping
+    /// `retention.alerts_keep` old files (the defaults until this is called).
+    pub fn with_rotation(mut self, retention: &crate::config::RetentionConfig) -> Self {
+        self.rotate_at = retention.alerts_max_bytes;
+        self.keep = retention.alerts_keep;
+        self
     }
 
     /// Emits a record everywhere.
@@ -93,7 +108,7 @@ impl Sinks {
                 record.rule, record.severity, record.message
             ),
         }
-        if let Err(e) = append_line(&self.jsonl, &line) {
+        if let Err(e) = append_line(&self.jsonl, &line, self.rotate_at, self.keep) {
             error!("writing {}: {e}", self.jsonl.display());
         }
         if let Some(tx) = &self.webhook {
@@ -110,13 +125,45 @@ impl Sinks {
     }
 }
 
-fn append_line(path: &Path, line: &str) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+/// Appends `line` to `path`, first rotating the file when the line would
+/// take it past `rotate_at` bytes.
+fn append_line(path: &Path, line: &str, rotate_at: u64, keep: usize) -> std::io::Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        crate::fsafe::create_dir(dir).map_err(std::io::Error::other)?;
     }
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+    let text = format!("{line}\n");
+    // O_NOFOLLOW: a symlink planted at the name is an error, not a target.
+    let mut f = crate::fsafe::open_append(path)?;
+    let len = f.metadata()?.len();
+    if len > 0 && len + text.len() as u64 > rotate_at {
+        drop(f);
+        rotate(path, keep)?;
+        f = crate::fsafe::open_append(path)?;
+    }
     // One write per record: lines of concurrent writers do not interleave.
-    f.write_all(format!("{line}\n").as_bytes())
+    f.write_all(text.as_bytes())
+}
+
+/// `path.N-1` → `path.N` … `path` → `path.1`, dropping `path.keep`. Only
+/// renames and an unlink, which act on names: a link planted at one of
+/// them is moved or removed, never written through.
+fn rotate(path: &Path, keep: usize) -> std::io::Result<()> {
+    let old = |n: usize| {
+        let mut name = path.as_os_str().to_owned();
+        name.push(format!(".{n}"));
+        PathBuf::from(name)
+    };
+    match std::fs::remove_file(old(keep)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    for n in (1..keep).rev() {
+        match std::fs::rename(old(n), old(n + 1)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+    }
+    std::fs::rename(path, old(1))
 }
 
 async fn webhook_task(url: String, mut rx: mpsc::Receiver<AlertRecord>, stats: Arc<WebhookStats>) {
@@ -184,6 +231,42 @@ mod tests {
         assert_eq!(text.lines().count(), 2);
         let back: AlertRecord = serde_json::from_str(text.lines().next().unwrap()).unwrap();
         assert_eq!(back, record());
+    }
+
+    /// Test that alerts.jsonl rotates before a record would take it past
+    /// the limit, keeping `alerts_keep` old files, newest in `.1`.
+    #[tokio::test]
+    async fn jsonl_rotation() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("alerts.jsonl");
+        let mut r = record();
+        r.message = "m0".into();
+        // Bytes of one record's line (every message below is as long).
+        let one = serde_json::to_string(&r).unwrap().len() as u64 + 1;
+        let retention = crate::config::RetentionConfig {
+            alerts_max_bytes: 2 * one,
+            alerts_keep: 2,
+            ..crate::config::RetentionConfig::default()
+        };
+        let sinks = Sinks::new(&path, None, None).with_rotation(&retention);
+        for i in 0..7 {
+            r.message = format!("m{i}");
+            sinks.emit(&r);
+        }
+        let messages = |p: &Path| -> Vec<String> {
+            std::fs::read_to_string(p)
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str::<AlertRecord>(l).unwrap().message)
+                .collect()
+        };
+        assert_eq!(messages(&path), ["m6"]);
+        assert_eq!(messages(&dir.path().join("alerts.jsonl.1")), ["m4", "m5"]);
+        assert_eq!(messages(&dir.path().join("alerts.jsonl.2")), ["m2", "m3"]);
+        assert!(!dir.path().join("alerts.jsonl.3").exists());
+        for f in std::fs::read_dir(dir.path()).unwrap() {
+            assert!(f.unwrap().metadata().unwrap().len() <= 2 * one);
+        }
     }
 
     /// Test that an unreachable webhook is retried, then counted as failed,

@@ -153,7 +153,9 @@ impl Daemon {
     /// registered, for TCP tracking and sessions, when continuous profiling
     /// is off or other agents use its budget).
     fn add_to_engine(&mut self, t: &Target) {
-        let Some(engine) = self.engine.as_mut() else { return };
+        let Some(engine) = self.engine.as_mut() else {
+            return;
+        };
         let want = Want {
             hz: self.config.continuous_hz,
             ..Want::default()

@@ -59,15 +59,9 @@ pub enum DaemonError {
         #[source]
         source: cron::error::Error,
     },
-    /// The control socket cannot be opened.
-    #[error("control socket {path}: {source}")]
-    Control {
-        /// Path.
-        path: String,
-        /// Cause.
-        #[source]
-        source: std::io::Error,
-    },
+    /// The control socket cannot be opened (or another daemon holds it).
+    #[error(transparent)]
+    Control(#[from] control::ControlError),
     /// The engine could not start.
     #[error(transparent)]
     Engine(#[from] EngineError),
@@ -112,9 +106,10 @@ impl Watched {
 
     /// Whether `req` names this target's process.
     fn matches(&self, req: &control::Request) -> bool {
-        let by_process = self.process.as_ref().is_some_and(|p| {
-            req.pid == Some(p.pid) || req.process.as_deref().is_some_and(|n| n == p.comm)
-        });
+        let by_process = self
+            .process
+            .as_ref()
+            .is_some_and(|p| req.pid == Some(p.pid) || req.process.as_deref().is_some_and(|n| n == p.comm));
         by_process
             || req
                 .process
@@ -199,7 +194,8 @@ impl Daemon {
             &config.alerts_path(),
             config.webhook.clone(),
             config.alertmanager.clone(),
-        );
+        )
+        .with_rotation(&config.retention);
         Ok(Self {
             config,
             sinks,
@@ -236,7 +232,6 @@ impl Daemon {
     /// Runs until `stop` turns true, listening for `flamewatch trigger` on
     /// `socket`.
     pub async fn run(mut self, socket: &Path, mut stop: watch::Receiver<bool>) -> Result<(), DaemonError> {
-        std::fs::create_dir_all(&self.config.output).ok();
         if self.config.metrics_addr != "off" {
             // Validated when the configuration was read.
             if let Ok(addr) = self.config.metrics_addr.parse() {
@@ -245,16 +240,16 @@ impl Daemon {
                 }
             }
         }
+        // The socket's lock first: a second daemon is refused before it
+        // loads anything.
+        let listener = control::Listener::bind(socket)?;
         self.engine = Some(Engine::start(self.engine_options())?);
-        // The first discovery pass before the socket: a trigger that comes
-        // as soon as the socket exists finds its running target.
+        // The first discovery pass before serving: a trigger that comes as
+        // soon as the socket exists finds its running target.
         for i in 0..self.watched.len() {
             self.follow(i);
         }
-        let mut control = control::serve(socket).map_err(|source| DaemonError::Control {
-            path: socket.display().to_string(),
-            source,
-        })?;
+        let mut control = listener.serve()?;
         info!(
             "watching {} (alerts to {}, profiles to {}; continuous profiling at {} Hz, {} of history)",
             self.watched
@@ -298,7 +293,8 @@ impl Daemon {
         if let Some(engine) = self.engine.take() {
             engine.shutdown();
         }
-        let _ = std::fs::remove_file(socket);
+        // Dropping `control` removes the socket, if it is still ours.
+        drop(control);
         Ok(())
     }
 
@@ -308,7 +304,9 @@ impl Daemon {
 
     /// The engine records an interval of every target.
     fn drain(&mut self) {
-        let Some(engine) = self.engine.as_mut() else { return };
+        let Some(engine) = self.engine.as_mut() else {
+            return;
+        };
         match engine.tick() {
             Ok(gone) => {
                 for pid in gone {

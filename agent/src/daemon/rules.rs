@@ -9,8 +9,8 @@ use super::{
     Daemon,
 };
 use crate::{
-    alerts::{AlertRecord, BlockedEvidence, Rule, Status, ThreadCpu, Transition},
     aggregate::{frames_for, BuildOptions, RawProfile, RawSampleKey, Weight},
+    alerts::{AlertRecord, BlockedEvidence, Rule, Status, ThreadCpu, Transition},
     detect::{Check, Context, Finding, Severity},
     export::{RuleLabels, SessionView},
     metrics::Metric,
@@ -189,7 +189,12 @@ pub(super) fn rule_labels(target: &str, rule: &Rule) -> RuleLabels {
 }
 
 /// The `resolved` record of `rule`, with the last finding it fired on.
-pub(super) fn resolved(process: &Target, rule: &Rule, last: Option<&Finding>, message: String) -> AlertRecord {
+pub(super) fn resolved(
+    process: &Target,
+    rule: &Rule,
+    last: Option<&Finding>,
+    message: String,
+) -> AlertRecord {
     let none = Finding {
         metric: String::new(),
         value: 0.0,

@@ -133,8 +133,15 @@ impl Daemon {
     /// Starts a session unless `max_sessions` already run; says whether it did.
     fn start(&mut self, i: usize, process: &Target, s: Start) -> bool {
         if self.sessions_running() >= self.config.max_sessions {
-            let why = format!("{} sessions already running (max_sessions)", self.sessions_running());
-            warn!(pid = process.pid, "{} profile not started: {why}", s.kind.as_str());
+            let why = format!(
+                "{} sessions already running (max_sessions)",
+                self.sessions_running()
+            );
+            warn!(
+                pid = process.pid,
+                "{} profile not started: {why}",
+                s.kind.as_str()
+            );
             refuse(s.reply, why);
             return false;
         }
@@ -142,7 +149,12 @@ impl Daemon {
             refuse(s.reply, "the engine is not running".into());
             return false;
         };
-        info!(pid = process.pid, "{} profile of {}: starting", s.kind.as_str(), process.comm);
+        info!(
+            pid = process.pid,
+            "{} profile of {}: starting",
+            s.kind.as_str(),
+            process.comm
+        );
         self.exporter.session_started(&SessionLabels {
             target: target_labels(&self.watched[i], process).target,
             kind: s.kind.as_str().to_owned(),
@@ -151,7 +163,11 @@ impl Daemon {
             engine.want(
                 process.pid,
                 Want {
-                    hz: if s.config.mode.on_cpu() { s.config.freq_hz } else { 0 },
+                    hz: if s.config.mode.on_cpu() {
+                        s.config.freq_hz
+                    } else {
+                        0
+                    },
                     off_cpu: s.config.mode.off_cpu(),
                     thread_names: s.config.writes(crate::config::Format::Pprof),
                 },
@@ -206,7 +222,9 @@ impl Daemon {
         if indices.is_empty() {
             return;
         }
-        let Some(engine) = self.engine.as_mut() else { return };
+        let Some(engine) = self.engine.as_mut() else {
+            return;
+        };
         if let Err(e) = engine.flush() {
             warn!("draining the kernel's aggregates: {e}");
         }
@@ -284,7 +302,9 @@ impl Daemon {
         let from = if stuck {
             SystemTime::now()
         } else {
-            alert_at.checked_sub(self.config.emergency.pre).unwrap_or(alert_at)
+            alert_at
+                .checked_sub(self.config.emergency.pre)
+                .unwrap_or(alert_at)
         };
         let started = self.start(
             i,
@@ -321,7 +341,9 @@ impl Daemon {
         if self.sessions_running() >= self.config.max_sessions {
             return;
         }
-        let Some(d) = self.watched[i].deferred.take() else { return };
+        let Some(d) = self.watched[i].deferred.take() else {
+            return;
+        };
         self.emergency(i, process, &d.rule, d.record, d.alert_at);
     }
 
@@ -374,7 +396,10 @@ impl Daemon {
                 let deadline = Instant::now() + wait;
                 self.pending.push(PendingTrigger { req, reply, deadline });
             } else {
-                refuse(Some(reply), format!("{} is not a running watched target", describe(&req)));
+                refuse(
+                    Some(reply),
+                    format!("{} is not a running watched target", describe(&req)),
+                );
             }
             return;
         };
@@ -393,10 +418,8 @@ impl Daemon {
         let (from, duration) = match req.since_s.and_then(|s| Duration::try_from_secs_f64(s).ok()) {
             // A window of the past: answered at once from the recorder.
             Some(since) => (now.checked_sub(since).unwrap_or(now), Duration::ZERO),
-            None => {
-                let d = Duration::try_from_secs_f64(req.duration_s.max(1.0)).unwrap_or(Duration::from_secs(30));
-                (now, d)
-            }
+            // Checked by the control layer.
+            None => (now, req.duration().unwrap_or(Duration::from_secs(30))),
         };
         let start = Start {
             kind: SessionKind::OnDemand,
@@ -420,11 +443,17 @@ impl Daemon {
     pub(super) fn pending_triggers(&mut self) {
         let now = Instant::now();
         for p in std::mem::take(&mut self.pending) {
-            let running = self.watched.iter().any(|w| w.process.is_some() && w.matches(&p.req));
+            let running = self
+                .watched
+                .iter()
+                .any(|w| w.process.is_some() && w.matches(&p.req));
             if running {
                 self.on_demand(p.req, p.reply);
             } else if now >= p.deadline {
-                refuse(Some(p.reply), format!("{} is not a running watched target", describe(&p.req)));
+                refuse(
+                    Some(p.reply),
+                    format!("{} is not a running watched target", describe(&p.req)),
+                );
             } else {
                 self.pending.push(p);
             }
@@ -462,6 +491,16 @@ impl Daemon {
         // The differential flamegraph and the profile record came after
         // the session's files.
         render::html::refresh_later(&self.config.output);
+        // Baselines stay: pruning must not break a later differential.
+        crate::retention::prune_later(
+            &self.config.output,
+            &self.config.retention,
+            &self.config.alerts_path(),
+            self.watched
+                .iter()
+                .filter_map(|w| w.baseline.as_ref().map(|b| b.display().to_string()))
+                .collect(),
+        );
         if let Some(reply) = done.reply {
             let _ = reply.send(Reply {
                 ok: true,

@@ -243,7 +243,10 @@ impl Engine {
             off_prog: prog_stats(&self.ebpf, OFFCPU_PROG),
             agent_cpu: cost::process_cpu_ns(),
             unwind_cpu: self.unwinder_cpu_ns(),
-            tcp_prog: self.tcp.as_ref().map_or_else(ProgStats::default, |t| t.program_stats().0),
+            tcp_prog: self
+                .tcp
+                .as_ref()
+                .map_or_else(ProgStats::default, |t| t.program_stats().0),
             tcp_processing: self.tcp.as_ref().map_or(0, TcpTracker::processing_ns),
         };
     }
@@ -638,8 +641,7 @@ impl Engine {
                 off_machine_ns: shared.off_machine_ns,
                 housekeeping_ns: shared.housekeeping_ns,
                 bpf_run: shared.prog,
-                unwinder_ns: shared.unwind_ns * unwind_delta.samples
-                    / shared.all_unwound.max(1),
+                unwinder_ns: shared.unwind_ns * unwind_delta.samples / shared.all_unwound.max(1),
                 tail: !govern,
                 bytes: 0,
             };
@@ -663,7 +665,9 @@ impl Engine {
                 worst_off_pct = worst_off_pct.max(100.0 * off_delta.prog_ns as f64 / cpu_delta as f64);
             }
             // Other agents' sessions on this target may have started or ended.
-            let budget = self.registry.available(pid, self.options.budget_pct, Some(&slot.claim));
+            let budget = self
+                .registry
+                .available(pid, self.options.budget_pct, Some(&slot.claim));
             slot.governor.set_budget(budget.unwrap_or(0.0));
             if slot.wanted_hz() > 0 {
                 let decision = slot.governor.observe(Observation {
@@ -671,7 +675,14 @@ impl Engine {
                     overhead_pct: c.overhead_pct,
                     target_cpu_ns: cpu_delta,
                 });
-                apply(&mut self.sampler, pid, &slot.governor, decision, hz, c.overhead_pct)?;
+                apply(
+                    &mut self.sampler,
+                    pid,
+                    &slot.governor,
+                    decision,
+                    hz,
+                    c.overhead_pct,
+                )?;
             }
             slot.claim
                 .update((c.overhead_pct * 1000.0).round() / 1000.0, slot.governor.hz());
@@ -757,9 +768,8 @@ impl Engine {
             prog: prog_delta,
             off_machine_ns: off_ns.saturating_sub(off_targets_ns),
             unwind_ns,
-            all_unwound: all_unwound.saturating_sub(
-                self.slots.values().map(|s| s.last_unwind.samples).sum::<u64>(),
-            ),
+            all_unwound: all_unwound
+                .saturating_sub(self.slots.values().map(|s| s.last_unwind.samples).sum::<u64>()),
             tcp_mean_ns,
             tcp_processing_ns,
             tcp_events,
@@ -886,7 +896,9 @@ fn prog_stats(ebpf: &Ebpf, name: &str) -> ProgStats {
 /// Starts the thread that unwinds DWARF samples and joins off-CPU begins
 /// with their ends, for the engine's life.
 fn start_consumer(ebpf: &mut Ebpf, min_block_ns: u64) -> Result<Consumer, EngineError> {
-    let ring = |ebpf: &mut Ebpf, name: &'static str| -> Result<aya::maps::RingBuf<aya::maps::MapData>, EngineError> {
+    let ring = |ebpf: &mut Ebpf,
+                name: &'static str|
+     -> Result<aya::maps::RingBuf<aya::maps::MapData>, EngineError> {
         let map = ebpf.take_map(name).ok_or(bpf::BpfError::MissingMap(name))?;
         Ok(aya::maps::RingBuf::try_from(map).map_err(|source| bpf::BpfError::Map { name, source })?)
     };

@@ -292,7 +292,9 @@ pub fn stats_since(a: &TargetStats, b: &TargetStats) -> TargetStats {
         period_ns: a.period_ns.saturating_sub(b.period_ns),
         user_stack_collisions: a.user_stack_collisions.saturating_sub(b.user_stack_collisions),
         user_stack_errors: a.user_stack_errors.saturating_sub(b.user_stack_errors),
-        kernel_stack_collisions: a.kernel_stack_collisions.saturating_sub(b.kernel_stack_collisions),
+        kernel_stack_collisions: a
+            .kernel_stack_collisions
+            .saturating_sub(b.kernel_stack_collisions),
         kernel_stack_errors: a.kernel_stack_errors.saturating_sub(b.kernel_stack_errors),
         map_full: a.map_full.saturating_sub(b.map_full),
         dwarf_samples: a.dwarf_samples.saturating_sub(b.dwarf_samples),

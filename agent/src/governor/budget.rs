@@ -107,13 +107,9 @@ impl Registry {
     /// [`ADMISSION_WAIT`], it goes on unserialized rather than not at all.
     pub async fn admit(&self) -> Admission {
         let path = self.dir.join(".lock");
-        let file = std::fs::create_dir_all(&self.dir).and_then(|()| {
-            std::fs::OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(&path)
-        });
+        let file = crate::fsafe::create_dir(&self.dir)
+            .map_err(std::io::Error::other)
+            .and_then(|()| crate::fsafe::open_lock(&path));
         let file = match file {
             Ok(f) => f,
             Err(e) => {
@@ -205,7 +201,9 @@ impl Registry {
     /// predicts) until it measures its own.
     pub fn claim(&self, target: u32, session: &str, pct: f64, hz: u64) -> Claim {
         let dir = self.target_dir(target);
-        let _ = std::fs::create_dir_all(&dir);
+        if let Err(e) = crate::fsafe::create_dir(&dir) {
+            tracing::warn!("budget claims: {e}");
+        }
         let me = std::process::id();
         let record = ClaimRecord {
             agent_pid: me,
@@ -233,7 +231,7 @@ impl Registry {
 }
 
 fn read_claim(path: &Path) -> Option<ClaimRecord> {
-    serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
+    serde_json::from_str(&crate::fsafe::read_nofollow(path).ok()?).ok()
 }
 
 impl Claim {

@@ -128,14 +128,15 @@ pub fn calibration(prog_fd: RawFd, stats: impl Fn() -> ProgStats) -> Calibration
 }
 
 fn load(path: &Path, boot_id: &str, kernel: &str) -> Option<Calibration> {
-    let cached: Cached = serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
+    let cached: Cached = serde_json::from_str(&crate::fsafe::read_nofollow(path).ok()?).ok()?;
     (cached.method == METHOD && cached.boot_id == boot_id && cached.kernel == kernel)
         .then_some(cached.calibration)
 }
 
 fn save(path: &Path, cached: &Cached) {
     let Some(dir) = path.parent() else { return };
-    let result = std::fs::create_dir_all(dir)
+    let result = crate::fsafe::create_dir(dir)
+        .map_err(std::io::Error::other)
         .and_then(|_| serde_json::to_vec(cached).map_err(std::io::Error::other))
         .and_then(|bytes| crate::render::write_file(path, &bytes).map_err(std::io::Error::other));
     if let Err(e) = result {

@@ -172,8 +172,10 @@ mod tests {
     /// kernel's nanosleep, with a user stack that reaches its caller.
     #[test]
     fn sees_a_sleeping_thread() {
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("SKIPPED sees_a_sleeping_thread: reading other processes' /proc files needs root");
+        if !crate::testutil::privileged(
+            "sees_a_sleeping_thread",
+            "reading other processes' /proc files needs root",
+        ) {
             return;
         }
         let mut child = std::process::Command::new("sleep")

@@ -33,6 +33,10 @@ pub const ALERTS: &str = "alerts.jsonl";
 const MAX_SESSIONS: usize = 500;
 /// Alert records shown at most (newest).
 const MAX_ALERTS: usize = 1000;
+/// Most of alerts.jsonl read (its newest part): the file may grow to
+/// `retention.alerts_max_bytes` before it rotates, and 1000 records are
+/// well under a megabyte.
+const MAX_ALERT_BYTES: u64 = 8 << 20;
 
 /// The fields of a JSON summary the index shows. Every field has a default
 /// so that summaries of older or newer agents still make a row; fields the
@@ -164,6 +168,20 @@ pub fn refresh(dir: &Path) -> Result<PathBuf, RenderError> {
     Ok(path)
 }
 
+/// [`refresh`] on a blocking thread, awaited: for async callers (a
+/// session's end), so the scan and the write never hold a runtime worker.
+pub async fn refresh_off_runtime(dir: &Path) -> Result<PathBuf, RenderError> {
+    let owned = dir.to_owned();
+    tokio::task::spawn_blocking(move || refresh(&owned))
+        .await
+        .unwrap_or_else(|e| {
+            Err(RenderError::Write {
+                path: dir.to_owned(),
+                source: std::io::Error::other(e),
+            })
+        })
+}
+
 /// Folders whose refresh is queued but not started.
 static QUEUED: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
 
@@ -235,7 +253,7 @@ impl Index {
             bad_alert_lines: 0,
             has_alerts_file: false,
         };
-        if let Ok(text) = std::fs::read_to_string(dir.join(ALERTS)) {
+        if let Ok(text) = crate::fsafe::read_tail(&dir.join(ALERTS), MAX_ALERT_BYTES) {
             index.has_alerts_file = true;
             let (alerts, older, bad) = alerts(&text, &names);
             (index.alerts, index.older_alerts, index.bad_alert_lines) = (alerts, older, bad);
@@ -262,14 +280,24 @@ fn stem_timestamp(stem: &str) -> &str {
 }
 
 /// The session rows of the newest summaries among `names`, newest first,
-/// and how many summaries were left out.
+/// and how many summaries were left out. At most [`MAX_SESSIONS`]
+/// summaries are read: the scan is bounded whatever the folder holds.
 fn sessions(dir: &Path, names: &BTreeSet<String>) -> (Vec<SessionRow>, usize) {
     let mut stems: Vec<&str> = names.iter().filter_map(|n| n.strip_suffix(".json")).collect();
     // Newest by file name first, so a huge folder is not parsed whole.
     stems.sort_by(|a, b| stem_timestamp(b).cmp(stem_timestamp(a)).then(b.cmp(a)));
     let mut rows = Vec::new();
     let mut older = 0;
-    for stem in stems {
+    for (i, stem) in stems.iter().copied().enumerate() {
+        if rows.len() == MAX_SESSIONS {
+            // Not read: the session files among the rest (other JSON
+            // files have no timestamp in their names).
+            older = stems[i..]
+                .iter()
+                .filter(|s| !stem_timestamp(s).is_empty())
+                .count();
+            break;
+        }
         let path = dir.join(format!("{stem}.json"));
         let Ok(text) = std::fs::read_to_string(&path) else {
             continue;
@@ -287,10 +315,6 @@ fn sessions(dir: &Path, names: &BTreeSet<String>) -> (Vec<SessionRow>, usize) {
             }
             _ => continue,
         };
-        if rows.len() == MAX_SESSIONS {
-            older += 1;
-            continue;
-        }
         rows.push(session_row(stem, doc, names));
     }
     rows.sort_by(|a, b| {
@@ -1109,6 +1133,40 @@ mod tests {
             .map(|e| e.expect("entry").file_name())
             .collect();
         assert_eq!(names, [INDEX]);
+    }
+
+    /// Test that a folder with more summaries than the index shows is
+    /// scanned up to the bound only: the newest are rows, the rest counted
+    /// unread (a broken old summary is not even opened).
+    #[test]
+    fn bounded_scan() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let text = std::fs::read_to_string(
+            fixture()
+                .path()
+                .join("logcaster-emergency-4242-20261122T031500Z.json"),
+        )
+        .expect("fixture summary");
+        let stem = |i: usize| format!("t-1-2026{:02}{:02}T000000Z", 1 + i / 28, 1 + i % 28);
+        for i in 0..MAX_SESSIONS + 7 {
+            // The oldest is no JSON at all: it must not be read.
+            let body = if i == 0 { "{".to_owned() } else { text.clone() };
+            std::fs::write(dir.path().join(format!("{}.json", stem(i))), body).expect("write");
+        }
+        let index = Index::scan(dir.path(), SystemTime::UNIX_EPOCH);
+        assert_eq!(index.sessions.len(), MAX_SESSIONS);
+        assert_eq!(index.older_sessions, 7);
+        assert_eq!(index.sessions[0].stem, stem(MAX_SESSIONS + 6));
+    }
+
+    /// Test that the index is rebuilt on a blocking thread for async
+    /// callers, also from a single-threaded runtime.
+    #[tokio::test(flavor = "current_thread")]
+    async fn refresh_off_the_runtime() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = refresh_off_runtime(dir.path()).await.expect("refresh");
+        assert!(path.is_file());
+        assert!(refresh_off_runtime(&dir.path().join("none")).await.is_err());
     }
 
     /// Test that only the newest sessions are read from a huge folder, by

@@ -29,19 +29,14 @@ pub enum RenderError {
     Pprof(#[source] std::io::Error),
 }
 
-/// Writes `bytes` to `path` atomically (temp file + rename), so a reader
-/// never sees half a report.
+/// Writes `bytes` to `path` atomically (an `O_EXCL` temp file under a
+/// random name beside it, then a rename), so a reader never sees half a
+/// report and a symlink planted at the name is replaced, not followed.
 pub fn write_file(path: &Path, bytes: &[u8]) -> Result<(), RenderError> {
-    let err = |source| RenderError::Write {
+    crate::fsafe::write_atomic(path, bytes).map_err(|source| RenderError::Write {
         path: path.to_owned(),
         source,
-    };
-    let tmp = path.with_extension(format!(
-        "{}.tmp",
-        path.extension().and_then(|e| e.to_str()).unwrap_or("")
-    ));
-    std::fs::write(&tmp, bytes).map_err(err)?;
-    std::fs::rename(&tmp, path).map_err(err)
+    })
 }
 
 /// Compares `actual` with the golden file `name` under agent/tests/golden,

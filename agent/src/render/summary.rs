@@ -261,11 +261,17 @@ impl Files {
     /// Paths of the files written, in a fixed order (svg, folded, json,
     /// pprof).
     pub fn written(&self) -> Vec<String> {
-        [&self.svg, &self.folded, &self.json, &self.pprof, &self.before_after_svg]
-            .into_iter()
-            .filter(|p| !p.is_empty())
-            .cloned()
-            .collect()
+        [
+            &self.svg,
+            &self.folded,
+            &self.json,
+            &self.pprof,
+            &self.before_after_svg,
+        ]
+        .into_iter()
+        .filter(|p| !p.is_empty())
+        .cloned()
+        .collect()
     }
 }
 

@@ -553,13 +553,7 @@ mod tests {
 
     /// Root runs it for real; without root it is skipped, except in CI.
     fn privileged(test: &str) -> bool {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } == 0 {
-            return true;
-        }
-        assert!(std::env::var_os("CI").is_none(), "{test}: must run as root in CI");
-        eprintln!("SKIPPED {test}: needs root");
-        false
+        crate::testutil::privileged(test, "needs root")
     }
 
     fn busy_thread(stop: Arc<AtomicBool>) -> (std::thread::JoinHandle<()>, u32) {

@@ -7,7 +7,10 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use super::{compact_timestamp, round3, sanitize, session_id, write_report, Report, ReportMeta, SessionError, SessionKind};
+use super::{
+    compact_timestamp, round3, sanitize, session_id, write_report, Report, ReportMeta, SessionError,
+    SessionKind,
+};
 use crate::{
     aggregate::{frames_for, BuildOptions, Profile, RawProfile},
     config::{Format, Mode, RecordConfig},
@@ -87,9 +90,7 @@ impl Window {
             still_blocked,
             still_blocked_off,
             tcp: engine.tcp_summary(pid),
-            exited_after: slot
-                .exited_at
-                .map(|t| t.duration_since(from).unwrap_or_default()),
+            exited_after: slot.exited_at.map(|t| t.duration_since(from).unwrap_or_default()),
             interrupt_ns: engine.calibration().interrupt_ns,
             child_process_samples: engine.foreign_samples(),
             show_window: false,
@@ -120,7 +121,10 @@ pub fn finish(window: Window, spec: &Spec<'_>) -> Result<Report, SessionError> {
     let symbols = symbolize::symbolize(&all_raw, &window.maps, &[pid]);
     let opts = build_options(&window, config);
     let profile = build_profile(config.mode, &raw, &off_raw, pid, &symbols, &opts);
-    let label = config.label.clone().unwrap_or_else(|| sanitize(&window.target.comm));
+    let label = config
+        .label
+        .clone()
+        .unwrap_or_else(|| sanitize(&window.target.comm));
     let stem = format!("{label}-{pid}-{}", compact_timestamp(spec.started_at));
     let duration = window
         .exited_after
@@ -196,7 +200,9 @@ pub fn finish(window: Window, spec: &Spec<'_>) -> Result<Report, SessionError> {
         tcp: window.tcp.clone(),
         formats: config.formats.clone(),
         pprof,
-        window: window.show_window.then(|| window_info(&window, before_after.as_ref())),
+        window: window
+            .show_window
+            .then(|| window_info(&window, before_after.as_ref())),
     };
     let mut report = write_report(&config.output, &stem, &window.target, &profile, meta)?;
     report.baseline = baseline(&window, &stem, config, &opts);
@@ -271,7 +277,12 @@ fn off_cpu_info(
             state: b.state.to_string(),
             wchan: b.wchan.clone(),
             blocked_s: round3(b.blocked_s),
-            since: if b.before_session { "before session" } else { "session" }.into(),
+            since: if b.before_session {
+                "before session"
+            } else {
+                "session"
+            }
+            .into(),
             stack: frames_for(&b.key, symbols, &flat)
                 .iter()
                 .skip(1)
@@ -312,7 +323,12 @@ fn unwind_info(window: &Window, c: &Collected, config: &RecordConfig) -> summary
     }
 }
 
-fn overhead_info(window: &Window, c: &Collected, config: &RecordConfig, duration: Duration) -> summary::OverheadInfo {
+fn overhead_info(
+    window: &Window,
+    c: &Collected,
+    config: &RecordConfig,
+    duration: Duration,
+) -> summary::OverheadInfo {
     summary::OverheadInfo {
         budget_pct: config.max_overhead_pct,
         measured_pct: round3(c.measured_pct()),
@@ -365,7 +381,12 @@ fn warnings(window: &Window, c: &Collected, config: &RecordConfig) -> Vec<String
 }
 
 /// Writes `<stem>.baseline.folded` from the window's baseline intervals.
-fn baseline(window: &Window, stem: &str, config: &RecordConfig, opts: &BuildOptions) -> Option<(String, u64)> {
+fn baseline(
+    window: &Window,
+    stem: &str,
+    config: &RecordConfig,
+    opts: &BuildOptions,
+) -> Option<(String, u64)> {
     if window.baseline.is_empty() || !config.mode.on_cpu() {
         return None;
     }
@@ -406,7 +427,10 @@ fn before_after(
         let c = Collected::merge(intervals, window.from);
         let p = Profile::build(&c.cpu, pid, symbols, opts);
         let samples = p.total().samples;
-        (folded::render(&p, crate::sampling::period_for(config.freq_hz)), samples)
+        (
+            folded::render(&p, crate::sampling::period_for(config.freq_hz)),
+            samples,
+        )
     };
     let (b, before_samples) = part(&before);
     let (a, after_samples) = part(&after);

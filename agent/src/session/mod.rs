@@ -22,12 +22,12 @@ use std::{
 pub use record::record;
 
 use crate::{
+    aggregate::Profile,
     config::{Format, Mode},
     engine::EngineError,
     governor::budget,
     render::{self, flamegraph, folded, summary, RenderError},
     target::Target,
-    aggregate::Profile,
 };
 
 /// Errors of a session.
@@ -265,7 +265,10 @@ pub fn write_report(
             summary.to_json().map_err(RenderError::from)?.as_bytes(),
         )?;
     }
-    Ok(Report { summary, baseline: None })
+    Ok(Report {
+        summary,
+        baseline: None,
+    })
 }
 
 /// Keeps a comm usable as a file name.

@@ -59,9 +59,7 @@ pub async fn record(
         source,
     })?;
     let started_at = SystemTime::now();
-    let any_dwarf = targets
-        .iter()
-        .any(|t| unwind::choose(config.unwind, t.pid).dwarf);
+    let any_dwarf = targets.iter().any(|t| unwind::choose(config.unwind, t.pid).dwarf);
     let mut engine = Engine::start(engine_options(config, any_dwarf))?;
     attach(&mut engine, config, targets.clone()).await?;
     collect(&mut engine, config, stop).await?;
@@ -86,7 +84,7 @@ pub async fn record(
     })?;
     // The folder's index.html lists every session in it, this one included.
     // A convenience: failing to write it does not fail the session.
-    if let Err(e) = render::html::refresh(&config.output) {
+    if let Err(e) = render::html::refresh_off_runtime(&config.output).await {
         tracing::warn!("cannot write the index of {}: {e}", config.output.display());
     }
     Ok(reports)
@@ -95,7 +93,11 @@ pub async fn record(
 /// Adds every target, refusing the session (before any is sampled) when
 /// another session leaves no budget on one of them. Sessions starting now
 /// wait until our claims are written.
-async fn attach(engine: &mut Engine, config: &RecordConfig, targets: Vec<Target>) -> Result<(), SessionError> {
+async fn attach(
+    engine: &mut Engine,
+    config: &RecordConfig,
+    targets: Vec<Target>,
+) -> Result<(), SessionError> {
     let admission = engine.admit().await;
     let want = want_of(config);
     for t in targets {
@@ -133,7 +135,11 @@ async fn collect(
             start.elapsed(),
             config.duration,
             slots.iter().map(|s| s.samples).sum(),
-            &slots.iter().map(|s| s.hz().to_string()).collect::<Vec<_>>().join(","),
+            &slots
+                .iter()
+                .map(|s| s.hz().to_string())
+                .collect::<Vec<_>>()
+                .join(","),
             slots.iter().map(|s| s.last_pct).fold(0.0, f64::max),
         );
         if slots.iter().all(|s| s.exited_at.is_some()) {

@@ -314,9 +314,10 @@ impl TcpTracker {
             t.counters = Counters::sum(values.iter());
         }
         let transitions = self.transitions_seen();
-        let quiet = self.last_dump.is_some_and(|(at, seen)| {
-            seen == transitions && now.duration_since(at) < QUIET_DUMP_EVERY
-        }) && !self.targets.values().any(|t| t.fresh);
+        let quiet = self
+            .last_dump
+            .is_some_and(|(at, seen)| seen == transitions && now.duration_since(at) < QUIET_DUMP_EVERY)
+            && !self.targets.values().any(|t| t.fresh);
         if !quiet {
             self.refresh_sockets()?;
             self.last_dump = Some((now, transitions));
@@ -526,9 +527,7 @@ mod tests {
     /// root (it loads the BPF object); skipped otherwise.
     #[test]
     fn tracker_on_this_process() {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("SKIPPED tracker_on_this_process: needs root to load eBPF programs");
+        if !crate::testutil::privileged("tracker_on_this_process", "needs root to load eBPF programs") {
             return;
         }
         let mut ebpf = crate::bpf::load(false).expect("loading the BPF object");

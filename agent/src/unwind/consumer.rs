@@ -304,7 +304,11 @@ fn run(
             return out;
         }
         // Back off while nothing arrives; fast again as soon as it does.
-        poll = if records > 0 { POLL } else { (poll * 2).min(IDLE_POLL) };
+        poll = if records > 0 {
+            POLL
+        } else {
+            (poll * 2).min(IDLE_POLL)
+        };
         shared.rounds.fetch_add(1, Ordering::SeqCst);
         // Parked, not asleep: `sync` wakes it for a final drain.
         std::thread::park_timeout(poll);
