@@ -42,11 +42,25 @@ pub const STACK_RING_BYTES: u32 = 8 << 20;
 /// Loads the object and starts forwarding aya-log records to `tracing`.
 /// `dwarf`: whether any target will be unwound from stack copies.
 pub fn load(dwarf: bool) -> Result<Ebpf, BpfError> {
+    load_for(dwarf, true)
+}
+
+/// [`load`], with the off-CPU tables shrunk to one entry when `off_cpu` is
+/// false: preallocating a 16384-entry per-CPU hash costs ~30 ms of start-up
+/// here, which a `record --mode cpu` never uses.
+pub fn load_for(dwarf: bool, off_cpu: bool) -> Result<Ebpf, BpfError> {
     raise_memlock();
     let ring = if dwarf { STACK_RING_BYTES } else { 4096 };
-    let mut ebpf = EbpfLoader::new()
-        .map_max_entries("STACK_SAMPLES", ring)
-        .load(OBJECT)?;
+    let mut loader = EbpfLoader::new();
+    // The programs read tracepoint records at fixed offsets and need no
+    // CO-RE relocation: skip parsing the kernel's BTF on every start.
+    loader.btf(None).map_max_entries("STACK_SAMPLES", ring);
+    if !off_cpu {
+        for map in ["OFFCPU_COUNTS", "OFFCPU_STACKS", "OFFCPU_START"] {
+            loader.map_max_entries(map, 1);
+        }
+    }
+    let mut ebpf = loader.load(OBJECT)?;
     // The programs, loaded later, refer to the log map by its descriptor:
     // the logger that owns it must live as long as they do, so it is only
     // taken when a runtime will keep forwarding (not in plain unit tests).

@@ -2,7 +2,8 @@
 //! `[retention]` (sessions, bytes, age).
 //!
 //! A session is the set of files sharing a stem `<label>-<pid>-<timestamp>`
-//! (`.svg`, `.folded`, `.json`, `.pb.gz`, `.diff.svg`): it is kept or removed
+//! (`.svg`, `.folded`, `.json`, `.pb.gz`, `.diff.svg`, and an emergency's
+//! `.before-after.svg` and `.baseline.folded`): it is kept or removed
 //! whole. The newest are kept while every limit holds; once one does not,
 //! every older session goes, except the protected ones (the profiles of
 //! alerts that still fire, the daemon's baselines), which are always kept.
@@ -23,7 +24,15 @@ use crate::{
 };
 
 /// Extensions of a session's files, longest first (`.diff.svg` before `.svg`).
-const EXTENSIONS: &[&str] = &[".diff.svg", ".pb.gz", ".folded", ".json", ".svg"];
+const EXTENSIONS: &[&str] = &[
+    ".before-after.svg",
+    ".baseline.folded",
+    ".diff.svg",
+    ".pb.gz",
+    ".folded",
+    ".json",
+    ".svg",
+];
 /// A temporary file older than this was left by a writer that died.
 const STALE_TMP: Duration = Duration::from_secs(3600);
 /// Most of alerts.jsonl read to find the firing alerts (its newest part).
@@ -313,7 +322,7 @@ mod tests {
     #[test]
     fn stems_of_report_names() {
         let s = "logcaster-emergency-4242-20261122T031500Z";
-        for ext in ["svg", "folded", "json", "pb.gz", "diff.svg"] {
+        for ext in ["svg", "folded", "json", "pb.gz", "diff.svg", "before-after.svg", "baseline.folded"] {
             assert_eq!(stem_of(&format!("{s}.{ext}")), Some(s), "{ext}");
         }
         for other in [

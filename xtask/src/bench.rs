@@ -17,6 +17,7 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
+mod attach;
 mod tcp;
 
 /// One way of running the target.
@@ -95,6 +96,12 @@ struct Run {
 
 /// Entry point of `cargo xtask bench`.
 pub fn run(which: &str, rounds: usize, seconds: f64, agent: &Path, targets: &Path) -> Result<()> {
+    match which {
+        "attach" => return attach::run(rounds, agent, targets),
+        // `--seconds` is the soak's length here (30 min by default).
+        "soak" => return attach::soak(if seconds > 60.0 { seconds / 60.0 } else { 30.0 }, agent, targets),
+        _ => {}
+    }
     crate::setup::packages(&[("perf", "linux-perf")])?;
     let max_rate: u64 = std::fs::read_to_string("/proc/sys/kernel/perf_event_max_sample_rate")
         .ok()
@@ -179,7 +186,7 @@ pub fn run(which: &str, rounds: usize, seconds: f64, agent: &Path, targets: &Pat
                 agent,
             )
         }
-        other => bail!("unknown benchmark '{other}' (available: overhead, unwind, offcpu, tcp)"),
+        other => bail!("unknown benchmark '{other}' (available: overhead, unwind, offcpu, tcp, attach, soak)"),
     }
 }
 

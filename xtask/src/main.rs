@@ -39,8 +39,10 @@ enum Task {
     Bench {
         /// Which benchmark: `overhead` (vs perf record -g), `unwind` (DWARF vs
         /// frame pointers vs perf --call-graph dwarf), `offcpu` (vs perf
-        /// sched_switch), `tcp` (connection churn).
-        #[arg(value_parser = ["overhead", "unwind", "offcpu", "tcp"])]
+        /// sched_switch), `tcp` (connection churn), `attach` (trigger and
+        /// record latency, the idle daemon's cost), `soak` (a daemon with
+        /// sessions every 10 s for `--seconds`, 30 min by default: flat?).
+        #[arg(value_parser = ["overhead", "unwind", "offcpu", "tcp", "attach", "soak"])]
         which: String,
         /// Interleaved rounds (medians are reported).
         #[arg(long, default_value_t = 5)]

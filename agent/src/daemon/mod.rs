@@ -223,6 +223,8 @@ impl Daemon {
             budget_pct: self.config.max_overhead_pct,
             // Targets come later: any of them may need stack copies.
             dwarf_ring: true,
+            // A stuck target's emergency profile is an off-CPU one.
+            off_cpu: true,
             tcp: true,
             history: self.config.history,
             history_bytes: usize::try_from(self.config.history_max_bytes).unwrap_or(usize::MAX),

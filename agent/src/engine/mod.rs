@@ -87,6 +87,8 @@ pub struct EngineOptions {
     pub budget_pct: f64,
     /// Size the stack-copy ring for DWARF targets (8 MiB; a page otherwise).
     pub dwarf_ring: bool,
+    /// Off-CPU tracing may be asked for (its tables are allocated).
+    pub off_cpu: bool,
     /// Track TCP state changes of the targets.
     pub tcp: bool,
     /// How much of the past each target's recorder keeps.
@@ -202,16 +204,20 @@ impl Engine {
     /// Loads the object, loads the sampling program (and the TCP programs
     /// when asked), starts the unwinder and calibrates (cached per boot).
     pub fn start(options: EngineOptions) -> Result<Self, EngineError> {
+        let t0 = Instant::now();
         let stats = BpfStats::enable();
-        let mut ebpf = bpf::load(options.dwarf_ring)?;
+        let mut ebpf = bpf::load_for(options.dwarf_ring, options.off_cpu)?;
+        debug!("object loaded in {:?}", t0.elapsed());
         let mut sampler = Sampler::new(&mut ebpf)?;
         sampler.set_stack_window(options.stack_window)?;
+        debug!("sampling program loaded at {:?}", t0.elapsed());
         // TCP state tracking: not essential to a profile; if it cannot
         // attach, say why and go on without it.
         let tcp = options
             .tcp
             .then(|| TcpTracker::new(&mut ebpf, TcpOptions::default()))
             .and_then(|r| r.inspect_err(|e| warn!("TCP tracking unavailable: {e}")).ok());
+        debug!("TCP programs attached at {:?}", t0.elapsed());
         let consumer = start_consumer(&mut ebpf, options.min_block_ns)?;
         let calibration = tokio::task::block_in_place(|| {
             sampler.as_calibration_target(|fd| calibrate::calibration(fd, || prog_stats(&ebpf, SAMPLE_PROG)))

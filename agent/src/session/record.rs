@@ -30,6 +30,7 @@ pub fn engine_options(config: &RecordConfig, dwarf_ring: bool) -> EngineOptions 
         unwind: config.unwind,
         budget_pct: config.max_overhead_pct,
         dwarf_ring,
+        off_cpu: config.mode.off_cpu(),
         tcp: true,
         // The whole session is one window: keep all of it.
         history: config.duration.unwrap_or(Duration::MAX / 4) + Duration::from_secs(60),
