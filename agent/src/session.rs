@@ -612,6 +612,7 @@ pub async fn record(
         .iter()
         .filter_map(|t| Some((t.target.pid, sampler.target_stats(t.target.pid)?)))
         .collect();
+    let mut leaf_stats: HashMap<u32, _> = pids.iter().map(|&pid| (pid, sampler.leaf_stats(pid))).collect();
     // Detach before the (CPU-heavy) symbolization: the targets stop paying now.
     drop(sampler);
     let (unwind_stats, unwinder_cpu_ns, mut begins) = match consumer {
@@ -646,6 +647,9 @@ pub async fn record(
             )
         })
     });
+    for (pid, st) in leaf_stats.iter_mut() {
+        *st += offcpu.as_ref().map(|o| o.leaf_stats(*pid)).unwrap_or_default();
+    }
     drop(offcpu);
     drop(ebpf);
 
@@ -859,6 +863,9 @@ pub async fn record(
                             unwinder_cpu_ns as f64 / 1e9 * u.samples as f64
                                 / unwind_stats.values().map(|s| s.samples).sum::<u64>().max(1) as f64,
                         ),
+                        leaf_checked: leaf_stats[&pid].checked,
+                        leaf_fixups: leaf_stats[&pid].fixups,
+                        mid_stack_gaps: leaf_stats[&pid].mid_stack_gaps,
                     }
                 },
                 overhead,

@@ -23,7 +23,10 @@ use flamewatch_common::{
 use crate::{
     aggregate::{LostReason, RawProfile, RawSampleKey, StackSlot, Weight},
     bpf::BpfError,
-    unwind::consumer::Begins,
+    unwind::{
+        consumer::Begins,
+        leaf::{LeafFixer, LeafStats},
+    },
 };
 
 const PROG: &str = "flamewatch_offcpu";
@@ -80,6 +83,9 @@ pub struct OffCpuTracer {
     counts: PerCpuHashMap<MapData, SampleKey, SampleValue>,
     stacks: StackTraceMap<MapData>,
     stats: PerCpuArray<MapData, OffStats>,
+    /// Inserts the syscall wrappers' callers (see `unwind::leaf`); behind a
+    /// lock because the pending blocks are read through `&self`.
+    leaf: std::sync::Mutex<LeafFixer>,
 }
 
 impl OffCpuTracer {
@@ -98,6 +104,7 @@ impl OffCpuTracer {
             counts: take(ebpf, "OFFCPU_COUNTS")?,
             stacks: take(ebpf, "OFFCPU_STACKS")?,
             stats: take(ebpf, "OFFCPU_STATS")?,
+            leaf: Default::default(),
         };
         let program: &mut TracePoint = ebpf
             .program_mut(PROG)
@@ -160,7 +167,8 @@ impl OffCpuTracer {
                 seq,
                 dwarf: 1,
                 weight: 1,
-                _pad: 0,
+                leaf_offset: 0,
+                leaf_ret: 0,
             };
             // BPF_NOEXIST: if the kernel saw it move meanwhile, keep its record.
             if self.start.insert(b.tid, start, BPF_NOEXIST).is_ok() {
@@ -195,6 +203,21 @@ impl OffCpuTracer {
                 })
             },
         )
+    }
+
+    /// What the leaf fix-up did to `pid`'s frame-pointer blocks.
+    pub fn leaf_stats(&self, pid: u32) -> LeafStats {
+        self.leaf.lock().map(|l| l.stats(pid)).unwrap_or_default()
+    }
+
+    /// The user stack `id` of `tgid`, with the leaf's caller inserted when
+    /// the kernel's word (`leaf_ret` at `leaf_offset`) is it.
+    fn user_stack(&self, tgid: u32, id: i32, leaf: (u64, u32), weight: u64) -> StackSlot {
+        let slot = self.stack(id);
+        match self.leaf.lock() {
+            Ok(mut fixer) => fixer.fix(tgid, slot, leaf.0, leaf.1, weight),
+            Err(_) => slot,
+        }
     }
 
     fn stack(&self, id: i32) -> StackSlot {
@@ -234,7 +257,12 @@ impl OffCpuTracer {
             let raw = RawSampleKey {
                 tgid: key.tgid,
                 tid: key.tid,
-                user: self.stack(key.user_stack_id),
+                user: self.user_stack(
+                    key.tgid,
+                    key.user_stack_id,
+                    (key.leaf_ret, key.leaf_offset),
+                    weight.samples,
+                ),
                 kernel: self.stack(key.kernel_stack_id),
             };
             profile.add(raw, *weight);
@@ -257,7 +285,12 @@ impl OffCpuTracer {
     /// The raw stacks of a pending block of a frame-pointer target.
     pub fn pending_stacks(&self, p: &Pending) -> (StackSlot, StackSlot) {
         (
-            self.stack(p.start.user_stack_id),
+            self.user_stack(
+                p.start.tgid,
+                p.start.user_stack_id,
+                (p.start.leaf_ret, p.start.leaf_offset),
+                u64::from(p.start.weight.max(1)),
+            ),
             self.stack(p.start.kernel_stack_id),
         )
     }
