@@ -866,6 +866,7 @@ pub async fn record(
                         leaf_checked: leaf_stats[&pid].checked,
                         leaf_fixups: leaf_stats[&pid].fixups,
                         mid_stack_gaps: leaf_stats[&pid].mid_stack_gaps,
+                        leaf_rbp_reused: leaf_stats[&pid].rbp_reused,
                     }
                 },
                 overhead,

@@ -135,8 +135,10 @@ pub struct SampleKey {
 
 /// Words above the user stack pointer searched for the leaf's return
 /// address: a leaf that set up no frame has pushed or reserved at most this
-/// much (glibc's cancellable syscall wrappers reserve 40 bytes: CFA = rsp+48).
-pub const LEAF_WORDS: usize = 8;
+/// much (glibc's cancellable syscall wrappers reserve 40 bytes, CFA =
+/// rsp+48; its select() pushes six registers and reserves 56 bytes, CFA =
+/// rsp+112).
+pub const LEAF_WORDS: usize = 16;
 
 /// `SampleKey::kernel_stack_id` when no kernel stack was asked for.
 pub const NO_STACK: i32 = i32::MIN;

@@ -157,3 +157,105 @@ fn offcpu_syscall_wrapper_keeps_its_callers() {
         f.contains("nanosleep")
     });
 }
+
+/// Records `pid` for 8 s at 999 Hz with `--unwind fp` and `--unwind dwarf`
+/// at the same time (one window, so the workload is the same), and checks
+/// that the top 10 functions of the DWARF profile have the same self and
+/// total shares (±2 points) under frame pointers. So must every function in
+/// 5 % of the DWARF stacks or more (the callers, which unwinding decides),
+/// except that, with `allow_gaps`, a total may fall short by as much as the
+/// fp summary admits as known gaps (`mid_stack_gaps`, `leaf_rbp_reused`).
+/// Returns the share of fp stacks with a known gap.
+fn fp_matches_dwarf(pid: u32, allow_gaps: bool) -> f64 {
+    let run = |unwind: &'static str| {
+        std::thread::spawn(move || {
+            record(
+                pid,
+                &[
+                    "--duration",
+                    "8s",
+                    "--freq",
+                    "999",
+                    "--max-overhead",
+                    "50",
+                    "--unwind",
+                    unwind,
+                    // Kernel stacks are the kernel's own either way: only
+                    // user stacks are under test (and kernel frames' shares
+                    // would add sampling noise).
+                    "--no-kernel",
+                ],
+            )
+        })
+    };
+    let (fp, dwarf) = (run("fp"), run("dwarf"));
+    let (fp, dwarf) = (fp.join().unwrap(), dwarf.join().unwrap());
+    let u = &fp.summary["sampling"]["unwind"];
+    assert_eq!(u["mode"], "fp");
+    assert_eq!(dwarf.summary["sampling"]["unwind"]["mode"], "dwarf");
+    let field = |k: &str| u[k].as_f64().unwrap();
+    let gaps = 100.0 * (field("mid_stack_gaps") + field("leaf_rbp_reused")) / field("leaf_checked").max(1.0);
+    let all = dwarf.summary["top_functions"].as_array().unwrap();
+    assert!(all.len() >= 3, "{:#}", dwarf.summary["top_functions"]);
+    let callers = all
+        .iter()
+        .skip(10)
+        .filter(|f| f["total_pct"].as_f64().unwrap() >= 5.0);
+    for f in all.iter().take(10).chain(callers) {
+        let name = f["name"].as_str().unwrap();
+        let (s, t) = (f["self_pct"].as_f64().unwrap(), f["total_pct"].as_f64().unwrap());
+        let (fs, ft) = (self_pct(&fp.summary, name), total_pct(&fp.summary, name));
+        let known = if allow_gaps { gaps } else { 0.0 };
+        assert!(
+            (s - fs).abs() <= 2.0 && (t - ft).abs() <= 2.0 + known,
+            "{name}: dwarf self {s} total {t}, fp self {fs} total {ft} (known gaps {gaps:.1} %)\n\
+             fp: {u:#}\n{:#}\ndwarf: {:#}",
+            fp.summary["top_functions"],
+            dwarf.summary["top_functions"]
+        );
+    }
+    gaps
+}
+
+/// Test that the game-server stand-in built with frame pointers has the
+/// same top 10 functions, and the same callers, (±2 points) under
+/// `--unwind fp` and `--unwind dwarf`.
+#[test]
+fn game_server_fp_matches_dwarf() {
+    if !privileged("game_server_fp_matches_dwarf") {
+        return;
+    }
+    let _turn = cpu_bound_turn();
+    let mut cmd = Command::new(target_bin("game-server-fp"));
+    cmd.args(["--port", &free_udp_port().to_string(), "--players", "1500"]);
+    let target = TestProcess::spawn_ready(cmd);
+    let gaps = fp_matches_dwarf(target.pid(), false);
+    assert!(
+        gaps < 5.0,
+        "known gaps in {gaps:.1} % of the game server's stacks"
+    );
+}
+
+/// Test that LogCaster built with frame pointers, under load, has the same
+/// top 10 functions (±2 points) under both unwinders, and that where fp
+/// misses callers (its workers wait in libc's pthread_cond_wait and
+/// futexes: frameless libc calling libc, which no leaf fix-up can walk
+/// through) the summary counts at least as many stacks with a known gap.
+#[test]
+fn logcaster_fp_matches_dwarf() {
+    if !privileged("logcaster_fp_matches_dwarf") {
+        return;
+    }
+    let _turn = cpu_bound_turn();
+    let (port, health) = (free_tcp_port().to_string(), free_tcp_port().to_string());
+    let mut cmd = Command::new(target_bin("logcaster-fp"));
+    cmd.args(["--port", &port, "--health-port", &health]);
+    let target = TestProcess::spawn_ready(cmd);
+    let mut load = Command::new(target_bin("logcaster-load"));
+    load.args(["--port", &port, "--connections", "4", "--rate", "50000"])
+        .args(["--duration", "30", "--search-rate", "20"])
+        .stdout(std::process::Stdio::null());
+    let _load = TestProcess::spawn(load);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    fp_matches_dwarf(target.pid(), true);
+}

@@ -118,6 +118,10 @@ pub struct UnwindInfo {
     /// call site (libc calling back into the program): the caller of that
     /// function is missing, a known gap the fix-up does not repair.
     pub mid_stack_gaps: u64,
+    /// Fixed-up stacks whose leaf had reused `rbp` for data (glibc's
+    /// select()): beyond the leaf's caller they are lost (`[truncated
+    /// stack]`), a known gap.
+    pub leaf_rbp_reused: u64,
 }
 
 /// Whether an executable's functions set up frame pointers.

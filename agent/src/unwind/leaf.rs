@@ -37,8 +37,14 @@ pub struct LeafStats {
     /// Of those, stacks whose leaf's caller was inserted.
     pub fixups: u64,
     /// Of those, stacks that pass through a function without a frame at
-    /// its call site before their outermost frame: its caller is missing.
+    /// its call site (before their outermost frame, or as the leaf's
+    /// inserted caller): the caller of that function is missing.
     pub mid_stack_gaps: u64,
+    /// Of the fixed-up stacks, those whose leaf had saved `rbp` to use it
+    /// for data (glibc's select()): the kernel's walk beyond the leaf
+    /// followed that data, so only the leaf and its caller are kept, under
+    /// `[truncated stack]`.
+    pub rbp_reused: u64,
 }
 
 impl std::ops::AddAssign for LeafStats {
@@ -46,14 +52,22 @@ impl std::ops::AddAssign for LeafStats {
         self.checked += o.checked;
         self.fixups += o.fixups;
         self.mid_stack_gaps += o.mid_stack_gaps;
+        self.rbp_reused += o.rbp_reused;
     }
 }
 
 /// The CFA rule at one instruction, as far as the fix-up cares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Rule {
-    /// No frame set up: the return address is this many bytes above `rsp`.
-    ReturnAt(u32),
+    /// No frame set up: the return address is this many bytes above `rsp`;
+    /// `rbp_reused` when `rbp` was saved elsewhere than right under it (so
+    /// not by a frame setup's `push %rbp`): `rbp` now holds data.
+    ReturnAt {
+        /// Offset of the return address.
+        offset: u32,
+        /// `rbp` saved away from the return address.
+        rbp_reused: bool,
+    },
     /// The frame is set up (CFA from `rbp`), or nothing is known.
     FrameSetUp,
 }
@@ -129,14 +143,34 @@ impl LeafFixer {
         let gap = ips.len() > 2
             && ips[1..ips.len() - 1]
                 .iter()
-                .any(|&ra| proc.knows(ra) && matches!(rule(ra - 1), Rule::ReturnAt(_)));
+                .any(|&ra| proc.knows(ra) && matches!(rule(ra - 1), Rule::ReturnAt { .. }));
+        let count_gap = |st: &mut LeafStats| {
+            if !gap {
+                st.mid_stack_gaps += samples;
+            }
+        };
         if gap {
             st.mid_stack_gaps += samples;
         }
-        if leaf_ret == 0 || rule(leaf) != Rule::ReturnAt(leaf_offset) {
+        if leaf_ret == 0 {
+            return user;
+        }
+        let Rule::ReturnAt { offset, rbp_reused } = rule(leaf) else {
+            return user;
+        };
+        if offset != leaf_offset {
             return user;
         }
         st.fixups += samples;
+        // The caller has no frame either (libc calling libc): its own
+        // caller is missing.
+        if matches!(rule(leaf_ret - 1), Rule::ReturnAt { .. }) {
+            count_gap(st);
+        }
+        if rbp_reused {
+            st.rbp_reused += samples;
+            return StackSlot::Truncated([leaf, leaf_ret].into());
+        }
         let mut fixed = Vec::with_capacity(ips.len() + 1);
         fixed.push(leaf);
         fixed.push(leaf_ret);
@@ -150,9 +184,12 @@ impl LeafFixer {
 /// fails. The step's return address is then the marker of the return
 /// address's offset when the CFA is `rsp`-based.
 fn probe(proc: &ProcessUnwinder, cache: &mut CacheX86_64, pc: u64) -> Rule {
+    // Offsets read near `rsp`: the return address's, and `rbp`'s if saved.
+    let mut offsets = Vec::new();
     let mut read = |addr: u64| -> Result<u64, ()> {
         let off = addr.wrapping_sub(FAKE_SP);
         if off < PROBE_SPAN {
+            offsets.push(off);
             Ok(MARK + off)
         } else {
             Err(())
@@ -164,11 +201,15 @@ fn probe(proc: &ProcessUnwinder, cache: &mut CacheX86_64, pc: u64) -> Rule {
     if !matches!(frames.next(), Ok(Some(_))) {
         return Rule::FrameSetUp;
     }
-    match frames.next() {
-        Ok(Some(f)) if f.address().wrapping_sub(MARK) < PROBE_SPAN => {
-            Rule::ReturnAt((f.address() - MARK) as u32)
-        }
-        _ => Rule::FrameSetUp,
+    let ret = match frames.next() {
+        Ok(Some(f)) if f.address().wrapping_sub(MARK) < PROBE_SPAN => f.address() - MARK,
+        _ => return Rule::FrameSetUp,
+    };
+    drop(frames);
+    Rule::ReturnAt {
+        offset: ret as u32,
+        // A frame setup's `push %rbp` saves it right under the return address.
+        rbp_reused: offsets.iter().any(|&o| o != ret && o + 8 != ret),
     }
 }
 
@@ -192,7 +233,13 @@ mod tests {
         fixer.prepare(pid);
         let proc = &fixer.procs[&pid];
         assert!(proc.knows(getpid_entry()));
-        assert_eq!(probe(proc, &mut fixer.cache, getpid_entry()), Rule::ReturnAt(0));
+        assert_eq!(
+            probe(proc, &mut fixer.cache, getpid_entry()),
+            Rule::ReturnAt {
+                offset: 0,
+                rbp_reused: false
+            }
+        );
         assert_eq!(probe(proc, &mut fixer.cache, 0x10), Rule::FrameSetUp);
     }
 
