@@ -765,6 +765,7 @@ pub async fn record(
                 st.dwarf_lost
             ));
         }
+        warnings.extend(leaf_stats[&pid].warning());
         if t.paused_s > 0.0 {
             warnings.push(format!(
                 "sampling was paused for {:.0} s: even 1 Hz cost more than the {:.1} % budget",

@@ -56,6 +56,22 @@ impl std::ops::AddAssign for LeafStats {
     }
 }
 
+impl LeafStats {
+    /// A warning for the summary when at least 5 % of the stacks have a
+    /// known gap (a function without a frame that is not the leaf).
+    pub fn warning(&self) -> Option<String> {
+        let gaps = self.mid_stack_gaps + self.rbp_reused;
+        (self.checked > 0 && gaps * 20 >= self.checked).then(|| {
+            format!(
+                "{:.0} % of frame-pointer stacks pass through functions without frame pointers \
+                 (libc, most distribution libraries): callers above them are missing \
+                 (sampling.unwind.mid_stack_gaps, leaf_rbp_reused); --unwind dwarf recovers them",
+                100.0 * gaps as f64 / self.checked as f64
+            )
+        })
+    }
+}
+
 /// The CFA rule at one instruction, as far as the fix-up cares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Rule {
@@ -205,7 +221,6 @@ fn probe(proc: &ProcessUnwinder, cache: &mut CacheX86_64, pc: u64) -> Rule {
         Ok(Some(f)) if f.address().wrapping_sub(MARK) < PROBE_SPAN => f.address() - MARK,
         _ => return Rule::FrameSetUp,
     };
-    drop(frames);
     Rule::ReturnAt {
         offset: ret as u32,
         // A frame setup's `push %rbp` saves it right under the return address.
@@ -259,5 +274,22 @@ mod tests {
         assert_eq!(fixer.fix(pid, stack.clone(), 0, 0, 1), stack);
         let st = fixer.stats(pid);
         assert_eq!((st.checked, st.fixups), (6, 3));
+    }
+
+    /// Test that the known-gap warning appears from 5 % of the stacks on.
+    #[test]
+    fn gap_warning_threshold() {
+        let mut st = LeafStats {
+            checked: 100,
+            mid_stack_gaps: 3,
+            rbp_reused: 1,
+            ..Default::default()
+        };
+        assert_eq!(st.warning(), None);
+        st.rbp_reused = 2;
+        assert!(st
+            .warning()
+            .is_some_and(|w| w.starts_with("5 % of frame-pointer stacks")));
+        assert_eq!(LeafStats::default().warning(), None);
     }
 }
