@@ -322,7 +322,15 @@ mod tests {
     #[test]
     fn stems_of_report_names() {
         let s = "logcaster-emergency-4242-20261122T031500Z";
-        for ext in ["svg", "folded", "json", "pb.gz", "diff.svg", "before-after.svg", "baseline.folded"] {
+        for ext in [
+            "svg",
+            "folded",
+            "json",
+            "pb.gz",
+            "diff.svg",
+            "before-after.svg",
+            "baseline.folded",
+        ] {
             assert_eq!(stem_of(&format!("{s}.{ext}")), Some(s), "{ext}");
         }
         for other in [

@@ -121,7 +121,24 @@ pub struct SampleKey {
     pub user_stack_id: i32,
     /// Same for the kernel stack; [`NO_STACK`] when kernel stacks are off.
     pub kernel_stack_id: i32,
+    /// Frame-pointer stacks: the first of the [`LEAF_WORDS`] words at the
+    /// user stack pointer that looks like a return address (0: none). When
+    /// the leaf function has set up no frame, it is the return address into
+    /// the leaf's caller, which the frame-pointer walk skips; the agent
+    /// checks that against the leaf's CFA rule (see `agent/src/unwind/leaf.rs`).
+    pub leaf_ret: u64,
+    /// Where `leaf_ret` was: bytes above the user stack pointer.
+    pub leaf_offset: u32,
+    /// Explicit padding.
+    pub _pad: u32,
 }
+
+/// Words above the user stack pointer searched for the leaf's return
+/// address: a leaf that set up no frame has pushed or reserved at most this
+/// much (glibc's cancellable syscall wrappers reserve 40 bytes, CFA =
+/// rsp+48; its select() pushes six registers and reserves 56 bytes, CFA =
+/// rsp+112).
+pub const LEAF_WORDS: usize = 16;
 
 /// `SampleKey::kernel_stack_id` when no kernel stack was asked for.
 pub const NO_STACK: i32 = i32::MIN;
@@ -186,7 +203,7 @@ mod pod {
 
 // No padding surprises: each size is the sum of its fields.
 const _: () = assert!(core::mem::size_of::<TargetInfo>() == 8);
-const _: () = assert!(core::mem::size_of::<SampleKey>() == 16);
+const _: () = assert!(core::mem::size_of::<SampleKey>() == 32);
 const _: () = assert!(core::mem::size_of::<SampleValue>() == 16);
 const _: () = assert!(core::mem::size_of::<StackSampleHeader>() == 56 + 8 * MAX_STACK_DEPTH);
 const _: () = assert!(core::mem::size_of::<StackSample>() <= 32 * 1024);

@@ -33,8 +33,10 @@ pub struct OffStart {
     pub dwarf: u32,
     /// How many blocks this one stands for (the sampling in force).
     pub weight: u32,
-    /// Explicit padding.
-    pub _pad: u32,
+    /// Where `leaf_ret` was, bytes above the user stack pointer.
+    pub leaf_offset: u32,
+    /// The leaf's return address candidate (see `SampleKey::leaf_ret`).
+    pub leaf_ret: u64,
 }
 
 /// End of a DWARF-mode block, sent to `OFFCPU_ENDS`: the begin record with
@@ -83,6 +85,6 @@ mod pod {
     unsafe impl aya::Pod for super::OffStats {}
 }
 
-const _: () = assert!(core::mem::size_of::<OffStart>() == 40);
+const _: () = assert!(core::mem::size_of::<OffStart>() == 48);
 const _: () = assert!(core::mem::size_of::<OffEnd>() == 24);
 const _: () = assert!(core::mem::size_of::<OffStats>() == 56);

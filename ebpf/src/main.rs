@@ -3,6 +3,7 @@
 #![no_std]
 #![no_main]
 
+mod leaf;
 mod maps;
 mod offcpu;
 mod sampling;

@@ -147,7 +147,8 @@ fn switch_out(ctx: &TracePointContext, tgid: u32, tid: u32, now: u64) {
         seq: now as u32,
         dwarf: 0,
         weight: every as u32,
-        _pad: 0,
+        leaf_offset: 0,
+        leaf_ret: 0,
     };
     if flags & target_flags::DWARF != 0 {
         start.dwarf = 1;
@@ -170,6 +171,10 @@ fn switch_out(ctx: &TracePointContext, tgid: u32, tid: u32, now: u64) {
             Ok(id) => id as i32,
             Err(e) => e,
         };
+        if start.user_stack_id >= 0 {
+            // The leaf is a syscall wrapper, which sets up no frame.
+            (start.leaf_ret, start.leaf_offset) = crate::leaf::leaf_word(crate::leaf::user_sp(None));
+        }
         if kernel {
             start.kernel_stack_id = match ctx.get_stackid(&OFFCPU_STACKS, 0) {
                 Ok(id) => id as i32,
@@ -230,6 +235,9 @@ fn switch_in(tid: u32, start: OffStart, now: u64) {
         tid,
         user_stack_id: start.user_stack_id,
         kernel_stack_id: start.kernel_stack_id,
+        leaf_ret: start.leaf_ret,
+        leaf_offset: start.leaf_offset,
+        _pad: 0,
     };
     if let Some(v) = OFFCPU_COUNTS.get_ptr_mut(&key) {
         // SAFETY: per-CPU value, no concurrent writer on this CPU.

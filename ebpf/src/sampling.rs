@@ -104,11 +104,21 @@ pub fn try_sample(ctx: &PerfEventContext) -> Result<(), i64> {
         NO_STACK
     };
 
+    // The leaf fix-up's word, for a user stack that was recorded.
+    let (leaf_ret, leaf_offset) = if user_stack_id >= 0 {
+        // SAFETY: the interrupted registers, inside the context the kernel passed.
+        crate::leaf::leaf_word(crate::leaf::user_sp(Some(unsafe { &(*ctx.ctx).regs })))
+    } else {
+        (0, 0)
+    };
     let key = SampleKey {
         tgid,
         tid,
         user_stack_id,
         kernel_stack_id,
+        leaf_ret,
+        leaf_offset,
+        _pad: 0,
     };
     if let Some(value) = counts.get_ptr_mut(&key) {
         // SAFETY: per-CPU value, no concurrent writer on this CPU.

@@ -54,8 +54,10 @@ fn dwarf_recovers_callers() {
     assert!(complete >= 0.95, "{u:#}");
 }
 
-/// Test that the same target with `--unwind fp` loses the callers: this is
-/// what the DWARF unwinder fixes.
+/// Test that the same target with `--unwind fp` loses the stack beyond the
+/// leaf's caller: the leaf fix-up brings back `path_a` (the return address
+/// at rsp), but without frame pointers `main` is gone. This is what the
+/// DWARF unwinder fixes.
 #[test]
 fn frame_pointers_lose_callers() {
     if !privileged("frame_pointers_lose_callers") {
@@ -63,12 +65,17 @@ fn frame_pointers_lose_callers() {
     }
     let target = shared_leaf_target();
     let r = record(target.pid(), &["--duration", "3s", "--unwind", "fp"]);
-    assert_eq!(r.summary["sampling"]["unwind"]["mode"], "fp");
+    let u = &r.summary["sampling"]["unwind"];
+    assert_eq!(u["mode"], "fp");
     let a = share_with(&r.stacks, "path_a");
     let main = share_with(&r.stacks, "main");
     assert!(
-        a < 20.0 && main < 20.0,
-        "fp unwinding should not see the callers here: path_a {a}%, main {main}%"
+        main < 20.0,
+        "fp unwinding should not reach main here: path_a {a}%, main {main}%"
+    );
+    assert!(
+        (a - 75.0).abs() <= 10.0 && u["leaf_fixups"].as_u64() > Some(0),
+        "the leaf fix-up finds the leaf's caller: path_a {a}%\n{u:#}"
     );
 }
 

@@ -186,7 +186,9 @@ pub fn run(which: &str, rounds: usize, seconds: f64, agent: &Path, targets: &Pat
                 agent,
             )
         }
-        other => bail!("unknown benchmark '{other}' (available: overhead, unwind, offcpu, tcp, attach, soak)"),
+        other => {
+            bail!("unknown benchmark '{other}' (available: overhead, unwind, offcpu, tcp, attach, soak)")
+        }
     }
 }
 

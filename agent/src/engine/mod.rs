@@ -143,6 +143,7 @@ pub struct Slot {
     last_stats: TargetStats,
     last_unwind: UnwindStats,
     last_off: OffStats,
+    last_leaf: crate::unwind::leaf::LeafStats,
     last_tcp_events: u64,
 }
 
@@ -334,6 +335,7 @@ impl Engine {
             last_stats: TargetStats::default(),
             last_unwind: UnwindStats::default(),
             last_off: OffStats::default(),
+            last_leaf: crate::unwind::leaf::LeafStats::default(),
             last_tcp_events: 0,
         };
         self.slots.insert(pid, slot);
@@ -436,6 +438,7 @@ impl Engine {
             slot.off_on = false;
             if let Some(t) = self.offcpu.as_mut() {
                 let _ = t.remove_target(pid);
+                t.forget(pid);
                 if !self.slots.values().any(|s| s.off_on) {
                     t.detach_program(&mut self.ebpf);
                 }
@@ -592,6 +595,10 @@ impl Engine {
                 (Some(o), Some(s)) => o.stats(s),
                 _ => OffStats::default(),
             };
+            let mut leaf_now = self.sampler.leaf_stats(pid);
+            if let Some(o) = self.offcpu.as_ref() {
+                leaf_now += o.leaf_stats(pid);
+            }
             let slot = self.slots.get_mut(&pid).expect("listed above");
             if slot.exited_at.is_some() {
                 // What the last drains still found of it (in flight when it
@@ -615,6 +622,8 @@ impl Engine {
             slot.last_unwind = unwind_now.get(&pid).copied().unwrap_or_default();
             let off_delta = recorder::off_since(&off_now, &slot.last_off);
             slot.last_off = off_now;
+            let leaf_delta = leaf_now.since(slot.last_leaf);
+            slot.last_leaf = leaf_now;
             slot.samples += stats.samples;
             let tcp_delta = shared.tcp_events.get(&pid).copied().unwrap_or(0);
             let c = cost::overhead(
@@ -648,6 +657,7 @@ impl Engine {
                 housekeeping_ns: shared.housekeeping_ns,
                 bpf_run: shared.prog,
                 unwinder_ns: shared.unwind_ns * unwind_delta.samples / shared.all_unwound.max(1),
+                leaf: leaf_delta,
                 tail: !govern,
                 bytes: 0,
             };

@@ -16,7 +16,7 @@ use crate::{
     aggregate::{RawProfile, RawSampleKey, StackSlot, Weight},
     governor::cost::ProgStats,
     render::summary::TimelinePoint,
-    unwind::UnwindStats,
+    unwind::{leaf::LeafStats, UnwindStats},
 };
 
 /// What one drain interval recorded of one target.
@@ -57,6 +57,8 @@ pub struct Interval {
     pub bpf_run: ProgStats,
     /// This target's share of the unwinder's CPU time, ns.
     pub unwinder_ns: u64,
+    /// What the leaf fix-up did to the interval's frame-pointer stacks.
+    pub leaf: LeafStats,
     /// A short interval recorded between two ticks (a window closing):
     /// its data counts, its rate and overhead are not a timeline point.
     pub tail: bool,
@@ -84,6 +86,7 @@ impl Default for Interval {
             housekeeping_ns: 0,
             bpf_run: ProgStats::default(),
             unwinder_ns: 0,
+            leaf: LeafStats::default(),
             tail: true,
             bytes: 0,
         }
@@ -226,6 +229,8 @@ pub struct Collected {
     pub bpf_run: ProgStats,
     /// Unwinder CPU, ns.
     pub unwinder_ns: u64,
+    /// Leaf fix-ups.
+    pub leaf: LeafStats,
     /// Latest rate.
     pub last_hz: u64,
 }
@@ -266,6 +271,7 @@ impl Collected {
             c.bpf_run.runs += i.bpf_run.runs;
             c.bpf_run.run_ns += i.bpf_run.run_ns;
             c.unwinder_ns += i.unwinder_ns;
+            c.leaf += i.leaf;
             c.last_hz = i.hz;
         }
         c

@@ -23,7 +23,10 @@ use flamewatch_common::{
 use crate::{
     aggregate::{LostReason, RawProfile, RawSampleKey, StackSlot, Weight},
     bpf::BpfError,
-    unwind::consumer::Begins,
+    unwind::{
+        consumer::Begins,
+        leaf::{LeafFixer, LeafStats},
+    },
 };
 
 const PROG: &str = "flamewatch_offcpu";
@@ -90,6 +93,9 @@ pub struct OffCpuTracer {
     stats: PerCpuArray<MapData, OffStats>,
     /// The program's link while attached.
     link: Option<aya::programs::trace_point::TracePointLinkId>,
+    /// Inserts the syscall wrappers' callers (see `unwind::leaf`); behind a
+    /// lock because the pending blocks are read through `&self`.
+    leaf: std::sync::Mutex<LeafFixer>,
 }
 
 impl OffCpuTracer {
@@ -109,6 +115,7 @@ impl OffCpuTracer {
             stacks: take(ebpf, "OFFCPU_STACKS")?,
             stats: take(ebpf, "OFFCPU_STATS")?,
             link: None,
+            leaf: Default::default(),
         };
         let program = program(ebpf)?;
         program
@@ -194,7 +201,8 @@ impl OffCpuTracer {
                 seq,
                 dwarf: 1,
                 weight: 1,
-                _pad: 0,
+                leaf_offset: 0,
+                leaf_ret: 0,
             };
             // BPF_NOEXIST: if the kernel saw it move meanwhile, keep its record.
             if self.start.insert(b.tid, start, BPF_NOEXIST).is_ok() {
@@ -229,6 +237,28 @@ impl OffCpuTracer {
                 })
             },
         )
+    }
+
+    /// Drops the leaf fix-up's state of `pid` (no longer a target).
+    pub fn forget(&self, pid: u32) {
+        if let Ok(mut l) = self.leaf.lock() {
+            l.forget(pid);
+        }
+    }
+
+    /// What the leaf fix-up did to `pid`'s frame-pointer blocks.
+    pub fn leaf_stats(&self, pid: u32) -> LeafStats {
+        self.leaf.lock().map(|l| l.stats(pid)).unwrap_or_default()
+    }
+
+    /// The user stack `id` of `tgid`, with the leaf's caller inserted when
+    /// the kernel's word (`leaf_ret` at `leaf_offset`) is it.
+    fn user_stack(&self, tgid: u32, id: i32, leaf: (u64, u32), weight: u64) -> StackSlot {
+        let slot = self.stack(id);
+        match self.leaf.lock() {
+            Ok(mut fixer) => fixer.fix(tgid, slot, leaf.0, leaf.1, weight),
+            Err(_) => slot,
+        }
     }
 
     fn stack(&self, id: i32) -> StackSlot {
@@ -268,7 +298,12 @@ impl OffCpuTracer {
             let raw = RawSampleKey {
                 tgid: key.tgid,
                 tid: key.tid,
-                user: self.stack(key.user_stack_id),
+                user: self.user_stack(
+                    key.tgid,
+                    key.user_stack_id,
+                    (key.leaf_ret, key.leaf_offset),
+                    weight.samples,
+                ),
                 kernel: self.stack(key.kernel_stack_id),
             };
             profile.add(raw, *weight);
@@ -291,7 +326,12 @@ impl OffCpuTracer {
     /// The raw stacks of a pending block of a frame-pointer target.
     pub fn pending_stacks(&self, p: &Pending) -> (StackSlot, StackSlot) {
         (
-            self.stack(p.start.user_stack_id),
+            self.user_stack(
+                p.start.tgid,
+                p.start.user_stack_id,
+                (p.start.leaf_ret, p.start.leaf_offset),
+                u64::from(p.start.weight.max(1)),
+            ),
             self.stack(p.start.kernel_stack_id),
         )
     }

@@ -130,6 +130,20 @@ pub struct UnwindInfo {
     pub lost: u64,
     /// CPU time the agent spent unwinding, seconds.
     pub unwinder_cpu_s: f64,
+    /// Frame-pointer samples (and off-CPU blocks) whose leaf was checked
+    /// by the leaf fix-up.
+    pub leaf_checked: u64,
+    /// Of those, stacks whose leaf had set up no frame: its caller, which
+    /// the frame-pointer walk skips, was inserted from the stack.
+    pub leaf_fixups: u64,
+    /// Frame-pointer stacks passing through a function with no frame at its
+    /// call site (libc calling back into the program): the caller of that
+    /// function is missing, a known gap the fix-up does not repair.
+    pub mid_stack_gaps: u64,
+    /// Fixed-up stacks whose leaf had reused `rbp` for data (glibc's
+    /// select()): beyond the leaf's caller they are lost (`[truncated
+    /// stack]`), a known gap.
+    pub leaf_rbp_reused: u64,
 }
 
 /// Whether an executable's functions set up frame pointers.

@@ -26,6 +26,7 @@ use crate::{
     aggregate::{LostReason, RawProfile, RawSampleKey, StackSlot, Weight},
     bpf::BpfError,
     target::{self, Target},
+    unwind::leaf::{LeafFixer, LeafStats},
 };
 pub use perf::{period_for, ThreadEvent};
 
@@ -147,6 +148,8 @@ pub struct Sampler {
     stacks: Vec<StackTraceMap<MapData>>,
     generation: u32,
     ncpus: usize,
+    /// Inserts the callers frame-pointer walks skip (see `unwind::leaf`).
+    leaf: LeafFixer,
 }
 
 impl Sampler {
@@ -179,6 +182,7 @@ impl Sampler {
             stacks: vec![take(ebpf, "STACKS_0")?, take(ebpf, "STACKS_1")?],
             generation: 0,
             ncpus,
+            leaf: LeafFixer::default(),
         };
         sampler.set_generation(0)?;
         Ok(sampler)
@@ -236,6 +240,9 @@ impl Sampler {
         self.target_map
             .insert(pid, TargetInfo { slot, flags }, 0)
             .map_err(map_err("TARGETS"))?;
+        if !dwarf {
+            self.leaf.prepare(pid);
+        }
 
         // Without a period the target is only registered (for the off-CPU
         // tracer, which needs its slot and stack flags): no CPU sampling.
@@ -397,6 +404,7 @@ impl Sampler {
     pub fn forget(&mut self, pid: u32) {
         self.remove_target(pid);
         self.targets.remove(&pid);
+        self.leaf.forget(pid);
     }
 
     /// Starts CPU sampling of a target registered without it, or resumes
@@ -439,6 +447,11 @@ impl Sampler {
         }))
     }
 
+    /// What the leaf fix-up did to `pid`'s frame-pointer stacks.
+    pub fn leaf_stats(&self, pid: u32) -> LeafStats {
+        self.leaf.stats(pid)
+    }
+
     /// Samples that hit forked children of targets (not profiled).
     pub fn foreign_samples(&self) -> u64 {
         self.foreign
@@ -474,6 +487,7 @@ impl Sampler {
     fn drain_generation(&mut self, g: usize, profile: &mut RawProfile) -> Result<DrainStats, SamplingError> {
         let counts = &mut self.counts[g];
         let stacks = &mut self.stacks[g];
+        let (leaf, targets) = (&mut self.leaf, &self.targets);
         let entries: Vec<(SampleKey, Weight)> = counts
             .iter()
             .filter_map(|r| match r {
@@ -514,10 +528,15 @@ impl Sampler {
                 .clone()
         };
         for (key, weight) in &entries {
+            let mut user = read_stack(key.user_stack_id);
+            // Not the calibration's own samples: they are discarded.
+            if targets.contains_key(&key.tgid) {
+                user = leaf.fix(key.tgid, user, key.leaf_ret, key.leaf_offset, weight.samples);
+            }
             let raw = RawSampleKey {
                 tgid: key.tgid,
                 tid: key.tid,
-                user: read_stack(key.user_stack_id),
+                user,
                 kernel: read_stack(key.kernel_stack_id),
             };
             profile.add(raw, *weight);

@@ -320,6 +320,10 @@ fn unwind_info(window: &Window, c: &Collected, config: &RecordConfig) -> summary
         no_user_stack: u.no_user_stack,
         lost: c.stats.dwarf_lost,
         unwinder_cpu_s: round3(c.unwinder_ns as f64 / 1e9),
+        leaf_checked: c.leaf.checked,
+        leaf_fixups: c.leaf.fixups,
+        mid_stack_gaps: c.leaf.mid_stack_gaps,
+        leaf_rbp_reused: c.leaf.rbp_reused,
     }
 }
 
@@ -371,6 +375,7 @@ fn warnings(window: &Window, c: &Collected, config: &RecordConfig) -> Vec<String
             st.dwarf_lost
         ));
     }
+    warnings.extend(c.leaf.warning());
     if c.paused_s > 0.0 {
         warnings.push(format!(
             "sampling was paused for {:.0} s: even 1 Hz cost more than the {:.1} % budget",

@@ -8,6 +8,7 @@
 
 pub mod consumer;
 pub mod elf;
+pub mod leaf;
 
 use std::{
     collections::HashMap,

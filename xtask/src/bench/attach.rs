@@ -113,7 +113,10 @@ fn daemon(agent: &Path, dir: &Path, pids: &[u32], extra: &str) -> Result<(Proc, 
     }
     let path = dir.join("watch.toml");
     std::fs::write(&path, config)?;
-    let d = spawn(agent, &["watch", "--config", path.to_str().context("utf-8 path")?])?;
+    let d = spawn(
+        agent,
+        &["watch", "--config", path.to_str().context("utf-8 path")?],
+    )?;
     let deadline = Instant::now() + Duration::from_secs(20);
     while std::os::unix::net::UnixStream::connect(&socket).is_err() {
         if Instant::now() > deadline {
@@ -134,7 +137,10 @@ fn trigger(agent: &Path, socket: &Path, pid: u32, args: &[&str]) -> Result<(Dura
         .output()?;
     let took = t0.elapsed();
     if !out.status.success() {
-        bail!("trigger {args:?}: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "trigger {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     let json = String::from_utf8_lossy(&out.stdout)
         .lines()
@@ -149,7 +155,14 @@ fn trigger(agent: &Path, socket: &Path, pid: u32, args: &[&str]) -> Result<(Dura
 fn record_start(agent: &Path, pid: u32, work: &Path) -> Result<Duration> {
     let t0 = Instant::now();
     let mut child = Command::new(agent)
-        .args(["record", "--pid", &pid.to_string(), "--duration", "1s", "--output"])
+        .args([
+            "record",
+            "--pid",
+            &pid.to_string(),
+            "--duration",
+            "1s",
+            "--output",
+        ])
         .arg(work)
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
@@ -172,7 +185,10 @@ pub fn run(rounds: usize, agent: &Path, targets: &Path) -> Result<()> {
     let work = tempdir("attach")?;
     let busy = spawn(&targets.join("hotpaths-fp"), &["--seconds", "100000"])?;
     let (port, health) = (crate::free_port()?.to_string(), crate::free_port()?.to_string());
-    let idle = spawn(&targets.join("logcaster"), &["--port", &port, "--health-port", &health])?;
+    let idle = spawn(
+        &targets.join("logcaster"),
+        &["--port", &port, "--health-port", &health],
+    )?;
     std::thread::sleep(Duration::from_millis(500));
     let rounds = rounds.max(20);
 
@@ -201,22 +217,29 @@ pub fn run(rounds: usize, agent: &Path, targets: &Path) -> Result<()> {
     }
     let held = held(d.0.id());
     drop(d);
-    println!("\nbench attach ({rounds} rounds, medians; this machine: {} cores)", num_cpus());
+    println!(
+        "\nbench attach ({rounds} rounds, medians; this machine: {} cores)",
+        num_cpus()
+    );
     println!("| measure | value | goal |");
     println!("|---|---|---|");
     println!(
         "| `record` start to first sample (calibration cached) | {:.0} ms | ≤ 100 ms |",
         median(starts)
     );
-    println!("| `trigger --duration 1s` returns | {:.2} s | ≤ 1.5 s |", median(boost));
+    println!(
+        "| `trigger --duration 1s` returns | {:.2} s | ≤ 1.5 s |",
+        median(boost)
+    );
     println!(
         "| samples of that trigger, of 99 expected | {:.0} % | ≥ 90 % |",
         median(share)
     );
-    println!("| `trigger --since 30s` returns | {:.2} s | ≤ 0.5 s |", median(since));
     println!(
-        "| daemon CPU, 2 targets at continuous 19 Hz, idle | {idle_pct:.2} % of a core | ≤ 0.5 % |"
+        "| `trigger --since 30s` returns | {:.2} s | ≤ 0.5 s |",
+        median(since)
     );
+    println!("| daemon CPU, 2 targets at continuous 19 Hz, idle | {idle_pct:.2} % of a core | ≤ 0.5 % |");
     println!(
         "| daemon after the rounds | {} BPF programs, {} maps, {} fds, {} threads, {:.1} MiB RSS | |",
         held.progs, held.maps, held.fds, held.threads, held.rss_mib
@@ -230,7 +253,10 @@ pub fn soak(minutes: f64, agent: &Path, targets: &Path) -> Result<()> {
     let work = tempdir("soak")?;
     let a = spawn(&targets.join("hotpaths-fp"), &["--seconds", "100000"])?;
     let (port, health) = (crate::free_port()?.to_string(), crate::free_port()?.to_string());
-    let b = spawn(&targets.join("logcaster"), &["--port", &port, "--health-port", &health])?;
+    let b = spawn(
+        &targets.join("logcaster"),
+        &["--port", &port, "--health-port", &health],
+    )?;
     std::thread::sleep(Duration::from_millis(500));
     let schedule = "[[target.schedule]]\ncron = \"*/10 * * * * *\"\nduration = \"5s\"\nfreq_hz = 99\n";
     let (d, _socket) = daemon(agent, &work, &[a.0.id(), b.0.id()], schedule)?;
@@ -251,7 +277,11 @@ pub fn soak(minutes: f64, agent: &Path, targets: &Path) -> Result<()> {
         if t - last_print >= 1.0 || Instant::now() >= end {
             last_print = t;
             let written = std::fs::read_dir(&work)
-                .map(|d| d.flatten().filter(|e| e.path().extension().is_some_and(|x| x == "json")).count())
+                .map(|d| {
+                    d.flatten()
+                        .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+                        .count()
+                })
                 .unwrap_or(0);
             println!(
                 "| {t:.1} | {} | {} | {} | {} | {:.1} | {written} |",
@@ -265,7 +295,11 @@ pub fn soak(minutes: f64, agent: &Path, targets: &Path) -> Result<()> {
 
 /// Flatness after warm-up (minute 2), as the engine issue asks.
 fn report_soak(samples: &[(f64, Held)]) -> Result<()> {
-    let after: Vec<&Held> = samples.iter().filter(|(t, _)| *t >= 2.0).map(|(_, h)| h).collect();
+    let after: Vec<&Held> = samples
+        .iter()
+        .filter(|(t, _)| *t >= 2.0)
+        .map(|(_, h)| h)
+        .collect();
     let (Some(first), Some(last)) = (after.first(), after.last()) else {
         println!("(shorter than the 2-minute warm-up: nothing to compare)");
         return Ok(());
