@@ -315,22 +315,6 @@ impl Drop for Control {
     }
 }
 
-/// Binds and serves `path` ([`Listener::bind`], [`Listener::serve`]); the
-/// [`ControlError`] is inside the `io::Error` (see [`usage_error`]).
-pub fn serve(path: &Path) -> std::io::Result<Control> {
-    Listener::bind(path)
-        .and_then(Listener::serve)
-        .map_err(std::io::Error::other)
-}
-
-/// The [`ControlError`] inside an `io::Error` from [`serve`], when it is
-/// the user's to fix (another daemon on the socket, say).
-pub fn usage_error(e: &std::io::Error) -> Option<&ControlError> {
-    e.get_ref()
-        .and_then(|inner| inner.downcast_ref::<ControlError>())
-        .filter(|c| c.is_usage())
-}
-
 async fn accept_loop(listener: UnixListener, tx: mpsc::Sender<Incoming>) {
     loop {
         let stream = match listener.accept().await {
@@ -450,8 +434,6 @@ mod tests {
             "{err}"
         );
         assert!(err.to_string().contains("c.sock.lock"), "{err}");
-        let io = serve(&path).unwrap_err();
-        assert!(usage_error(&io).is_some(), "{io}");
         assert!(path.exists(), "the refused daemon left the socket alone");
         drop(first);
         assert!(!path.exists(), "removed on the way out");
@@ -531,7 +513,7 @@ mod tests {
         }
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.sock");
-        let mut rx = serve(&path).unwrap();
+        let mut rx = Listener::bind(&path).and_then(Listener::serve).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         tokio::spawn(async move {

@@ -67,6 +67,11 @@ impl<E: Into<anyhow::Error>> From<E> for Failure {
 }
 
 fn main() -> ExitCode {
+    // Symbolization runs on the runtime's blocking threads; glibc would give
+    // each its own malloc arena (up to 8 per core), and a daemon's RSS would
+    // creep up with every new one. Two arenas are plenty here.
+    // SAFETY: mallopt only sets an allocator parameter, before any thread.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         // --help, --version: clap's own output.

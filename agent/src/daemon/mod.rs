@@ -245,7 +245,9 @@ impl Daemon {
         // The socket's lock first: a second daemon is refused before it
         // loads anything.
         let listener = control::Listener::bind(socket)?;
-        self.engine = Some(Engine::start(self.engine_options())?);
+        let mut engine = Engine::start(self.engine_options())?;
+        engine.start_tcp();
+        self.engine = Some(engine);
         // The first discovery pass before serving: a trigger that comes as
         // soon as the socket exists finds its running target.
         for i in 0..self.watched.len() {

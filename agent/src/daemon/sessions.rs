@@ -253,11 +253,17 @@ impl Daemon {
                     kind,
                     started_at,
                 };
+                let result = finish::finish(window, &spec);
+                // Symbolization's memory (debug info, line tables) goes back
+                // to the system, not only to the allocator: the daemon's RSS
+                // stays flat between sessions.
+                // SAFETY: malloc_trim has no preconditions.
+                unsafe { libc::malloc_trim(0) };
                 SessionDone {
                     target,
                     pid,
                     kind,
-                    result: finish::finish(window, &spec),
+                    result,
                     alert,
                     reply,
                 }

@@ -212,13 +212,6 @@ impl Engine {
         let mut sampler = Sampler::new(&mut ebpf)?;
         sampler.set_stack_window(options.stack_window)?;
         debug!("sampling program loaded at {:?}", t0.elapsed());
-        // TCP state tracking: not essential to a profile; if it cannot
-        // attach, say why and go on without it.
-        let tcp = options
-            .tcp
-            .then(|| TcpTracker::new(&mut ebpf, TcpOptions::default()))
-            .and_then(|r| r.inspect_err(|e| warn!("TCP tracking unavailable: {e}")).ok());
-        debug!("TCP programs attached at {:?}", t0.elapsed());
         let consumer = start_consumer(&mut ebpf, options.min_block_ns)?;
         let calibration = tokio::task::block_in_place(|| {
             sampler.as_calibration_target(|fd| calibrate::calibration(fd, || prog_stats(&ebpf, SAMPLE_PROG)))
@@ -226,7 +219,7 @@ impl Engine {
         let mut engine = Self {
             options,
             sampler,
-            tcp,
+            tcp: None,
             offcpu: None,
             consumer,
             calibration,
@@ -256,6 +249,31 @@ impl Engine {
                 .map_or_else(ProgStats::default, |t| t.program_stats().0),
             tcp_processing: self.tcp.as_ref().map_or(0, TcpTracker::processing_ns),
         };
+    }
+
+    /// Attaches TCP state tracking (when the options ask for it) and
+    /// tracks the targets added so far. Not essential to a profile: if it
+    /// cannot attach, say why and go on without it. Called after the first
+    /// targets are sampling, so that `record` starts sampling sooner.
+    pub fn start_tcp(&mut self) {
+        if !self.options.tcp || self.tcp.is_some() {
+            return;
+        }
+        let t0 = Instant::now();
+        match TcpTracker::new(&mut self.ebpf, TcpOptions::default()) {
+            Ok(mut tcp) => {
+                for &pid in self.slots.keys() {
+                    if let Err(e) = tcp.add_target(pid) {
+                        warn!(pid, "TCP tracking of this target failed: {e}");
+                    }
+                }
+                self.last.tcp_prog = tcp.program_stats().0;
+                self.last.tcp_processing = tcp.processing_ns();
+                self.tcp = Some(tcp);
+                debug!("TCP programs attached in {:?}", t0.elapsed());
+            }
+            Err(e) => warn!("TCP tracking unavailable: {e}"),
+        }
     }
 
     /// The calibrated per-sample cost.

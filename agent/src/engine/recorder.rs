@@ -177,16 +177,19 @@ impl Recorder {
     }
 
     /// Start of the oldest interval kept.
+    #[cfg(test)]
     pub fn oldest(&self) -> Option<SystemTime> {
         self.intervals.front().map(|i| i.from)
     }
 
     /// Estimated bytes held.
+    #[cfg(test)]
     pub fn bytes(&self) -> usize {
         self.bytes
     }
 
     /// Intervals held.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.intervals.len()
     }

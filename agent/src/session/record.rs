@@ -105,6 +105,7 @@ async fn attach(
         engine.add_target(t, want)?;
     }
     drop(admission);
+    engine.start_tcp();
     Ok(())
 }
 
