@@ -161,7 +161,7 @@ impl Daemon {
             ..Want::default()
         };
         match engine.add_target(t.clone(), want) {
-            Ok(_) => {}
+            Ok(_) => engine.announce(t.pid),
             Err(EngineError::Budget(e)) => {
                 warn!(pid = t.pid, "no continuous profiling: {e}");
                 if let Err(e) = engine.add_target(t.clone(), Want::default()) {

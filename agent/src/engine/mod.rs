@@ -331,9 +331,6 @@ impl Engine {
             0.0
         };
         let session = format!("engine_{}", std::process::id());
-        info!(pid, comm = %target.comm, threads, "{}, unwinding with {}: {}",
-            if want.hz > 0 { format!("sampling at {hz} Hz") } else { "registered".to_owned() },
-            if choice.dwarf { "DWARF" } else { "frame pointers" }, choice.reason);
         let slot = Slot {
             claim: self.registry.claim(pid, &session, predicted, hz),
             last_cpu_ns: self.sampler.target_cpu_ns(pid),
@@ -358,6 +355,16 @@ impl Engine {
         };
         self.slots.insert(pid, slot);
         Ok(self.want(pid, want))
+    }
+
+    /// Says what the engine does with `pid` (once everything is attached:
+    /// scripts and tests take the line as "the agent is ready").
+    pub fn announce(&self, pid: u32) {
+        let Some(slot) = self.slots.get(&pid) else { return };
+        let hz = slot.hz();
+        info!(pid, comm = %slot.target.comm, threads = slot.threads_at_start, "{}, unwinding with {}: {}",
+            if hz > 0 { format!("sampling at {hz} Hz") } else { "registered".to_owned() },
+            if slot.choice.dwarf { "DWARF" } else { "frame pointers" }, slot.choice.reason);
     }
 
     /// Registers a want on `pid` and applies it at once.

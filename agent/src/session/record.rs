@@ -101,11 +101,15 @@ async fn attach(
 ) -> Result<(), SessionError> {
     let admission = engine.admit().await;
     let want = want_of(config);
+    let pids: Vec<u32> = targets.iter().map(|t| t.pid).collect();
     for t in targets {
         engine.add_target(t, want)?;
     }
     drop(admission);
     engine.start_tcp();
+    for pid in pids {
+        engine.announce(pid);
+    }
     Ok(())
 }
 
