@@ -427,6 +427,16 @@ impl Daemon {
             // Checked by the control layer.
             None => (now, req.duration().unwrap_or(Duration::from_secs(30))),
         };
+        // A window the recorder cannot hold would lose its start.
+        if duration > self.config.history {
+            let why = format!(
+                "a {} session is longer than the flight recorder's history ({}); raise `history`",
+                humantime::format_duration(duration),
+                humantime::format_duration(self.config.history)
+            );
+            refuse(Some(reply), why);
+            return;
+        }
         let start = Start {
             kind: SessionKind::OnDemand,
             config: RecordConfig {
