@@ -42,13 +42,13 @@ pub const STACK_RING_BYTES: u32 = 8 << 20;
 /// Loads the object and starts forwarding aya-log records to `tracing`.
 /// `dwarf`: whether any target will be unwound from stack copies.
 pub fn load(dwarf: bool) -> Result<Ebpf, BpfError> {
-    load_for(dwarf, true)
+    load_for(dwarf, true, None)
 }
 
 /// [`load`], with the off-CPU tables shrunk to one entry when `off_cpu` is
-/// false: preallocating a 16384-entry per-CPU hash costs ~30 ms of start-up
-/// here, which a `record --mode cpu` never uses.
-pub fn load_for(dwarf: bool, off_cpu: bool) -> Result<Ebpf, BpfError> {
+/// false, and the aggregation maps sized for `max_hz` when it is known:
+/// preallocating a 16384-entry per-CPU hash costs ~30 ms of start-up here.
+pub fn load_for(dwarf: bool, off_cpu: bool, max_hz: Option<u64>) -> Result<Ebpf, BpfError> {
     raise_memlock();
     let ring = if dwarf { STACK_RING_BYTES } else { 4096 };
     let mut loader = EbpfLoader::new();
@@ -59,6 +59,11 @@ pub fn load_for(dwarf: bool, off_cpu: bool) -> Result<Ebpf, BpfError> {
         for map in ["OFFCPU_COUNTS", "OFFCPU_STACKS", "OFFCPU_START"] {
             loader.map_max_entries(map, 1);
         }
+    }
+    if let Some(hz) = max_hz {
+        let entries = aggregation_entries(hz, std::thread::available_parallelism().map_or(1, usize::from));
+        loader.map_max_entries("COUNTS_0", entries);
+        loader.map_max_entries("COUNTS_1", entries);
     }
     let mut ebpf = loader.load(OBJECT)?;
     // The programs, loaded later, refer to the log map by its descriptor:
@@ -73,6 +78,15 @@ pub fn load_for(dwarf: bool, off_cpu: bool) -> Result<Ebpf, BpfError> {
     Ok(ebpf)
 }
 
+/// Entries of each aggregation generation for sampling at `hz`: a drain
+/// interval (1 s) cannot hold more distinct (thread, stacks) keys than
+/// samples, and cpu-clock samples are bounded by CPU time (`cpus` x `hz`
+/// per second); twice that, between 4096 and the object's 16384.
+pub fn aggregation_entries(hz: u64, cpus: usize) -> u32 {
+    let need = hz.saturating_mul(cpus as u64).saturating_mul(2);
+    need.next_power_of_two().clamp(4096, 16384) as u32
+}
+
 /// The object with both generations of the aggregation map shrunk to
 /// `entries`, and no logger started (tests drive their own).
 #[cfg(test)]
@@ -83,6 +97,19 @@ pub fn load_with_aggregation_entries(entries: u32) -> Result<Ebpf, BpfError> {
         .map_max_entries("COUNTS_0", entries)
         .map_max_entries("COUNTS_1", entries)
         .load(OBJECT)?)
+}
+
+#[cfg(test)]
+mod tests {
+    /// Test that the aggregation maps are sized by rate and CPUs, within
+    /// the object's bounds.
+    #[test]
+    fn aggregation_sizes() {
+        assert_eq!(super::aggregation_entries(99, 2), 4096);
+        assert_eq!(super::aggregation_entries(999, 2), 4096);
+        assert_eq!(super::aggregation_entries(2_999, 2), 16384);
+        assert_eq!(super::aggregation_entries(20_000, 64), 16384);
+    }
 }
 
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; newer ones (and

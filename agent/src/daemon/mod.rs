@@ -225,6 +225,8 @@ impl Daemon {
             dwarf_ring: true,
             // A stuck target's emergency profile is an off-CPU one.
             off_cpu: true,
+            // Triggers may ask for any rate.
+            max_hz: None,
             tcp: true,
             history: self.config.history,
             history_bytes: usize::try_from(self.config.history_max_bytes).unwrap_or(usize::MAX),

@@ -89,6 +89,9 @@ pub struct EngineOptions {
     pub dwarf_ring: bool,
     /// Off-CPU tracing may be asked for (its tables are allocated).
     pub off_cpu: bool,
+    /// The highest rate any session will ask for, when known (the
+    /// aggregation maps are sized for it); the object's maximum otherwise.
+    pub max_hz: Option<u64>,
     /// Track TCP state changes of the targets.
     pub tcp: bool,
     /// How much of the past each target's recorder keeps.
@@ -207,7 +210,7 @@ impl Engine {
     pub fn start(options: EngineOptions) -> Result<Self, EngineError> {
         let t0 = Instant::now();
         let stats = BpfStats::enable();
-        let mut ebpf = bpf::load_for(options.dwarf_ring, options.off_cpu)?;
+        let mut ebpf = bpf::load_for(options.dwarf_ring, options.off_cpu, options.max_hz)?;
         debug!("object loaded in {:?}", t0.elapsed());
         let mut sampler = Sampler::new(&mut ebpf)?;
         sampler.set_stack_window(options.stack_window)?;

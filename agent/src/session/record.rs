@@ -31,6 +31,7 @@ pub fn engine_options(config: &RecordConfig, dwarf_ring: bool) -> EngineOptions 
         budget_pct: config.max_overhead_pct,
         dwarf_ring,
         off_cpu: config.mode.off_cpu(),
+        max_hz: Some(config.freq_hz),
         tcp: true,
         // The whole session is one window: keep all of it.
         history: config.duration.unwrap_or(Duration::MAX / 4) + Duration::from_secs(60),
