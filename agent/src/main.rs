@@ -82,6 +82,11 @@ fn main() -> ExitCode {
         .init();
     // aya-log records go through the `log` facade; forward them to tracing.
     let _ = tracing_log_bridge();
+    // One perf event (a descriptor) per target thread: use all we may.
+    match sampling::raise_nofile_limit() {
+        Ok(limit) => debug!("RLIMIT_NOFILE {limit}"),
+        Err(e) => tracing::warn!("cannot raise RLIMIT_NOFILE: {e}"),
+    }
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -168,8 +173,16 @@ async fn run(cli: Cli) -> Result<(), Failure> {
 }
 
 async fn watch(args: cli::WatchArgs) -> Result<(), Failure> {
+    let config = args.to_config().map_err(Failure::usage)?;
+    if args.check {
+        // The config as the daemon would run it; URLs without their secrets.
+        let mut shown = config.effective();
+        shown.webhook = shown.webhook.as_deref().map(alerts::redact_url);
+        shown.alertmanager = shown.alertmanager.as_deref().map(alerts::redact_url);
+        print!("{}", toml::to_string(&shown).map_err(Failure::from)?);
+        return Ok(());
+    }
     let stop = stop_on_signals()?;
-    let config = args.to_config().map_err(|e| Failure::usage(anyhow::anyhow!(e)))?;
     let config_socket = config.control_socket.clone();
     if let Some(missing) = target::missing_privileges() {
         return Err(Failure::usage(anyhow::anyhow!(missing)));
