@@ -590,7 +590,8 @@ pub fn check_pct(what: &str, v: f64) -> Result<f64, ConfigError> {
     }
     Err(ConfigError::Range {
         what: what.into(),
-        value: v.to_string(),
+        // Debug: 1e300 stays short (Display writes every digit).
+        value: format!("{v:?}"),
         range: "a percentage in (0, 100]",
     })
 }
@@ -779,7 +780,8 @@ pub fn check_range(what: &str, v: f64, lo: f64, hi: f64, range: &'static str) ->
     }
     Err(ConfigError::Range {
         what: what.into(),
-        value: v.to_string(),
+        // Debug: 1e300 stays short (Display writes every digit).
+        value: format!("{v:?}"),
         range,
     })
 }

@@ -1,32 +1,6 @@
 //! flamewatch: parse the command line, set up logging, run the command, and
 //! map errors to exit codes (2: bad input, 1: failure).
 
-mod aggregate;
-mod alerts;
-mod bpf;
-mod cli;
-mod config;
-mod control;
-mod daemon;
-mod detect;
-mod engine;
-mod export;
-mod fsafe;
-mod governor;
-mod http;
-mod metrics;
-mod offcpu;
-mod render;
-mod retention;
-mod sampling;
-mod session;
-mod symbolize;
-mod target;
-mod tcp;
-#[cfg(test)]
-mod testutil;
-mod unwind;
-
 use std::process::ExitCode;
 
 use clap::Parser as _;
@@ -34,9 +8,12 @@ use tokio::sync::watch;
 use tracing::{debug, error, info};
 use tracing_subscriber::EnvFilter;
 
-use crate::{
+use flamewatch::{
+    alerts, cli,
     cli::{Cli, Command, RecordArgs},
+    config, control, daemon, fsafe, render, retention, sampling, session,
     session::SessionKind,
+    target, tcp,
 };
 
 /// Exit status for bad input (arguments, targets, privileges), as clap uses.
@@ -277,7 +254,7 @@ async fn record(args: RecordArgs) -> Result<(), Failure> {
     // folder keeps its alerts' profiles), off the runtime's workers.
     let (dir, alerts) = (config.output.clone(), config.output.join(render::html::ALERTS));
     let pruned = tokio::task::spawn_blocking(move || {
-        let retention = crate::config::RetentionConfig::default();
+        let retention = config::RetentionConfig::default();
         retention::prune_and_refresh(&dir, &retention, &alerts, &Default::default())
     })
     .await;
