@@ -239,7 +239,7 @@ fn ask(socket: &Path, line: &str) -> serde_json::Value {
 /// naming the field and value, and the daemon keeps running.
 #[test]
 fn bad_control_requests() {
-    if !privileged("bad_control_requests", "the daemon attaches BPF") {
+    if !privileged("bad_control_requests") {
         return;
     }
     let dir = output_dir();
