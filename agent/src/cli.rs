@@ -6,7 +6,10 @@ use std::{path::PathBuf, time::Duration};
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
-    config::{Format, Mode, RecordConfig, TargetConfig, TcpConfig, WatchConfig, MAX_FREQ_HZ},
+    config::{
+        check_duration, check_pct, ConfigError, Format, LoadError, Mode, RecordConfig, TargetConfig,
+        TcpConfig, WatchConfig, MAX_FREQ_HZ,
+    },
     unwind::UnwindMode,
 };
 
@@ -74,16 +77,18 @@ pub struct WatchArgs {
     /// alert links are made of them). Default: from the config.
     #[arg(long = "format", value_name = "FORMATS", value_enum, value_delimiter = ',')]
     pub formats: Vec<Format>,
+    /// Validate the configuration and print the effective one (presets
+    /// merged) as TOML, without starting anything.
+    #[arg(long)]
+    pub check: bool,
 }
 
 impl WatchArgs {
-    /// The configuration: the file (if any), then the flags over it.
-    pub fn to_config(&self) -> Result<WatchConfig, String> {
+    /// The configuration: the file (if any, validated), then the flags
+    /// over it, validated again with the same checks.
+    pub fn to_config(&self) -> Result<WatchConfig, LoadError> {
         let mut config = match &self.config {
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-                toml::from_str::<WatchConfig>(&text).map_err(|e| format!("{}: {e}", path.display()))?
-            }
+            Some(path) => crate::config::load(path)?,
             None => WatchConfig::default(),
         };
         let target = |process: Option<String>, pid: Option<u32>| TargetConfig {
@@ -98,6 +103,16 @@ impl WatchArgs {
         config
             .targets
             .extend(self.pids.iter().map(|&p| target(None, Some(p))));
+        self.apply_flags(&mut config);
+        config.validate()?;
+        if config.targets.is_empty() {
+            return Err(ConfigError::NoTargets.into());
+        }
+        Ok(config)
+    }
+
+    /// The flags given, over `config`.
+    fn apply_flags(&self, config: &mut WatchConfig) {
         if let Some(o) = &self.output {
             config.output = o.clone();
         }
@@ -122,22 +137,6 @@ impl WatchArgs {
         if !self.formats.is_empty() {
             config.formats = dedup(&self.formats);
         }
-        config.validate().map_err(|e| match &self.config {
-            Some(path) => format!("{}: {e}", path.display()),
-            None => e.to_string(),
-        })?;
-        if config.metrics_addr != "off" && config.metrics_addr.parse::<std::net::SocketAddr>().is_err() {
-            return Err(format!(
-                "invalid metrics address '{}' (want IP:PORT or \"off\")",
-                config.metrics_addr
-            ));
-        }
-        if config.targets.is_empty() {
-            return Err(
-                "nothing to watch: give --process NAME, --pid PID or a --config with [[target]]s".into(),
-            );
-        }
-        Ok(config)
     }
 }
 
@@ -165,13 +164,26 @@ pub struct TriggerArgs {
     pub control_socket: PathBuf,
 }
 
-/// A bounded, positive duration (`--since`, `--wait`).
-fn parse_since(text: &str) -> Result<std::time::Duration, String> {
-    let d = humantime::parse_duration(text).map_err(|e| format!("'{text}': {e}"))?;
+/// A bounded duration (`--since`, `--wait`): at most a day.
+fn parse_since(text: &str) -> Result<std::time::Duration, ConfigError> {
+    let d = humantime::parse_duration(text).map_err(|e| invalid("duration", text, e))?;
     if d > std::time::Duration::from_secs(86_400) {
-        return Err(format!("'{text}': at most 24h"));
+        return Err(ConfigError::Range {
+            what: "duration".into(),
+            value: text.into(),
+            range: "at most 24h",
+        });
     }
     Ok(d)
+}
+
+/// A value that does not parse, with what would.
+fn invalid(what: &str, text: &str, why: impl std::fmt::Display) -> ConfigError {
+    ConfigError::Invalid {
+        what: what.into(),
+        value: text.into(),
+        why: why.to_string(),
+    }
 }
 
 /// Which processes to attach to.
@@ -256,28 +268,23 @@ impl std::fmt::Display for MinBlock {
 }
 
 /// A duration, possibly zero (`0`, `500us`, `1ms`).
-fn parse_min_block(text: &str) -> Result<MinBlock, String> {
+fn parse_min_block(text: &str) -> Result<MinBlock, ConfigError> {
     if text.trim() == "0" {
         return Ok(MinBlock(Duration::ZERO));
     }
-    humantime::parse_duration(text.trim())
-        .map_err(|e| e.to_string())
-        .and_then(|d| crate::config::check_duration("min-block", d, true).map_err(|e| e.to_string()))
-        .map(MinBlock)
-        .map_err(|e| format!("invalid duration '{text}' ({e}); examples: 0, 500us, 1ms"))
+    let d = humantime::parse_duration(text.trim())
+        .map_err(|e| invalid("min-block", text, format!("{e}; examples: 0, 500us, 1ms")))?;
+    check_duration("min-block", d, true).map(MinBlock)
 }
 
-/// A percentage in (0, 100].
-pub fn parse_pct(text: &str) -> Result<f64, String> {
+/// A percentage in (0, 100], `%` allowed (`--max-overhead`).
+pub fn parse_pct(text: &str) -> Result<f64, ConfigError> {
     let v: f64 = text
         .trim()
         .trim_end_matches('%')
         .parse()
-        .map_err(|_| format!("invalid percentage '{text}'"))?;
-    if !(v > 0.0 && v <= 100.0) {
-        return Err(format!("percentage '{text}' must be in (0, 100]"));
-    }
-    Ok(v)
+        .map_err(|_| invalid("max-overhead", text, "not a percentage"))?;
+    check_pct("max-overhead", v)
 }
 
 /// A parsed `--duration`: `None` means until interrupted.
@@ -294,42 +301,42 @@ impl std::fmt::Display for DurationArg {
 }
 
 /// Parses `30s`, `2m`, `1h30m`, `500ms`; `0` and `forever` mean no limit.
-pub fn parse_duration(text: &str) -> Result<DurationArg, String> {
+pub fn parse_duration(text: &str) -> Result<DurationArg, ConfigError> {
     let text = text.trim();
     if text == "forever" || text == "0" {
         return Ok(DurationArg(None));
     }
+    let bad = |why: &str| invalid("duration", text, format!("{why}; examples: 30s, 2m, 1h30m"));
     // A bare number is seconds, as in `perf record -- sleep N` habits.
     let parsed = match text.parse::<f64>() {
         // try_: from_secs_f64 panics past u64::MAX seconds (1e20).
         Ok(secs) if secs.is_finite() && secs > 0.0 => {
-            Duration::try_from_secs_f64(secs).map_err(|_| too_long())
+            Duration::try_from_secs_f64(secs).map_err(|_| bad(TOO_LONG))
         }
-        Ok(_) => Err("must be positive".to_owned()),
-        Err(_) => humantime::parse_duration(text).map_err(|e| e.to_string()),
-    }
-    .and_then(|d| crate::config::check_duration("duration", d, true).map_err(|_| too_long()))
-    .map_err(|e| format!("invalid duration '{text}' ({e}); examples: 30s, 2m, 1h30m"))?;
+        Ok(_) => Err(bad("must be positive")),
+        Err(_) => humantime::parse_duration(text).map_err(|e| bad(&e.to_string())),
+    }?;
+    check_duration("duration", parsed, true).map_err(|_| bad(TOO_LONG))?;
     if parsed.is_zero() {
         return Ok(DurationArg(None));
     }
     Ok(DurationArg(Some(parsed)))
 }
 
-fn too_long() -> String {
-    "longer than the maximum of 365 days; `forever` runs until Ctrl-C".into()
-}
+const TOO_LONG: &str = "longer than the maximum of 365 days; `forever` runs until Ctrl-C";
 
 /// Labels become file names: keep them to a safe character set.
-fn parse_label(text: &str) -> Result<String, String> {
+fn parse_label(text: &str) -> Result<String, ConfigError> {
     if text.is_empty()
         || !text
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
         || text.starts_with('.')
     {
-        return Err(format!(
-            "invalid label '{text}': use letters, digits, '-', '_' and '.' (it names files)"
+        return Err(invalid(
+            "label",
+            text,
+            "use letters, digits, '-', '_' and '.' (it names files)",
         ));
     }
     Ok(text.to_owned())
@@ -453,19 +460,19 @@ mod tests {
     #[test]
     fn durations() {
         assert_eq!(
-            parse_duration("10s"),
-            Ok(DurationArg(Some(Duration::from_secs(10))))
+            parse_duration("10s").ok(),
+            Some(DurationArg(Some(Duration::from_secs(10))))
         );
         assert_eq!(
-            parse_duration("2.5"),
-            Ok(DurationArg(Some(Duration::from_millis(2500))))
+            parse_duration("2.5").ok(),
+            Some(DurationArg(Some(Duration::from_millis(2500))))
         );
         assert_eq!(
-            parse_duration("500ms"),
-            Ok(DurationArg(Some(Duration::from_millis(500))))
+            parse_duration("500ms").ok(),
+            Some(DurationArg(Some(Duration::from_millis(500))))
         );
-        assert_eq!(parse_duration("forever"), Ok(DurationArg(None)));
-        assert_eq!(parse_duration("0"), Ok(DurationArg(None)));
+        assert_eq!(parse_duration("forever").ok(), Some(DurationArg(None)));
+        assert_eq!(parse_duration("0").ok(), Some(DurationArg(None)));
         assert!(parse_duration("ten").is_err());
         assert!(parse_duration("-3").is_err());
         assert!(parse_duration("10 parsecs").is_err());
@@ -476,13 +483,16 @@ mod tests {
     #[test]
     fn endless_durations_are_errors() {
         for text in ["1e20", "1e300", "18446744073709551616", "400d", "1000000000y"] {
-            let err = parse_duration(text).expect_err(text);
-            assert!(err.contains(&format!("'{text}'")) && !err.contains('\n'), "{err}");
+            let err = parse_duration(text).expect_err(text).to_string();
+            assert!(
+                err.contains(&format!("\"{text}\"")) && !err.contains('\n'),
+                "{err}"
+            );
         }
         assert!(parse_min_block("1000000y").is_err());
         assert_eq!(
-            parse_duration("365d"),
-            Ok(DurationArg(Some(Duration::from_secs(365 * 86400))))
+            parse_duration("365d").ok(),
+            Some(DurationArg(Some(Duration::from_secs(365 * 86400))))
         );
         let err = parse(&["record", "--pid", "1", "--duration", "1e20"]).unwrap_err();
         assert_eq!(err.exit_code(), 2);
@@ -509,7 +519,7 @@ mod tests {
             std::fs::write(&path, text).unwrap();
             let args = ["watch", "--pid", "1", "--config", path.to_str().unwrap()];
             let err = match parse(&args).expect("parses").command {
-                Command::Watch(w) => w.to_config().expect_err(text),
+                Command::Watch(w) => w.to_config().expect_err(text).to_string(),
                 other => panic!("not watch: {other:?}"),
             };
             assert!(err.contains(what) && !err.contains('\n'), "{text}: {err}");

@@ -411,6 +411,157 @@ pub enum ConfigError {
         /// The accepted range, in words.
         range: &'static str,
     },
+    /// A value that does not parse or make sense (a malformed duration,
+    /// percentage, label, address).
+    #[error("{what} = {value:?}: {why}")]
+    Invalid {
+        /// The setting.
+        what: String,
+        /// Its value as given.
+        value: String,
+        /// What is wrong, and what would do.
+        why: String,
+    },
+    /// Neither flags nor file name a process.
+    #[error("nothing to watch: give --process NAME, --pid PID or a --config with [[target]]s")]
+    NoTargets,
+}
+
+impl ConfigError {
+    /// The setting's key as written in TOML (the last part of its name).
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            Self::Zero { what, .. } | Self::TooLong { what, .. } | Self::Range { what, .. } => Some(what),
+            Self::Invalid { what, .. } => Some(what),
+            Self::NoTargets => None,
+        }
+        .map(|w| w.rsplit(['.', ' ']).next().unwrap_or(w))
+    }
+}
+
+/// Errors of loading a `--config` file: each names the file, the line and
+/// the key, in one line.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The file cannot be read.
+    #[error("{path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Not TOML, an unknown key, a wrong type.
+    #[error("{path}:{line}: {message}")]
+    Syntax {
+        /// The file.
+        path: String,
+        /// 1-based line of the error.
+        line: usize,
+        /// toml's message, on one line, with a suggestion for unknown keys.
+        message: String,
+    },
+    /// A value out of its range.
+    #[error("{path}:{line}: {source}")]
+    Value {
+        /// The file.
+        path: String,
+        /// 1-based line of the key (0 when not found).
+        line: usize,
+        /// The value's error.
+        source: ConfigError,
+    },
+    /// A flag's value (no file involved).
+    #[error(transparent)]
+    Flag(#[from] ConfigError),
+}
+
+/// Parses and validates a config file's text; `path` names it in errors.
+pub fn parse(path: &str, text: &str) -> Result<WatchConfig, LoadError> {
+    let config: WatchConfig = toml::from_str(text).map_err(|e| {
+        let start = e.span().map_or(0, |s| s.start);
+        // An unknown key's span is its table's: point at the key itself.
+        let line = unknown_key(e.message())
+            .and_then(|k| key_line_from(text, k, start))
+            .unwrap_or_else(|| line_of(text, start));
+        LoadError::Syntax {
+            path: path.into(),
+            line,
+            message: syntax_message(e.message()),
+        }
+    })?;
+    config.validate().map_err(|source| LoadError::Value {
+        path: path.into(),
+        line: source.key().map_or(0, |k| key_line(text, k)),
+        source,
+    })?;
+    Ok(config)
+}
+
+/// Reads, parses and validates a config file.
+pub fn load(path: &std::path::Path) -> Result<WatchConfig, LoadError> {
+    let shown = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read {
+        path: shown.clone(),
+        source,
+    })?;
+    parse(&shown, &text)
+}
+
+/// 1-based line of byte `offset`.
+fn line_of(text: &str, offset: usize) -> usize {
+    let end = offset.min(text.len());
+    text.as_bytes()[..end].iter().filter(|&&b| b == b'\n').count() + 1
+}
+
+/// Line of the first `key = …` (0 when absent: the value is a default or
+/// came from a preset).
+fn key_line(text: &str, key: &str) -> usize {
+    key_line_from(text, key, 0).unwrap_or(0)
+}
+
+/// Line of the first `key = …` at or after byte `from`.
+fn key_line_from(text: &str, key: &str, from: usize) -> Option<usize> {
+    let first = line_of(text, from);
+    text.lines()
+        .enumerate()
+        .skip(first - 1)
+        .find(|(_, l)| {
+            let l = l.trim_start();
+            l.strip_prefix(key)
+                .is_some_and(|rest| rest.trim_start().starts_with('='))
+        })
+        .map(|(i, _)| i + 1)
+}
+
+/// The key of serde's "unknown field `x`, …".
+fn unknown_key(message: &str) -> Option<&str> {
+    message.strip_prefix("unknown field `")?.split('`').next()
+}
+
+/// toml's message on one line; for an unknown key, the closest valid one.
+fn syntax_message(message: &str) -> String {
+    let one = message.split_whitespace().collect::<Vec<_>>().join(" ");
+    match suggestion(&one) {
+        Some(s) => format!("{one}; did you mean `{s}`?"),
+        None => one,
+    }
+}
+
+/// From "unknown field `x`, expected one of `a`, `b`" (serde's words),
+/// the valid key closest to `x`, if close enough to be a typo.
+fn suggestion(message: &str) -> Option<String> {
+    let key = unknown_key(message)?;
+    let expected = message.split_once("expected")?.1;
+    expected
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        // Jaro-Winkler weighs shared prefixes: `freq` is `freq_hz`, not `pre`.
+        .map(|cand| (strsim::jaro_winkler(key, cand), cand))
+        .filter(|&(score, _)| score >= 0.8)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, c)| c.to_owned())
 }
 
 /// Checks a duration setting: at most [`MAX_DURATION`], and not zero
@@ -430,6 +581,19 @@ pub fn check_duration(what: &str, d: Duration, zero_ok: bool) -> Result<Duration
         });
     }
     Ok(d)
+}
+
+/// Checks an overhead budget: a percentage in (0, 100].
+pub fn check_pct(what: &str, v: f64) -> Result<f64, ConfigError> {
+    if v.is_finite() && v > 0.0 && v <= 100.0 {
+        return Ok(v);
+    }
+    Err(ConfigError::Range {
+        what: what.into(),
+        // Debug: 1e300 stays short (Display writes every digit).
+        value: format!("{v:?}"),
+        range: "a percentage in (0, 100]",
+    })
 }
 
 /// Checks a sampling frequency: 1 ..= [`MAX_FREQ_HZ`].
@@ -453,13 +617,7 @@ impl WatchConfig {
         check_duration("emergency.duration", self.emergency.duration, false)?;
         check_duration("emergency.cooldown", self.emergency.cooldown, true)?;
         check_freq("emergency.freq_hz", self.emergency.freq_hz)?;
-        if !(self.max_overhead_pct > 0.0 && self.max_overhead_pct <= 100.0) {
-            return Err(ConfigError::Range {
-                what: "max_overhead_pct".into(),
-                value: self.max_overhead_pct.to_string(),
-                range: "in (0, 100]",
-            });
-        }
+        check_pct("max_overhead_pct", self.max_overhead_pct)?;
         if self.max_sessions == 0 {
             return Err(ConfigError::Range {
                 what: "max_sessions".into(),
@@ -467,15 +625,165 @@ impl WatchConfig {
                 range: "at least 1",
             });
         }
-        for t in &self.targets {
-            for s in &t.schedules {
-                let what = format!("schedule {:?} of {}", s.cron, t.describe());
-                check_duration(&format!("{what}: duration"), s.duration, false)?;
-                check_freq(&format!("{what}: freq_hz"), s.freq_hz)?;
+        if self.interval < MIN_INTERVAL {
+            return Err(ConfigError::Range {
+                what: "interval".into(),
+                value: humantime::format_duration(self.interval).to_string(),
+                range: "at least 100ms",
+            });
+        }
+        check_duration("emergency.pre", self.emergency.pre, true)?;
+        check_duration("history", self.history, true)?;
+        if self.continuous_hz != 0 {
+            check_freq("continuous_hz", self.continuous_hz)?;
+        }
+        if self.history_max_bytes == 0 {
+            return Err(ConfigError::Range {
+                what: "history_max_bytes".into(),
+                value: "0".into(),
+                range: "positive",
+            });
+        }
+        check_metrics_addr(&self.metrics_addr)?;
+        for (what, url) in [("webhook", &self.webhook), ("alertmanager", &self.alertmanager)] {
+            if let Some(url) = url {
+                check_url(what, url)?;
             }
+        }
+        for t in &self.targets {
+            t.validate()?;
         }
         self.retention.validate()
     }
+
+    /// The configuration the daemon runs: every target without rules gets
+    /// its preset's (or the generic rules), as `watch --check` shows it.
+    pub fn effective(&self) -> WatchConfig {
+        let mut config = self.clone();
+        config.targets = config
+            .targets
+            .into_iter()
+            .map(TargetConfig::with_preset)
+            .collect();
+        config
+    }
+}
+
+/// Shortest metrics interval: a tenth of a second (the history holds
+/// [`crate::metrics::MAX_POINTS`] points, an hour at that rate).
+pub const MIN_INTERVAL: Duration = Duration::from_millis(100);
+
+/// `IP:PORT` or `off`.
+pub fn check_metrics_addr(addr: &str) -> Result<(), ConfigError> {
+    if addr == "off" || addr.parse::<std::net::SocketAddr>().is_ok() {
+        return Ok(());
+    }
+    Err(ConfigError::Invalid {
+        what: "metrics_addr".into(),
+        value: addr.into(),
+        why: "want IP:PORT or \"off\"".into(),
+    })
+}
+
+/// An http(s) URL (shown redacted in the error: it may hold credentials).
+pub fn check_url(what: &str, text: &str) -> Result<(), ConfigError> {
+    match url::Url::parse(text) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Ok(()),
+        _ => Err(ConfigError::Invalid {
+            what: what.into(),
+            value: crate::alerts::redact_url(text),
+            why: "want an http:// or https:// URL".into(),
+        }),
+    }
+}
+
+impl TargetConfig {
+    /// Checks the target: a name or a pid, its rules and schedules.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let who = self.describe();
+        match (&self.process, self.pid) {
+            (None, None) => {
+                return Err(ConfigError::Invalid {
+                    what: "target".into(),
+                    value: who,
+                    why: "give exactly one of `process` or `pid`".into(),
+                })
+            }
+            (Some(p), None) if p.is_empty() || p.len() > 255 || p.contains('/') => {
+                return Err(ConfigError::Invalid {
+                    what: "target.process".into(),
+                    value: p.clone(),
+                    why: "a process name: 1 to 255 characters, no '/'".into(),
+                })
+            }
+            (None, Some(0)) => {
+                return Err(ConfigError::Range {
+                    what: "target.pid".into(),
+                    value: "0".into(),
+                    range: "a pid (at least 1)",
+                })
+            }
+            _ => {}
+        }
+        for r in &self.rules {
+            r.validate(&who)?;
+        }
+        for s in &self.schedules {
+            let what = format!("schedule {:?} of {who}", s.cron);
+            if s.cron.parse::<cron::Schedule>().is_err() {
+                return Err(ConfigError::Invalid {
+                    what: format!("{what}: cron"),
+                    value: s.cron.clone(),
+                    why: "not a cron expression with seconds, e.g. \"0 */15 * * * *\"".into(),
+                });
+            }
+            check_duration(&format!("{what}: duration"), s.duration, false)?;
+            check_freq(&format!("{what}: freq_hz"), s.freq_hz)?;
+        }
+        Ok(())
+    }
+
+    /// The target with its preset's rules (and schedules) when it has no
+    /// rules of its own; the generic rules without a preset.
+    pub fn with_preset(mut self) -> TargetConfig {
+        if self.rules.is_empty() {
+            match self.process.as_deref().and_then(preset) {
+                Some(p) => {
+                    self.rules = p.rules;
+                    if self.schedules.is_empty() {
+                        self.schedules = p.schedules;
+                    }
+                }
+                None => self.rules = default_rules(),
+            }
+        }
+        self
+    }
+}
+
+/// Checks a time in seconds (rules' `for_s`, `window_s`, `persist_s` …):
+/// finite, at least 0, at most [`MAX_DURATION`].
+pub fn check_seconds(what: &str, v: f64) -> Result<f64, ConfigError> {
+    check_range(
+        what,
+        v,
+        0.0,
+        MAX_DURATION.as_secs_f64(),
+        "seconds in [0, 31536000]",
+    )
+}
+
+/// Checks a number setting: finite and within `lo ..= hi`.
+pub fn check_range(what: &str, v: f64, lo: f64, hi: f64, range: &'static str) -> Result<f64, ConfigError> {
+    if v.is_finite() && v >= lo && v <= hi {
+        return Ok(v);
+    }
+    Err(ConfigError::Range {
+        what: what.into(),
+        // Debug: 1e300 stays short (Display writes every digit).
+        value: format!("{v:?}"),
+        range,
+    })
 }
 
 /// Built-in presets, by process name (the files in configs/).
@@ -527,6 +835,116 @@ mod watch_tests {
         assert_eq!(c.interval, Duration::from_secs(2));
         assert_eq!(c.emergency.duration, Duration::from_secs(5));
         assert_eq!(c.emergency.freq_hz, 499);
+    }
+
+    fn load_err(text: &str) -> String {
+        let e = parse("c.toml", text).expect_err(text).to_string();
+        assert!(!e.contains('\n'), "{e}");
+        e
+    }
+
+    const RULE: &str =
+        "[[target]]\nprocess = \"x\"\n[[target.rule]]\nname = \"hot\"\nseverity = \"warning\"\n";
+
+    /// Test that unknown keys, and keys of another rule kind, are refused
+    /// naming the file, the line and the key, with the closest valid key.
+    #[test]
+    fn unknown_keys_name_line_and_suggest() {
+        let e = load_err("max_sessions = 2\nintervl = \"5s\"\n");
+        assert!(
+            e.starts_with("c.toml:2: unknown field `intervl`") && e.ends_with("did you mean `interval`?"),
+            "{e}"
+        );
+        let e = load_err(&format!(
+            "{RULE}kind = \"threshold\"\nmetric = \"cpu_pct\"\nabove = 1\nsigma = 3\n"
+        ));
+        assert!(
+            e.starts_with("c.toml:9: unknown field `sigma`") && e.contains("`for_s`"),
+            "{e}"
+        );
+        let e = load_err(&format!(
+            "{RULE}kind = \"threshold\"\nmetric = \"cpu_pct\"\nabove = 1\nfor = 3\n"
+        ));
+        assert!(e.contains("did you mean `for_s`?"), "{e}");
+        let e = load_err("[emergency]\nfreq = 3\n");
+        assert!(
+            e.starts_with("c.toml:2:") && e.contains("did you mean `freq_hz`?"),
+            "{e}"
+        );
+        let e = load_err("interval = \"5s\"\ninterval = \"6s\"\n");
+        assert!(e.starts_with("c.toml:2:"), "{e}");
+    }
+
+    /// Test that values out of range are refused at load naming line and
+    /// key: max_sessions = 0, max_overhead_pct -3 and 500, for_s = -4,
+    /// NaN, a rule window past the history, a bad cron, a bad URL.
+    #[test]
+    fn ranges_checked_at_load() {
+        let rule = |body: &str| format!("{RULE}{body}");
+        let cases = [
+            ("max_sessions = 0".to_owned(), "c.toml:1: max_sessions = 0"),
+            (
+                "max_overhead_pct = -3.0".into(),
+                "c.toml:1: max_overhead_pct = -3",
+            ),
+            (
+                "max_overhead_pct = 500.0".into(),
+                "c.toml:1: max_overhead_pct = 500",
+            ),
+            ("max_overhead_pct = nan".into(), "max_overhead_pct = NaN"),
+            ("interval = \"10ms\"".into(), "c.toml:1: interval = 10ms"),
+            ("continuous_hz = 1000000".into(), "continuous_hz"),
+            ("metrics_addr = \"localhost\"".into(), "c.toml:1: metrics_addr"),
+            ("webhook = \"ftp://u:pw@h/\"".into(), "webhook = \"ftp://***@h/\""),
+            (
+                rule("kind = \"threshold\"\nmetric = \"cpu_pct\"\nabove = 1\nfor_s = -4"),
+                "c.toml:9: rule \"hot\" of x: for_s = -4",
+            ),
+            (
+                rule("kind = \"threshold\"\nmetric = \"cpu_pct\"\nfor_s = 4"),
+                "needs `above` or `below`",
+            ),
+            (
+                rule("kind = \"zscore\"\nmetric = \"fds\"\nwindow_s = 7200"),
+                "c.toml:8: rule \"hot\" of x: window_s = 7200",
+            ),
+            (
+                rule("kind = \"zscore\"\nmetric = \"fds\"\nsigma = 0"),
+                "sigma = 0",
+            ),
+            (
+                rule("persist_s = -1.0\nkind = \"time_wait\""),
+                "c.toml:6: rule \"hot\" of x: persist_s = -1",
+            ),
+            (rule("kind = \"memory_growth\"\nmin_r2 = 2"), "min_r2 = 2"),
+            ("[[target]]\npid = 0".into(), "target.pid = 0"),
+            ("[[target]]\n".into(), "exactly one of `process` or `pid`"),
+            (
+                "[[target]]\nprocess = \"x\"\n[[target.schedule]]\ncron = \"often\"".into(),
+                "cron",
+            ),
+        ];
+        for (text, want) in cases {
+            let e = load_err(&text);
+            assert!(e.contains(want), "{text}:\n  {e}\n  wants {want}");
+        }
+    }
+
+    /// Test that the effective config (presets merged) prints as TOML that
+    /// loads back to itself.
+    #[test]
+    fn effective_config_round_trips() {
+        let mut c = WatchConfig::default();
+        c.targets.push(TargetConfig {
+            process: Some("logcaster".into()),
+            pid: None,
+            rules: Vec::new(),
+            schedules: Vec::new(),
+        });
+        let e = c.effective();
+        assert!(!e.targets[0].rules.is_empty() && !e.targets[0].schedules.is_empty());
+        let text = toml::to_string(&e).unwrap();
+        assert_eq!(parse("x", &text).unwrap(), e);
     }
 
     /// Test that `[retention]` parses over its defaults, and that zero

@@ -20,7 +20,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 use tokio::{
-    io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
     net::{UnixListener, UnixStream},
     sync::{mpsc, oneshot},
 };
@@ -73,11 +73,17 @@ pub enum ControlError {
         #[source]
         source: std::io::Error,
     },
+    /// A request line that is not a request (JSON, known fields).
+    #[error("bad request: {0}")]
+    Malformed(#[source] serde_json::Error),
+    /// A request line longer than [`MAX_REQUEST`].
+    #[error("bad request: longer than {MAX_REQUEST} bytes")]
+    TooLong,
     /// A request's duration is not a usable number of seconds.
-    #[error("bad request: duration_s = {0}: want seconds in (0, 31536000] (at most 365 days)")]
+    #[error("bad request: duration_s = {0:?}: want seconds in (0, 31536000] (at most 365 days)")]
     Duration(f64),
     /// A request's other field is out of range.
-    #[error("bad request: {field} = {value}: want {want}")]
+    #[error("bad request: {field} = {value:?}: want {want}")]
     Field {
         /// The field.
         field: &'static str,
@@ -88,8 +94,23 @@ pub enum ControlError {
     },
 }
 
+/// Longest request line read (a request is some 100 bytes): a client
+/// cannot make the daemon buffer more.
+pub const MAX_REQUEST: usize = 64 << 10;
+
+/// A request line, parsed (unknown fields refused) and validated.
+pub fn parse_request(line: &str) -> Result<Request, ControlError> {
+    if line.len() > MAX_REQUEST {
+        return Err(ControlError::TooLong);
+    }
+    let req: Request = serde_json::from_str(line).map_err(ControlError::Malformed)?;
+    req.validate()?;
+    Ok(req)
+}
+
 /// What `flamewatch trigger` asks for.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Request {
     /// A watched process, by name…
     #[serde(default)]
@@ -343,13 +364,11 @@ async fn handle(stream: UnixStream, tx: mpsc::Sender<Incoming>) -> std::io::Resu
     }
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
-    BufReader::new(read).read_line(&mut line).await?;
-    let reply = match serde_json::from_str::<Request>(&line) {
-        // Checked here, so the daemon only ever sees a usable duration.
-        Ok(req) if req.validate().is_err() => Reply {
-            error: req.validate().err().map(|e| e.to_string()),
-            ..Reply::default()
-        },
+    // One byte past the limit tells a long line from a full one.
+    BufReader::new(read.take(MAX_REQUEST as u64 + 1))
+        .read_line(&mut line)
+        .await?;
+    let reply = match parse_request(&line) {
         Ok(req) => {
             let (rtx, rrx) = oneshot::channel();
             if tx.send((req, rtx)).await.is_err() {
@@ -364,8 +383,9 @@ async fn handle(stream: UnixStream, tx: mpsc::Sender<Incoming>) -> std::io::Resu
                 })
             }
         }
+        // Checked here, so the daemon only ever sees a usable request.
         Err(e) => Reply {
-            error: Some(format!("bad request: {e}")),
+            error: Some(e.to_string()),
             ..Reply::default()
         },
     };
@@ -398,6 +418,32 @@ pub async fn trigger(path: &Path, req: &Request, timeout: Duration) -> Result<Re
 mod tests {
     use super::*;
 
+    /// Test that request lines are parsed and validated in one place:
+    /// unknown fields, wrong types, bad numbers and overlong lines are one
+    /// error line each, and a good request passes.
+    #[test]
+    fn request_lines() {
+        let ok = parse_request(r#"{"pid":1,"duration_s":5}"#).unwrap();
+        assert_eq!(ok.pid, Some(1));
+        let bad = [
+            (r#"{"pid":1,"duration_s":5,"sped":1}"#, "unknown field `sped`"),
+            (r#"{"pid":"one","duration_s":5}"#, "invalid type"),
+            (r#"{"pid":1,"duration_s":-5}"#, "duration_s = -5"),
+            (r#"{"pid":1,"duration_s":1e300}"#, "duration_s = 1e300"),
+            (r#"{"pid":1,"duration_s":5,"freq_hz":0}"#, "freq_hz = 0"),
+            (r#"{"pid":1,"duration_s":5,"since_s":1e9}"#, "since_s"),
+            (r#"{"pid":1,"duration_s":5,"wait_s":-1}"#, "wait_s = -1"),
+            ("not json", "bad request"),
+            ("", "bad request"),
+        ];
+        for (line, want) in bad {
+            let e = parse_request(line).expect_err(line).to_string();
+            assert!(e.contains(want) && !e.contains('\n'), "{line}: {e}");
+        }
+        let long = format!(r#"{{"process":"{}","duration_s":5}}"#, "a".repeat(MAX_REQUEST));
+        assert!(matches!(parse_request(&long), Err(ControlError::TooLong)));
+    }
+
     /// Test that a request's duration is checked: a second at least, a year
     /// at most, and 1e300, infinity or NaN are errors naming the value.
     #[test]
@@ -414,7 +460,7 @@ mod tests {
         assert_eq!(req(30.0).duration().unwrap(), Duration::from_secs(30));
         for bad in [1e300, f64::INFINITY, f64::NAN, -3.0, 0.0, 4e7] {
             let err = req(bad).duration().unwrap_err().to_string();
-            assert!(err.contains(&format!("duration_s = {bad}")), "{err}");
+            assert!(err.contains(&format!("duration_s = {bad:?}")), "{err}");
         }
     }
 

@@ -1,32 +1,6 @@
 //! flamewatch: parse the command line, set up logging, run the command, and
 //! map errors to exit codes (2: bad input, 1: failure).
 
-mod aggregate;
-mod alerts;
-mod bpf;
-mod cli;
-mod config;
-mod control;
-mod daemon;
-mod detect;
-mod engine;
-mod export;
-mod fsafe;
-mod governor;
-mod http;
-mod metrics;
-mod offcpu;
-mod render;
-mod retention;
-mod sampling;
-mod session;
-mod symbolize;
-mod target;
-mod tcp;
-#[cfg(test)]
-mod testutil;
-mod unwind;
-
 use std::process::ExitCode;
 
 use clap::Parser as _;
@@ -34,9 +8,12 @@ use tokio::sync::watch;
 use tracing::{debug, error, info};
 use tracing_subscriber::EnvFilter;
 
-use crate::{
+use flamewatch::{
+    alerts, cli,
     cli::{Cli, Command, RecordArgs},
+    config, control, daemon, fsafe, render, retention, sampling, session,
     session::SessionKind,
+    target, tcp,
 };
 
 /// Exit status for bad input (arguments, targets, privileges), as clap uses.
@@ -87,6 +64,11 @@ fn main() -> ExitCode {
         .init();
     // aya-log records go through the `log` facade; forward them to tracing.
     let _ = tracing_log_bridge();
+    // One perf event (a descriptor) per target thread: use all we may.
+    match sampling::raise_nofile_limit() {
+        Ok(limit) => debug!("RLIMIT_NOFILE {limit}"),
+        Err(e) => tracing::warn!("cannot raise RLIMIT_NOFILE: {e}"),
+    }
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -173,8 +155,16 @@ async fn run(cli: Cli) -> Result<(), Failure> {
 }
 
 async fn watch(args: cli::WatchArgs) -> Result<(), Failure> {
+    let config = args.to_config().map_err(Failure::usage)?;
+    if args.check {
+        // The config as the daemon would run it; URLs without their secrets.
+        let mut shown = config.effective();
+        shown.webhook = shown.webhook.as_deref().map(alerts::redact_url);
+        shown.alertmanager = shown.alertmanager.as_deref().map(alerts::redact_url);
+        print!("{}", toml::to_string(&shown).map_err(Failure::from)?);
+        return Ok(());
+    }
     let stop = stop_on_signals()?;
-    let config = args.to_config().map_err(|e| Failure::usage(anyhow::anyhow!(e)))?;
     let config_socket = config.control_socket.clone();
     if let Some(missing) = target::missing_privileges() {
         return Err(Failure::usage(anyhow::anyhow!(missing)));
@@ -269,7 +259,7 @@ async fn record(args: RecordArgs) -> Result<(), Failure> {
     // folder keeps its alerts' profiles), off the runtime's workers.
     let (dir, alerts) = (config.output.clone(), config.output.join(render::html::ALERTS));
     let pruned = tokio::task::spawn_blocking(move || {
-        let retention = crate::config::RetentionConfig::default();
+        let retention = config::RetentionConfig::default();
         retention::prune_and_refresh(&dir, &retention, &alerts, &Default::default())
     })
     .await;

@@ -1,15 +1,19 @@
 //! Per-target metric series with bounded history.
 //!
-//! One sample a second per metric; each series keeps the last
-//! [`HISTORY`] points (an hour), so memory stays flat however long the
-//! daemon runs.
+//! One sample per interval per metric; each series keeps the last
+//! [`HISTORY`] (an hour) of points, and at most [`MAX_POINTS`] (an hour at
+//! the shortest interval), so memory stays flat however long the daemon runs.
 
 use std::collections::{BTreeMap, VecDeque};
 
 use serde::Serialize;
 
-/// Points kept per series: one hour at one per second.
-pub const HISTORY: usize = 3600;
+/// How far back each series reaches: rules' windows are at most this.
+pub const HISTORY: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Points kept per series at most: [`HISTORY`] at the shortest interval
+/// ([`crate::config::MIN_INTERVAL`], 100 ms).
+pub const MAX_POINTS: usize = 36_000;
 
 /// The metrics collected for each target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, serde::Deserialize)]
@@ -63,12 +67,24 @@ pub struct Series {
 }
 
 impl Series {
-    /// Appends a point, dropping the oldest past [`HISTORY`].
+    /// Appends a point (at `t` seconds), dropping those older than
+    /// [`HISTORY`] and the oldest past [`MAX_POINTS`].
     pub fn push(&mut self, t: f64, v: f64) {
-        if self.points.len() == HISTORY {
+        let oldest = t - HISTORY.as_secs_f64();
+        while self.points.front().is_some_and(|p| p.0 < oldest) || self.points.len() >= MAX_POINTS {
             self.points.pop_front();
         }
         self.points.push_back((t, v));
+    }
+
+    /// Whether the series reaches `seconds` back from its latest point
+    /// (within a fifth: sampling jitters): a window of that length is
+    /// covered, whatever the interval between points.
+    pub fn covers(&self, seconds: f64) -> bool {
+        match (self.points.front(), self.points.back()) {
+            (Some(first), Some(last)) => last.0 - first.0 >= seconds * 0.8,
+            _ => false,
+        }
     }
 
     /// The latest value.
@@ -363,14 +379,26 @@ mod tests {
         assert_eq!(parse_recv_queues(text, &mine), 0x400);
     }
 
-    /// Test that history is bounded: a day of samples keeps an hour.
+    /// Test that history is bounded: a day of samples keeps an hour, at
+    /// one a second and at ten a second; at one every 5 s, an hour too.
     #[test]
     fn bounded_history() {
         let mut s = Series::default();
         for t in 0..86_400 {
             s.push(f64::from(t), 1.0);
         }
-        assert_eq!(s.len(), HISTORY);
+        assert_eq!(s.len(), 3601);
         assert_eq!(s.window(60.0).count(), 60);
+        let mut fast = Series::default();
+        for t in 0..864_000 {
+            fast.push(f64::from(t) / 10.0, 1.0);
+        }
+        assert_eq!(fast.len(), MAX_POINTS);
+        let mut slow = Series::default();
+        for t in 0..20_000 {
+            slow.push(f64::from(t) * 5.0, 1.0);
+        }
+        assert_eq!(slow.len(), 721);
+        assert!(slow.covers(3600.0) && !Series::default().covers(1.0));
     }
 }

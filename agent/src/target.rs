@@ -33,6 +33,22 @@ pub enum TargetError {
         /// The name asked for.
         name: String,
     },
+    /// The process has exited and waits for its parent to reap it.
+    #[error("pid {pid} ({comm}) is a zombie (exited, not yet reaped): nothing to profile")]
+    Zombie {
+        /// The pid asked for.
+        pid: u32,
+        /// Its name.
+        comm: String,
+    },
+    /// The id is a thread's, not a process's.
+    #[error("pid {pid} is a thread of process {tgid}; give the process id")]
+    Thread {
+        /// The id asked for.
+        pid: u32,
+        /// Its process.
+        tgid: u32,
+    },
     /// The agent itself was asked for.
     #[error("pid {pid} is flamewatch itself")]
     IsSelf {
@@ -63,6 +79,13 @@ impl Target {
         if stat.flags & PF_KTHREAD != 0 {
             return Err(TargetError::KernelThread { pid, comm });
         }
+        if matches!(stat.state, 'Z' | 'X') {
+            return Err(TargetError::Zombie { pid, comm });
+        }
+        // /proc/<tid> exists for every thread too (hidden from listings).
+        if let Some(tgid) = tgid_of(pid).filter(|&t| t != pid) {
+            return Err(TargetError::Thread { pid, tgid });
+        }
         let exe = fs::read_link(format!("/proc/{pid}/exe")).ok();
         Ok(Self { pid, comm, exe })
     }
@@ -71,6 +94,15 @@ impl Target {
     pub fn is_alive(&self) -> bool {
         is_alive(self.pid)
     }
+}
+
+/// The process a task id belongs to (`Tgid:` in /proc/<id>/status).
+fn tgid_of(id: u32) -> Option<u32> {
+    let status = fs::read_to_string(format!("/proc/{id}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Tgid:"))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// Is `pid` a live process (not gone, not a zombie)?
@@ -250,6 +282,37 @@ mod tests {
             Target::from_pid(2),
             Err(TargetError::KernelThread { .. })
         ));
+    }
+
+    /// Test that a zombie (exited, not reaped) and a thread id are refused
+    /// by name, not taken for processes.
+    #[test]
+    fn zombie_and_thread_are_refused() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        // Not reaped yet: a zombie once it has exited.
+        let zombie = (0..500).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            ProcStat::read(pid).is_ok_and(|s| s.state == 'Z')
+        });
+        assert!(zombie);
+        assert!(matches!(Target::from_pid(pid), Err(TargetError::Zombie { .. })));
+        child.wait().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::spawn(move || {
+            // SAFETY: gettid has no preconditions.
+            tx.send(unsafe { libc::gettid() } as u32).unwrap();
+            let _ = done_rx.recv();
+        });
+        let tid = rx.recv().unwrap();
+        let err = Target::from_pid(tid).unwrap_err();
+        assert!(
+            matches!(err, TargetError::Thread { tgid, .. } if tgid == std::process::id()),
+            "{err}"
+        );
+        done_tx.send(()).unwrap();
+        t.join().unwrap();
     }
 
     /// Test that a missing pid is reported as such.

@@ -271,7 +271,7 @@ fn endless_and_zero_durations_are_usage_errors() {
     let stderr = String::from_utf8_lossy(&run.stderr).into_owned();
     assert_eq!(run.status.code(), Some(2), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
-    assert!(stderr.contains("'1e20'"), "{stderr}");
+    assert!(stderr.contains("1e20"), "{stderr}");
     let config = dir.path().join("c.toml");
     std::fs::write(&config, "interval = \"0s\"\n").unwrap();
     let run = flamewatch(&["watch", "--pid", "1", "--config", config.to_str().unwrap()]);

@@ -51,10 +51,46 @@ enum Task {
         #[arg(long, default_value_t = 5.0)]
         seconds: f64,
     },
+    /// Run every `cargo fuzz` target (fuzz/) for this long each, with the
+    /// pinned nightly; a crash fails the task (its input is in fuzz/artifacts/).
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
+}
+
+/// The fuzz targets (fuzz/fuzz_targets/*.rs).
+const FUZZ_TARGETS: &[&str] = &["config", "control", "tcp_event", "stack_sample"];
+
+/// Runs each fuzz target `seconds`, one after the other, with the eBPF
+/// crate's pinned nightly (libFuzzer's instrumentation needs nightly).
+fn fuzz(seconds: u64) -> Result<()> {
+    let root = root();
+    let channel = setup::nightly_channel()?;
+    let mut failed = Vec::new();
+    for target in FUZZ_TARGETS {
+        println!("fuzz {target}: {seconds} s");
+        let status = Command::new("cargo")
+            .arg(format!("+{channel}"))
+            .args(["fuzz", "run", "-O", target, "--"])
+            .arg(format!("-max_total_time={seconds}"))
+            .current_dir(root.join("fuzz"))
+            .status()
+            .context("cargo fuzz (cargo install cargo-fuzz)")?;
+        if !status.success() {
+            failed.push(*target);
+        }
+    }
+    if !failed.is_empty() {
+        bail!("fuzz targets crashed: {failed:?} (inputs in fuzz/artifacts/)");
+    }
+    Ok(())
 }
 
 fn main() -> Result<()> {
     match Cli::parse().command {
+        Task::Fuzz { seconds } => fuzz(seconds),
         Task::Setup => setup::all(),
         Task::Test { args } => {
             setup::all()?;

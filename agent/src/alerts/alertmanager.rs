@@ -75,6 +75,8 @@ async fn task(endpoint: String, mut rx: mpsc::Receiver<AlertRecord>) {
         warn!("Alertmanager: cannot build an HTTP client");
         return;
     };
+    // Logged without its credentials (reqwest's errors name the URL too).
+    let shown = super::redact_url(&endpoint);
     let mut active: HashMap<(u32, String), AmAlert> = HashMap::new();
     let mut resend = tokio::time::interval(RESEND);
     loop {
@@ -117,9 +119,9 @@ async fn task(endpoint: String, mut rx: mpsc::Receiver<AlertRecord>) {
         }
         match client.post(&endpoint).json(&batch).send().await {
             Ok(r) if r.status().is_success() => {}
-            Ok(r) => warn!("Alertmanager {endpoint}: HTTP {}", r.status()),
+            Ok(r) => warn!("Alertmanager {shown}: HTTP {}", r.status()),
             // Active alerts go out again at the next re-send.
-            Err(e) => warn!("Alertmanager {endpoint}: {e}"),
+            Err(e) => warn!("Alertmanager {shown}: {}", e.without_url()),
         }
     }
 }

@@ -9,6 +9,36 @@ use serde::{Deserialize, Serialize};
 
 use crate::detect::{Check, Finding, Severity};
 
+/// Query parameters whose values are secrets (matched as substrings of the
+/// lowercased name: `api_key`, `access_token`, `X-Secret` …).
+const SECRET_PARAMS: &[&str] = &["token", "key", "secret", "password", "passwd", "auth", "sig"];
+
+/// `url` fit for logs and files: credentials (`user:pass@` → `***@`) and
+/// the values of secret-looking query parameters (→ `***`) hidden. A URL
+/// that does not parse is not shown at all: it could be anything.
+pub fn redact_url(url: &str) -> String {
+    let Ok(mut parsed) = url::Url::parse(url) else {
+        return "<unparsable URL>".into();
+    };
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        // Only fails for URLs that cannot have credentials (then they have none).
+        let _ = parsed.set_password(None);
+        let _ = parsed.set_username("***");
+    }
+    if parsed.query().is_some() {
+        let pairs: Vec<(String, String)> = parsed
+            .query_pairs()
+            .map(|(k, v)| {
+                let secret = SECRET_PARAMS.iter().any(|s| k.to_lowercase().contains(s));
+                let v = if secret { "***".into() } else { v.into_owned() };
+                (k.into_owned(), v)
+            })
+            .collect();
+        parsed.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    parsed.to_string()
+}
+
 /// A rule of a target's configuration.
 // No deny_unknown_fields here: serde cannot combine it with `flatten`; the
 // check (which receives the remaining keys) denies unknown ones.
@@ -30,6 +60,29 @@ pub struct Rule {
     /// What to check.
     #[serde(flatten)]
     pub check: Check,
+}
+
+impl Rule {
+    /// Checks the rule's times (seconds, at most a year) and its check's
+    /// values; `target` names its target in errors.
+    pub fn validate(&self, target: &str) -> Result<(), crate::config::ConfigError> {
+        let what = |key: &str| format!("rule {:?} of {target}: {key}", self.name);
+        if self.name.trim().is_empty() {
+            return Err(crate::config::ConfigError::Invalid {
+                what: format!("rule of {target}: name"),
+                value: self.name.clone(),
+                why: "must not be empty".into(),
+            });
+        }
+        for (key, v) in [
+            ("persist_s", self.persist_s),
+            ("clear_s", self.clear_s),
+            ("cooldown_s", self.cooldown_s),
+        ] {
+            crate::config::check_seconds(&what(key), v)?;
+        }
+        self.check.validate(&what(""))
+    }
 }
 
 fn default_clear() -> f64 {
@@ -255,6 +308,26 @@ impl AlertRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Test that credentials and secret query parameters are hidden in
+    /// URLs, and the rest of the URL kept.
+    #[test]
+    fn urls_are_redacted() {
+        let cases = [
+            ("http://u:p@host:9093/x", "http://***@host:9093/x"),
+            ("https://user@h/hook", "https://***@h/hook"),
+            ("https://h/hook?token=abc&x=1", "https://h/hook?token=***&x=1"),
+            (
+                "https://h/?api_key=k&Secret=s&password=p",
+                "https://h/?api_key=***&Secret=***&password=***",
+            ),
+            ("http://127.0.0.1:8080/alerts", "http://127.0.0.1:8080/alerts"),
+            ("not a url p@ss", "<unparsable URL>"),
+        ];
+        for (url, want) in cases {
+            assert_eq!(redact_url(url), want, "{url}");
+        }
+    }
     use crate::metrics::Metric;
 
     fn rule(persist_s: f64, clear_s: f64, cooldown_s: f64) -> Rule {

@@ -174,6 +174,8 @@ async fn webhook_task(url: String, mut rx: mpsc::Receiver<AlertRecord>, stats: A
             return;
         }
     };
+    // Logged without its credentials (reqwest's errors name the URL too).
+    let shown = super::redact_url(&url);
     while let Some(record) = rx.recv().await {
         let mut delay = Duration::from_millis(500);
         let mut delivered = false;
@@ -183,8 +185,8 @@ async fn webhook_task(url: String, mut rx: mpsc::Receiver<AlertRecord>, stats: A
                     delivered = true;
                     break;
                 }
-                Ok(r) => warn!("webhook {url}: HTTP {} (attempt {attempt})", r.status()),
-                Err(e) => warn!("webhook {url}: {e} (attempt {attempt})"),
+                Ok(r) => warn!("webhook {shown}: HTTP {} (attempt {attempt})", r.status()),
+                Err(e) => warn!("webhook {shown}: {} (attempt {attempt})", e.without_url()),
             }
             tokio::time::sleep(delay).await;
             delay *= 2;

@@ -139,20 +139,8 @@ pub struct Daemon {
 }
 
 /// A built-in or generic rule set for `spec` when it has none.
-fn with_rules(mut spec: TargetConfig) -> TargetConfig {
-    if spec.rules.is_empty() {
-        let preset = spec.process.as_deref().and_then(crate::config::preset);
-        match preset {
-            Some(p) => {
-                spec.rules = p.rules;
-                if spec.schedules.is_empty() {
-                    spec.schedules = p.schedules;
-                }
-            }
-            None => spec.rules = crate::config::default_rules(),
-        }
-    }
-    spec
+fn with_rules(spec: TargetConfig) -> TargetConfig {
+    spec.with_preset()
 }
 
 impl Daemon {

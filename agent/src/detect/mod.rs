@@ -143,6 +143,91 @@ fn default_stuck_for() -> f64 {
     5.0
 }
 
+impl Check {
+    /// Checks the values of the check; `what` prefixes the key in errors
+    /// (`rule "cpu" of x: `). Windows must fit in the metrics history.
+    pub fn validate(&self, what: &str) -> Result<(), crate::config::ConfigError> {
+        use crate::config::{check_range, ConfigError};
+        let key = |k: &str| format!("{what}{k}");
+        let hist = crate::metrics::HISTORY.as_secs_f64();
+        let window =
+            |k: &str, v: f64| check_range(&key(k), v, 0.0, hist, "seconds in [0, 3600] (the history)");
+        let num = |k: &str, v: f64| check_range(&key(k), v, f64::MIN, f64::MAX, "a finite number");
+        let pos = |k: &str, v: f64| check_range(&key(k), v, f64::MIN_POSITIVE, f64::MAX, "positive");
+        match self {
+            Check::Threshold {
+                above, below, for_s, ..
+            } => {
+                window("for_s", *for_s)?;
+                if above.is_none() && below.is_none() {
+                    return Err(ConfigError::Invalid {
+                        what: key("above"),
+                        value: String::new(),
+                        why: "a threshold rule needs `above` or `below`".into(),
+                    });
+                }
+                above.map(|v| num("above", v)).transpose()?;
+                below.map(|v| num("below", v)).transpose()?;
+            }
+            Check::Zscore {
+                sigma,
+                window_s,
+                min_points,
+                ..
+            } => {
+                pos("sigma", *sigma)?;
+                window("window_s", *window_s)?;
+                check_range(
+                    &key("min_points"),
+                    *min_points as f64,
+                    1.0,
+                    100_000.0,
+                    "in [1, 100000]",
+                )?;
+            }
+            Check::MemoryGrowth {
+                window_s,
+                min_mb_per_min,
+                min_r2,
+                limit_bytes,
+            } => {
+                window("window_s", *window_s)?;
+                pos("window_s", *window_s)?;
+                num("min_mb_per_min", *min_mb_per_min)?;
+                check_range(&key("min_r2"), *min_r2, 0.0, 1.0, "in [0, 1]")?;
+                limit_bytes.map(|v| pos("limit_bytes", v)).transpose()?;
+            }
+            Check::TimeWait { above, rate_above } => {
+                check_range(&key("above"), *above, 0.0, f64::MAX, "at least 0")?;
+                check_range(&key("rate_above"), *rate_above, 0.0, f64::MAX, "at least 0")?;
+            }
+            Check::Stuck {
+                busy_cpu_pct,
+                idle_cpu_pct,
+                for_s,
+                ..
+            } => {
+                window("for_s", *for_s)?;
+                check_range(
+                    &key("busy_cpu_pct"),
+                    *busy_cpu_pct,
+                    0.0,
+                    100_000.0,
+                    "a CPU % at least 0",
+                )?;
+                check_range(
+                    &key("idle_cpu_pct"),
+                    *idle_cpu_pct,
+                    0.0,
+                    100_000.0,
+                    "a CPU % at least 0",
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Facts beyond the series that some checks need.
 #[derive(Debug, Clone, Default)]
 pub struct Context {
@@ -205,9 +290,10 @@ impl Check {
             } => {
                 let s = series(m, *metric)?;
                 let last = s.last()?;
-                // Need the whole duration covered, not one lucky point.
+                // Need the whole duration covered, not one lucky point: in
+                // seconds, whatever the interval between points.
                 let window: Vec<f64> = s.window(for_s.max(1.0)).map(|(_, v)| v).collect();
-                if (window.len() as f64) < for_s.max(1.0) * 0.8 {
+                if *for_s > 0.0 && !s.covers(*for_s) {
                     return None;
                 }
                 let name = metric.name();
@@ -355,11 +441,12 @@ impl Check {
                 }
                 let cpu = series(m, Metric::CpuPct)?;
                 let recent: Vec<f64> = cpu.window(*for_s).map(|(_, v)| v).collect();
-                if (recent.len() as f64) < for_s * 0.8 || recent.iter().any(|&v| v > *idle_cpu_pct) {
+                if !cpu.covers(*for_s) || recent.iter().any(|&v| v > *idle_cpu_pct) {
                     return None;
                 }
                 // Idle, yet requests wait unread: nobody is reading them.
-                if queued.len() as f64 >= for_s * 0.8 && queued.iter().all(|&b| b > 0.0) {
+                let queue_covered = series(m, Metric::RecvQueueBytes).is_some_and(|q| q.covers(*for_s));
+                if queue_covered && queued.iter().all(|&b| b > 0.0) {
                     let bytes = queued.last().copied().unwrap_or(0.0);
                     return finding(
                         "recv_queue_bytes",
@@ -441,6 +528,41 @@ mod tests {
         let f = rule.evaluate(&long, &Context::default()).expect("fires");
         assert_eq!(f.value, 99.0);
         assert!(f.message.contains("above 80"), "{}", f.message);
+    }
+
+    /// Test that `for_s` is seconds, not points: at a 5 s interval a 10 s
+    /// threshold fires after 10 s above (it never did while it counted
+    /// points), and not after 5 s.
+    #[test]
+    fn threshold_for_s_is_seconds_at_any_interval() {
+        let rule = Check::Threshold {
+            metric: Metric::CpuPct,
+            above: Some(80.0),
+            below: None,
+            for_s: 10.0,
+        };
+        let every_5s = |values: &[f64]| {
+            let mut m = TargetMetrics::default();
+            for (i, v) in values.iter().enumerate() {
+                m.record(i as f64 * 5.0, &[(Metric::CpuPct, *v)]);
+            }
+            m
+        };
+        let hot = every_5s(&[10.0, 10.0, 99.0, 99.0, 99.0]);
+        assert!(
+            rule.evaluate(&hot, &Context::default()).is_some(),
+            "10 s above at 5 s"
+        );
+        let brief = every_5s(&[10.0, 10.0, 10.0, 99.0]);
+        assert!(
+            rule.evaluate(&brief, &Context::default()).is_none(),
+            "one point above"
+        );
+        let young = every_5s(&[99.0]);
+        assert!(
+            rule.evaluate(&young, &Context::default()).is_none(),
+            "no 10 s of history"
+        );
     }
 
     /// Test that a z-score judges only with enough history, and flags a spike.

@@ -68,6 +68,69 @@ pub enum SamplingError {
     /// More targets than slots in the kernel tables.
     #[error("too many targets (at most {MAX_TARGETS})")]
     TooManyTargets,
+    /// One perf event per thread: the target has more threads than this
+    /// process may open files (RLIMIT_NOFILE, already raised to its hard limit).
+    #[error(
+        "pid {pid} has {threads} threads, more than the open-file limit of {limit} allows \
+         (one perf event per thread; raise the hard RLIMIT_NOFILE, e.g. `ulimit -Hn`)"
+    )]
+    TooManyThreads {
+        /// Target pid.
+        pid: u32,
+        /// Its threads when the limit was hit.
+        threads: usize,
+        /// RLIMIT_NOFILE (soft, after raising it).
+        limit: u64,
+    },
+}
+
+/// The open-file limit now in force (soft RLIMIT_NOFILE).
+pub fn nofile_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return 0;
+    }
+    lim.rlim_cur
+}
+
+/// Raises the soft RLIMIT_NOFILE to the hard limit: a target with
+/// thousands of threads needs a perf event (a descriptor) for each.
+/// Returns the limit now in force.
+pub fn raise_nofile_limit() -> std::io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write the struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+    }
+    Ok(lim.rlim_cur)
+}
+
+/// The error of a failed perf_event_open: out of descriptors becomes
+/// [`SamplingError::TooManyThreads`] naming the count and the limit.
+fn open_error(pid: u32, tid: u32, threads: usize, source: std::io::Error) -> SamplingError {
+    match source.raw_os_error() {
+        Some(libc::EMFILE) | Some(libc::ENFILE) => SamplingError::TooManyThreads {
+            pid,
+            threads,
+            limit: nofile_limit(),
+        },
+        _ => SamplingError::PerfEvent { pid, tid, source },
+    }
 }
 
 /// Opens an event on every thread of `pid`. Threads created later by a
@@ -83,6 +146,7 @@ fn open_events(
     let mut seen = std::collections::HashSet::new();
     for _ in 0..16 {
         let tids = target::threads(pid).map_err(|_| SamplingError::Gone { pid })?;
+        let threads = tids.len();
         let new: Vec<u32> = tids.into_iter().filter(|tid| seen.insert(*tid)).collect();
         if new.is_empty() {
             break;
@@ -94,7 +158,7 @@ fn open_events(
                 Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {
                     debug!(pid, tid, "thread exited before attach")
                 }
-                Err(source) => return Err(SamplingError::PerfEvent { pid, tid, source }),
+                Err(source) => return Err(open_error(pid, tid, threads, source)),
             }
         }
     }
@@ -569,6 +633,23 @@ mod tests {
     };
 
     use super::*;
+
+    /// Test that running out of descriptors while opening perf events is
+    /// an error naming the thread count and the limit, and that the limit
+    /// is raised to the hard one.
+    #[test]
+    fn emfile_names_threads_and_limit() {
+        let limit = raise_nofile_limit().expect("getrlimit");
+        assert_eq!(limit, nofile_limit());
+        let err = open_error(7, 8, 5000, std::io::Error::from_raw_os_error(libc::EMFILE));
+        let text = err.to_string();
+        assert!(
+            text.contains("5000 threads") && text.contains(&limit.to_string()),
+            "{text}"
+        );
+        let other = open_error(7, 8, 5000, std::io::Error::from_raw_os_error(libc::EACCES));
+        assert!(matches!(other, SamplingError::PerfEvent { tid: 8, .. }));
+    }
 
     /// Root runs it for real; without root it is skipped, except in CI.
     fn privileged(test: &str) -> bool {

@@ -29,6 +29,22 @@ pub const POLL: Duration = Duration::from_millis(20);
 /// and 8 MiB hold over half a second even at 999 Hz of 16 KiB samples.
 pub const IDLE_POLL: Duration = Duration::from_millis(200);
 
+/// A stack sample record: its header and the copied user stack (cut at
+/// the record's end whatever `stack_len` claims). None when shorter than
+/// the header.
+pub fn decode_sample(bytes: &[u8]) -> Option<(StackSampleHeader, &[u8])> {
+    let header = std::mem::size_of::<StackSampleHeader>();
+    if bytes.len() < header {
+        return None;
+    }
+    // SAFETY: the slice holds a StackSampleHeader (plain old data: any bytes
+    // are a value); read unaligned: ring buffer records are 8-aligned, but
+    // do not rely on it.
+    let h: StackSampleHeader = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    let end = header.saturating_add(h.stack_len as usize).min(bytes.len());
+    Some((h, &bytes[header..end]))
+}
+
 /// What the consumer shares with the session while it runs.
 #[derive(Default)]
 pub struct Shared {
@@ -159,7 +175,6 @@ fn run(
     let mut procs: HashMap<u32, ProcessUnwinder> = HashMap::new();
     let mut cache = CacheX86_64::new();
     let mut setup_ns = 0;
-    let header = std::mem::size_of::<StackSampleHeader>();
     let mut poll = POLL;
     loop {
         let mut records = 0usize;
@@ -171,15 +186,9 @@ fn run(
         let mut stats: HashMap<u32, UnwindStats> = HashMap::new();
         while let Some(item) = ring.next() {
             records += 1;
-            let bytes: &[u8] = &item;
-            if bytes.len() < header {
+            let Some((h, stack)) = decode_sample(&item) else {
                 continue;
-            }
-            // SAFETY: the kernel wrote a StackSampleHeader at the start of the
-            // record (read unaligned: ring buffer records are 8-aligned, but
-            // do not rely on it).
-            let h: StackSampleHeader = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-            let stack = &bytes[header..(header + h.stack_len as usize).min(bytes.len())];
+            };
             let st = stats.entry(h.tgid).or_default();
             st.samples += 1;
             let user = if h.flags & sample_flags::NO_USER_REGS != 0 || stack.is_empty() {
