@@ -44,8 +44,12 @@ pub const STACK_RING_BYTES: u32 = 8 << 20;
 pub fn load(dwarf: bool) -> Result<Ebpf, BpfError> {
     raise_memlock();
     let ring = if dwarf { STACK_RING_BYTES } else { 4096 };
+    let layouts = crate::layout::layouts();
     let mut ebpf = EbpfLoader::new()
         .map_max_entries("STACK_SAMPLES", ring)
+        // This kernel's tracepoint record offsets (read-only globals).
+        .override_global("TCP_LAYOUT", &layouts.tcp, true)
+        .override_global("SCHED_LAYOUT", &layouts.sched, true)
         .load(OBJECT)?;
     // The programs, loaded later, refer to the log map by its descriptor:
     // the logger that owns it must live as long as they do, so it is only
@@ -64,8 +68,11 @@ pub fn load(dwarf: bool) -> Result<Ebpf, BpfError> {
 #[cfg(test)]
 pub fn load_with_aggregation_entries(entries: u32) -> Result<Ebpf, BpfError> {
     raise_memlock();
+    let layouts = crate::layout::layouts();
     Ok(EbpfLoader::new()
         .map_max_entries("STACK_SAMPLES", 4096)
+        .override_global("TCP_LAYOUT", &layouts.tcp, true)
+        .override_global("SCHED_LAYOUT", &layouts.sched, true)
         .map_max_entries("COUNTS_0", entries)
         .map_max_entries("COUNTS_1", entries)
         .load(OBJECT)?)

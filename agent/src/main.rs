@@ -14,6 +14,7 @@ mod export;
 mod fsafe;
 mod governor;
 mod http;
+mod layout;
 mod metrics;
 mod offcpu;
 mod render;
@@ -236,8 +237,11 @@ async fn tcp_live(args: cli::TcpArgs) -> Result<(), Failure> {
     if let Some(missing) = target::missing_privileges() {
         return Err(Failure::usage(anyhow::anyhow!(missing)));
     }
-    tcp::live::run(&config, targets, stop).await?;
-    Ok(())
+    match tcp::live::run(&config, targets, stop).await {
+        // This kernel cannot serve the command: like bad input, one line, 2.
+        Err(e @ tcp::TcpError::Unsupported { .. }) => Err(Failure::usage(e)),
+        result => Ok(result?),
+    }
 }
 
 async fn record(args: RecordArgs) -> Result<(), Failure> {
