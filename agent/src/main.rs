@@ -9,6 +9,7 @@ mod config;
 mod control;
 mod daemon;
 mod detect;
+mod doctor;
 mod engine;
 mod export;
 mod fsafe;
@@ -165,6 +166,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Tcp(args) => tcp_live(args).await,
         Command::Watch(args) => watch(args).await,
         Command::Trigger(args) => trigger(args).await,
+        Command::Doctor => {
+            print!("{}", doctor::run());
+            Ok(())
+        }
     }
 }
 
