@@ -6,7 +6,7 @@
 
 use std::{
     path::{Path, PathBuf},
-    process::Command,
+    process::{Command, Stdio},
     time::Instant,
 };
 
@@ -117,16 +117,22 @@ fn boot(release: &str, script: &str) -> Result<()> {
     if !kernel.exists() {
         bail!("{} missing: run `cargo xtask setup`", kernel.display());
     }
-    let out = Command::new("vng")
+    // The console to a file, stdin closed: with a pipe for the console the
+    // guest stalled (qemu idle for minutes); with a file it boots in seconds.
+    let console = target_dir().join("tmp").join(format!("matrix-{release}.console"));
+    let status = Command::new("vng")
         .args(["--disable-kvm", "--cpus", "2", "--memory", "2G", "-r"])
         .arg(&kernel)
         .arg("--rwdir")
         .arg(target_dir().join("tmp"))
         .args(["--exec", script])
-        .output()
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&console)?)
+        .stderr(std::fs::File::create(console.with_extension("console-stderr"))?)
+        .status()
         .context("vng (virtme-ng): run `cargo xtask setup`")?;
-    if !out.status.success() {
-        eprint!("{}", String::from_utf8_lossy(&out.stderr));
+    if !status.success() {
+        eprintln!("xtask matrix: vng {status}; console in {}", console.display());
     }
     Ok(())
 }
