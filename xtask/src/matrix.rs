@@ -51,12 +51,16 @@ pub fn matrix() -> Result<()> {
             .join(format!("matrix-{}.log", kernel.map_or("host", |k| k)));
         std::fs::create_dir_all(log.parent().expect("in target/tmp"))?;
         let _ = std::fs::remove_file(&log);
-        let script = guest_script(&agent, &bins, &log)?;
+        // The script goes in a file: virtme-ng passes --exec on the kernel
+        // command line, where a long one is cut off and the guest hangs.
+        let script = log.with_extension("sh");
+        std::fs::write(&script, guest_script(&agent, &bins, &log)?)?;
+        let run = format!("sh {}", script.display());
         match kernel {
             None => {
-                Command::new("sh").args(["-c", &script]).status()?;
+                Command::new("sh").args(["-c", &run]).status()?;
             }
-            Some(release) => boot(release, &script)?,
+            Some(release) => boot(release, &run)?,
         }
         let output = std::fs::read_to_string(&log).unwrap_or_default();
         print!("{output}");
