@@ -150,8 +150,26 @@ fn program_rows() -> Vec<Row> {
     rows
 }
 
+/// The error in one short line: for a verifier log, its verdict (the
+/// statement before "verification time", e.g. `invalid func unknown#158`).
 fn one_line(text: &str) -> String {
-    text.split_whitespace().collect::<Vec<_>>().join(" ")
+    let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    match text.split_once(" Verifier output:") {
+        Some((head, log)) => {
+            let verdict = log.split(" verification time").next().unwrap_or(log);
+            let verdict = verdict.rsplit(": ").next().unwrap_or(verdict);
+            let tail: String = verdict
+                .chars()
+                .rev()
+                .take(60)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            format!("{head}; verifier: {tail}")
+        }
+        None => text,
+    }
 }
 
 /// The report: a header line and one aligned line per row.
@@ -187,6 +205,16 @@ mod tests {
         assert_eq!(lines[0], "flamewatch doctor: kernel 6.1.0-57-amd64");
         assert_eq!(lines[2], "ring buffer            yes  used");
         assert_eq!(lines[3], "a longer feature name  NO   degrades");
+    }
+
+    /// Test that a verifier log is cut down to its verdict.
+    #[test]
+    fn verifier_log_one_line() {
+        let e = "load failed (os error 22). Verifier output: 0: (bf) r6 = r1\n 322: (85) call unknown#158\ninvalid func unknown#158\nverification time 9 usec";
+        assert_eq!(
+            one_line(e),
+            "load failed (os error 22).; verifier: (85) call unknown#158 invalid func unknown#158"
+        );
     }
 
     /// Test that this machine's kernel (the development one) has every
