@@ -51,10 +51,16 @@ pub fn load(dwarf: bool) -> Result<Ebpf, BpfError> {
 pub fn load_for(dwarf: bool, off_cpu: bool, max_hz: Option<u64>) -> Result<Ebpf, BpfError> {
     raise_memlock();
     let ring = if dwarf { STACK_RING_BYTES } else { 4096 };
+    let layouts = crate::layout::layouts();
     let mut loader = EbpfLoader::new();
-    // The programs read tracepoint records at fixed offsets and need no
-    // CO-RE relocation: skip parsing the kernel's BTF on every start.
-    loader.btf(None).map_max_entries("STACK_SAMPLES", ring);
+    // The programs need no CO-RE relocation (tracepoint offsets come from
+    // tracefs, below): skip parsing the kernel's BTF on every start.
+    loader
+        .btf(None)
+        .map_max_entries("STACK_SAMPLES", ring)
+        // This kernel's tracepoint record offsets (read-only globals).
+        .override_global("TCP_LAYOUT", &layouts.tcp, true)
+        .override_global("SCHED_LAYOUT", &layouts.sched, true);
     if !off_cpu {
         for map in ["OFFCPU_COUNTS", "OFFCPU_STACKS", "OFFCPU_START"] {
             loader.map_max_entries(map, 1);
@@ -92,8 +98,11 @@ pub fn aggregation_entries(hz: u64, cpus: usize) -> u32 {
 #[cfg(test)]
 pub fn load_with_aggregation_entries(entries: u32) -> Result<Ebpf, BpfError> {
     raise_memlock();
+    let layouts = crate::layout::layouts();
     Ok(EbpfLoader::new()
         .map_max_entries("STACK_SAMPLES", 4096)
+        .override_global("TCP_LAYOUT", &layouts.tcp, true)
+        .override_global("SCHED_LAYOUT", &layouts.sched, true)
         .map_max_entries("COUNTS_0", entries)
         .map_max_entries("COUNTS_1", entries)
         .load(OBJECT)?)

@@ -35,6 +35,10 @@ pub enum Command {
     Watch(WatchArgs),
     /// Ask a running `flamewatch watch` for a profile now.
     Trigger(TriggerArgs),
+    /// Report what this kernel supports (BTF, ring buffer, stack maps,
+    /// uprobes, the tracepoints, each program through the verifier) and
+    /// what flamewatch does without what it lacks.
+    Doctor,
 }
 
 /// `flamewatch watch`.

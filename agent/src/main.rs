@@ -11,7 +11,7 @@ use tracing_subscriber::EnvFilter;
 use flamewatch::{
     alerts, cli,
     cli::{Cli, Command, RecordArgs},
-    config, control, daemon, fsafe, render, retention, sampling, session,
+    config, control, daemon, doctor, fsafe, render, retention, sampling, session,
     session::SessionKind,
     target, tcp,
 };
@@ -151,6 +151,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Tcp(args) => tcp_live(args).await,
         Command::Watch(args) => watch(args).await,
         Command::Trigger(args) => trigger(args).await,
+        Command::Doctor => {
+            print!("{}", doctor::run());
+            Ok(())
+        }
     }
 }
 
@@ -231,8 +235,11 @@ async fn tcp_live(args: cli::TcpArgs) -> Result<(), Failure> {
     if let Some(missing) = target::missing_privileges() {
         return Err(Failure::usage(anyhow::anyhow!(missing)));
     }
-    tcp::live::run(&config, targets, stop).await?;
-    Ok(())
+    match tcp::live::run(&config, targets, stop).await {
+        // This kernel cannot serve the command: like bad input, one line, 2.
+        Err(e @ tcp::TcpError::Unsupported { .. }) => Err(Failure::usage(e)),
+        result => Ok(result?),
+    }
 }
 
 async fn record(args: RecordArgs) -> Result<(), Failure> {

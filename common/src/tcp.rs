@@ -36,11 +36,11 @@ pub mod state {
     pub const NEW_SYN_RECV: u8 = 12;
 }
 
-/// Field offsets of the tracepoint records the TCP programs read, as this
-/// kernel lays them out (`/sys/kernel/tracing/events/<category>/<name>/format`).
-/// Tracepoint programs may only read their record at constant offsets, so
-/// these are compiled in; the agent checks them against the format files
-/// before attaching (a kernel with another layout is refused, not misread).
+/// Field offsets of the tracepoint records the TCP programs read, as the
+/// kernel flamewatch is developed on (6.18) lays them out
+/// (`/sys/kernel/tracing/events/<category>/<name>/format`). These are the
+/// defaults of [`TcpLayout`]: the agent reads each kernel's own offsets from
+/// its format files and hands them to the programs as a load-time global.
 pub mod layout {
     /// Field offsets of `sock/inet_sock_set_state` (include/trace/events/sock.h).
     pub mod set_state {
@@ -81,6 +81,9 @@ pub mod layout {
     }
 
     /// Field offsets of `tcp/tcp_send_reset` (include/trace/events/tcp.h).
+    /// Since 6.10 the addresses are `sockaddr`s; before, the record has
+    /// `sport`, `dport`, `family` and `saddr_v6`/`daddr_v6` fields
+    /// ([`super::send_reset_form`]).
     pub mod send_reset {
         /// `const void *skaddr` (NULL for a reply to a segment without socket).
         pub const SKADDR: usize = 16;
@@ -92,41 +95,125 @@ pub mod layout {
         pub const DADDR: usize = 60;
     }
 
-    /// Every field the programs read, as (category, event, field, offset,
-    /// size): what the agent checks against the format files.
-    pub const FIELDS: &[(&str, &str, &str, usize, usize)] = &[
-        ("sock", "inet_sock_set_state", "skaddr", set_state::SKADDR, 8),
-        ("sock", "inet_sock_set_state", "oldstate", set_state::OLDSTATE, 4),
-        ("sock", "inet_sock_set_state", "newstate", set_state::NEWSTATE, 4),
-        ("sock", "inet_sock_set_state", "sport", set_state::SPORT, 2),
-        ("sock", "inet_sock_set_state", "dport", set_state::DPORT, 2),
-        ("sock", "inet_sock_set_state", "family", set_state::FAMILY, 2),
-        ("sock", "inet_sock_set_state", "protocol", set_state::PROTOCOL, 2),
-        ("sock", "inet_sock_set_state", "saddr_v6", set_state::SADDR_V6, 16),
-        ("sock", "inet_sock_set_state", "daddr_v6", set_state::DADDR_V6, 16),
-        ("tcp", "tcp_receive_reset", "skaddr", receive_reset::SKADDR, 8),
-        ("tcp", "tcp_receive_reset", "sport", receive_reset::SPORT, 2),
-        ("tcp", "tcp_receive_reset", "dport", receive_reset::DPORT, 2),
-        ("tcp", "tcp_receive_reset", "family", receive_reset::FAMILY, 2),
-        (
-            "tcp",
-            "tcp_receive_reset",
-            "saddr_v6",
-            receive_reset::SADDR_V6,
-            16,
-        ),
-        (
-            "tcp",
-            "tcp_receive_reset",
-            "daddr_v6",
-            receive_reset::DADDR_V6,
-            16,
-        ),
-        ("tcp", "tcp_send_reset", "skaddr", send_reset::SKADDR, 8),
-        ("tcp", "tcp_send_reset", "state", send_reset::STATE, 4),
-        ("tcp", "tcp_send_reset", "saddr", send_reset::SADDR, 28),
-        ("tcp", "tcp_send_reset", "daddr", send_reset::DADDR, 28),
-    ];
+    /// `sched/sched_switch` (include/trace/events/sched.h).
+    pub mod sched_switch {
+        /// `long prev_state`.
+        pub const PREV_STATE: usize = 32;
+        /// `pid_t next_pid`.
+        pub const NEXT_PID: usize = 56;
+    }
+}
+
+/// How `tcp/tcp_send_reset` carries its addresses ([`TcpLayout::sr_form`]).
+pub mod send_reset_form {
+    /// `saddr`/`daddr` are 28-byte `sockaddr_in`/`sockaddr_in6` (6.10+).
+    pub const SOCKADDR: u32 = 0;
+    /// `sport`, `dport`, `family`, `saddr_v6`, `daddr_v6` fields (before 6.10).
+    pub const FIELDS: u32 = 1;
+}
+
+/// A field this kernel's record does not have: the program reads zero.
+pub const ABSENT: u32 = 0;
+
+/// Offsets of every TCP tracepoint field the programs read, in this
+/// kernel's records: the `TCP_LAYOUT` global of the object, set by the agent
+/// at load from the format files. A read-only global is a constant to the
+/// verifier, so the programs take the direct-load path of the offset
+/// compiled for ([`layout`]) and a helper copy for any other. Offsets of
+/// absent optional fields are [`ABSENT`]. Prefixes: `ss_` set_state, `rr_`
+/// receive_reset, `sr_` send_reset.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub struct TcpLayout {
+    pub ss_skaddr: u32,
+    pub ss_oldstate: u32,
+    pub ss_newstate: u32,
+    pub ss_sport: u32,
+    pub ss_dport: u32,
+    pub ss_family: u32,
+    pub ss_protocol: u32,
+    pub ss_saddr_v6: u32,
+    pub ss_daddr_v6: u32,
+    pub rr_skaddr: u32,
+    pub rr_sport: u32,
+    pub rr_dport: u32,
+    pub rr_family: u32,
+    pub rr_saddr_v6: u32,
+    pub rr_daddr_v6: u32,
+    pub sr_skaddr: u32,
+    pub sr_state: u32,
+    /// [`send_reset_form`].
+    pub sr_form: u32,
+    pub sr_saddr: u32,
+    pub sr_daddr: u32,
+    pub sr_sport: u32,
+    pub sr_dport: u32,
+    pub sr_family: u32,
+    pub sr_saddr_v6: u32,
+    pub sr_daddr_v6: u32,
+}
+
+impl TcpLayout {
+    /// The layout of [`layout`] (6.18).
+    pub const DEFAULT: Self = Self {
+        ss_skaddr: layout::set_state::SKADDR as u32,
+        ss_oldstate: layout::set_state::OLDSTATE as u32,
+        ss_newstate: layout::set_state::NEWSTATE as u32,
+        ss_sport: layout::set_state::SPORT as u32,
+        ss_dport: layout::set_state::DPORT as u32,
+        ss_family: layout::set_state::FAMILY as u32,
+        ss_protocol: layout::set_state::PROTOCOL as u32,
+        ss_saddr_v6: layout::set_state::SADDR_V6 as u32,
+        ss_daddr_v6: layout::set_state::DADDR_V6 as u32,
+        rr_skaddr: layout::receive_reset::SKADDR as u32,
+        rr_sport: layout::receive_reset::SPORT as u32,
+        rr_dport: layout::receive_reset::DPORT as u32,
+        rr_family: layout::receive_reset::FAMILY as u32,
+        rr_saddr_v6: layout::receive_reset::SADDR_V6 as u32,
+        rr_daddr_v6: layout::receive_reset::DADDR_V6 as u32,
+        sr_skaddr: layout::send_reset::SKADDR as u32,
+        sr_state: layout::send_reset::STATE as u32,
+        sr_form: send_reset_form::SOCKADDR,
+        sr_saddr: layout::send_reset::SADDR as u32,
+        sr_daddr: layout::send_reset::DADDR as u32,
+        sr_sport: ABSENT,
+        sr_dport: ABSENT,
+        sr_family: ABSENT,
+        sr_saddr_v6: ABSENT,
+        sr_daddr_v6: ABSENT,
+    };
+}
+
+impl Default for TcpLayout {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+/// Offsets of the `sched/sched_switch` fields the off-CPU program reads:
+/// the `SCHED_LAYOUT` global, like [`TcpLayout`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SchedLayout {
+    /// `long prev_state`.
+    pub prev_state: u32,
+    /// `pid_t next_pid`.
+    pub next_pid: u32,
+}
+
+impl SchedLayout {
+    /// The layout of [`layout::sched_switch`].
+    pub const DEFAULT: Self = Self {
+        prev_state: layout::sched_switch::PREV_STATE as u32,
+        next_pid: layout::sched_switch::NEXT_PID as u32,
+    };
+}
+
+impl Default for SchedLayout {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
 }
 
 /// Index of `TCP_CONFIG` (an `Array<u32>`) entries.
@@ -298,6 +385,8 @@ mod pod {
     unsafe impl aya::Pod for super::TcpStats {}
     unsafe impl aya::Pod for super::TcpGlobalStats {}
     unsafe impl aya::Pod for super::TcpEvent {}
+    unsafe impl aya::Pod for super::TcpLayout {}
+    unsafe impl aya::Pod for super::SchedLayout {}
 }
 
 // No padding surprises: each size is the sum of its fields.
@@ -306,3 +395,5 @@ const _: () = assert!(core::mem::size_of::<TcpRecentClose>() == 24);
 const _: () = assert!(core::mem::size_of::<TcpStats>() == (TCP_STATES * TCP_STATES + 11) * 8);
 const _: () = assert!(core::mem::size_of::<TcpGlobalStats>() == 16);
 const _: () = assert!(core::mem::size_of::<TcpEvent>() == 56);
+const _: () = assert!(core::mem::size_of::<TcpLayout>() == 25 * 4);
+const _: () = assert!(core::mem::size_of::<SchedLayout>() == 8);

@@ -23,6 +23,40 @@ pub unsafe fn field<T: Copy>(ctx: &TracePointContext, offset: usize) -> T {
     unsafe { core::ptr::read((ctx.as_ptr() as *const u8).add(offset) as *const T) }
 }
 
+/// Reads the field at `offset` of the record, where `offset` comes from a
+/// layout global (read-only data: a known constant to the verifier, which
+/// explores only the branch taken). At the offset the program was compiled
+/// for (`compiled`), a direct load; at another, a helper copy (any
+/// alignment); at `ABSENT` (0, the common header: never a program's field),
+/// zero.
+///
+/// # Safety
+/// `compiled` must satisfy [`field`]'s contract for `T`; `offset` must be a
+/// field of type `T` of the record, or `ABSENT`.
+#[inline(always)]
+pub unsafe fn field_at<T: Copy + Default>(ctx: &TracePointContext, offset: usize, compiled: usize) -> T {
+    if offset == compiled {
+        // SAFETY: the caller's contract.
+        unsafe { field(ctx, compiled) }
+    } else if offset == 0 {
+        T::default()
+    } else {
+        // SAFETY: bpf_probe_read_kernel of the record; a bad offset reads
+        // garbage, not out of bounds (the helper checks).
+        unsafe { ctx.read_at::<T>(offset) }.unwrap_or_default()
+    }
+}
+
+/// A field offset of a layout global, read so that the compiler cannot fold
+/// in the default (the agent sets the value at load).
+macro_rules! layout_offset {
+    ($global:ident . $field:ident) => {
+        // SAFETY: reading a plain static.
+        (unsafe { core::ptr::read_volatile(&$global.$field) } as usize)
+    };
+}
+pub(crate) use layout_offset;
+
 /// When this CPU last logged (ns): kernel-side warnings are rate-limited.
 #[map]
 pub static LOG_AT: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);

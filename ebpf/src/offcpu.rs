@@ -21,11 +21,13 @@ use aya_ebpf::{
 };
 use flamewatch_common::{
     offcpu::{OffEnd, OffStart, OffStats, CONFIG_MIN_BLOCK_NS, CONFIG_SAMPLE_EVERY, TGID_WORDS},
-    sample_flags, target_flags, SampleKey, SampleValue, MAX_TARGETS, NO_STACK,
+    sample_flags, target_flags,
+    tcp::{layout::sched_switch, SchedLayout},
+    SampleKey, SampleValue, MAX_TARGETS, NO_STACK,
 };
 
 use crate::{
-    maps::{field, may_log, TARGETS},
+    maps::{field_at, layout_offset, may_log, TARGETS},
     sampling::{copy_stack, Copied},
 };
 
@@ -64,10 +66,10 @@ pub static OFFCPU_TICK: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 pub static OFFCPU_STATS: PerCpuArray<OffStats> = PerCpuArray::with_max_entries(MAX_TARGETS, 0);
 
-/// Offsets in the sched_switch record (see
-/// /sys/kernel/tracing/events/sched/sched_switch/format).
-const PREV_STATE: usize = 32;
-const NEXT_PID: usize = 56;
+/// Offsets in this kernel's sched_switch record, set by the agent at load
+/// from /sys/kernel/tracing/events/sched/sched_switch/format.
+#[unsafe(no_mangle)]
+static SCHED_LAYOUT: SchedLayout = SchedLayout::DEFAULT;
 
 fn is_target(tgid: u32) -> bool {
     let word = OFFCPU_TGIDS.get(tgid / 64).copied().unwrap_or(0);
@@ -85,7 +87,9 @@ pub fn try_sched_switch(ctx: &TracePointContext) -> Result<(), i64> {
         switch_out(ctx, tgid, pid_tgid as u32, unsafe { bpf_ktime_get_ns() });
     }
     // SAFETY: next_pid is an aligned i32 of the sched_switch record.
-    let next = unsafe { field::<i32>(ctx, NEXT_PID) } as u32;
+    let offset = layout_offset!(SCHED_LAYOUT.next_pid);
+    // SAFETY: as above, at this kernel's offset.
+    let next = unsafe { field_at::<i32>(ctx, offset, sched_switch::NEXT_PID) } as u32;
     // SAFETY: plain map lookup; the value is copied out before the delete.
     if let Some(start) = unsafe { OFFCPU_START.get(&next) }.copied() {
         // SAFETY: no preconditions.
@@ -136,7 +140,9 @@ fn switch_out(ctx: &TracePointContext, tgid: u32, tid: u32, now: u64) {
         }
     }
     // SAFETY: prev_state is an aligned i64 of the sched_switch record.
-    let state = unsafe { field::<i64>(ctx, PREV_STATE) } as u32;
+    let offset = layout_offset!(SCHED_LAYOUT.prev_state);
+    // SAFETY: at this kernel's offset.
+    let state = unsafe { field_at::<i64>(ctx, offset, sched_switch::PREV_STATE) } as u32;
     let kernel = flags & target_flags::KERNEL_STACKS != 0;
     let mut start = OffStart {
         ts_ns: now,

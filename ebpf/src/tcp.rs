@@ -23,12 +23,14 @@
 //! remembered briefly in `TCP_RECENT_CLOSE` and such a TIME_WAIT entry is
 //! withdrawn (`time_wait_reset_after`).
 //!
-//! Field offsets are this kernel's (see
-//! /sys/kernel/tracing/events/sock/inet_sock_set_state/format); the agent
-//! checks them against the format files before attaching, because
-//! tracepoint programs may only read their record at constant offsets, and
-//! not the first 8 bytes (the `common_*` header: tp_prog_is_valid_access(),
-//! kernel/trace/bpf_trace.c).
+//! Field offsets are the running kernel's: the agent reads them from the
+//! format files (/sys/kernel/tracing/events/<category>/<name>/format) and
+//! sets them in `TCP_LAYOUT` at load. Tracepoint programs may load from
+//! their record directly only at constant offsets, and not the first 8
+//! bytes (the `common_*` header: tp_prog_is_valid_access(),
+//! kernel/trace/bpf_trace.c); a read-only global is such a constant, and
+//! [`field_at`] falls back to a helper copy where the kernel's offset is not
+//! the one compiled in.
 
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
@@ -38,12 +40,13 @@ use aya_ebpf::{
 use flamewatch_common::tcp::{
     event_kind,
     layout::{receive_reset, send_reset, set_state},
-    sock_flags, state, tcp_config_index, tcp_events, TcpEvent, TcpRecentClose, TcpSock, TcpStats, TCP_STATES,
+    send_reset_form, sock_flags, state, tcp_config_index, tcp_events, TcpEvent, TcpLayout, TcpRecentClose,
+    TcpSock, TcpStats, TCP_STATES,
 };
 
 use crate::maps::{
-    field, TCP_CONFIG, TCP_EVENTS, TCP_EVENTS_BYTES, TCP_GLOBAL, TCP_LISTEN, TCP_RECENT_CLOSE, TCP_SOCKS,
-    TCP_STATS, TCP_TARGETS,
+    field_at, layout_offset, TCP_CONFIG, TCP_EVENTS, TCP_EVENTS_BYTES, TCP_GLOBAL, TCP_LISTEN,
+    TCP_RECENT_CLOSE, TCP_SOCKS, TCP_STATS, TCP_TARGETS,
 };
 
 const IPPROTO_TCP: u16 = 6;
@@ -55,11 +58,37 @@ const AF_INET6: u16 = 10;
 /// must match too).
 const RESET_AFTER_CLOSE_NS: u64 = 1_000_000_000;
 
-/// Reads 16 address bytes at an 8-byte aligned offset (two direct loads).
+/// This kernel's offsets of the TCP tracepoints' fields, set by the agent at
+/// load (read-only: constants to the verifier).
+#[unsafe(no_mangle)]
+static TCP_LAYOUT: TcpLayout = TcpLayout::DEFAULT;
+
+/// A field of `TCP_LAYOUT` read at its offset, `compiled` being the offset
+/// the direct load is built for.
+macro_rules! tp {
+    ($ctx:expr, $t:ty, $field:ident, $compiled:expr) => {{
+        let offset = layout_offset!(TCP_LAYOUT.$field);
+        // SAFETY: the offset is this kernel's for a field of type $t (the
+        // agent read it from the format file); $compiled is the 6.18 one.
+        unsafe { field_at::<$t>($ctx, offset, $compiled) }
+    }};
+}
+
+/// Reads 16 address bytes at `offset` (two direct loads at the 8-byte
+/// aligned offset compiled for).
 #[inline(always)]
-unsafe fn addr16(ctx: &TracePointContext, offset: usize) -> [u8; 16] {
-    // SAFETY: as for `field`, for two u64 halves.
-    let (lo, hi): (u64, u64) = unsafe { (field(ctx, offset), field(ctx, offset + 8)) };
+unsafe fn addr16(ctx: &TracePointContext, offset: usize, compiled: usize) -> [u8; 16] {
+    // SAFETY: as for `field_at`, for two u64 halves.
+    let (lo, hi): (u64, u64) = unsafe {
+        (
+            field_at(ctx, offset, compiled),
+            if offset == 0 {
+                0
+            } else {
+                field_at(ctx, offset + 8, compiled + 8)
+            },
+        )
+    };
     let mut out = [0u8; 16];
     out[..8].copy_from_slice(&lo.to_ne_bytes());
     out[8..].copy_from_slice(&hi.to_ne_bytes());
@@ -145,18 +174,14 @@ fn emit(event: TcpEvent, stats: &mut TcpStats) {
 
 /// `sock/inet_sock_set_state`.
 pub fn try_set_state(ctx: &TracePointContext) -> Result<(), i64> {
-    // SAFETY: constant offsets of this tracepoint's record (checked by the
-    // agent against the format file before attaching).
-    let (protocol, old, new, skaddr, sport, dport) = unsafe {
-        (
-            field::<u16>(ctx, set_state::PROTOCOL),
-            field::<i32>(ctx, set_state::OLDSTATE),
-            field::<i32>(ctx, set_state::NEWSTATE),
-            field::<u64>(ctx, set_state::SKADDR),
-            field::<u16>(ctx, set_state::SPORT),
-            field::<u16>(ctx, set_state::DPORT),
-        )
-    };
+    let (protocol, old, new, skaddr, sport, dport) = (
+        tp!(ctx, u16, ss_protocol, set_state::PROTOCOL),
+        tp!(ctx, i32, ss_oldstate, set_state::OLDSTATE),
+        tp!(ctx, i32, ss_newstate, set_state::NEWSTATE),
+        tp!(ctx, u64, ss_skaddr, set_state::SKADDR),
+        tp!(ctx, u16, ss_sport, set_state::SPORT),
+        tp!(ctx, u16, ss_dport, set_state::DPORT),
+    );
     if protocol != IPPROTO_TCP {
         return Ok(());
     }
@@ -289,12 +314,16 @@ pub fn try_set_state(ctx: &TracePointContext) -> Result<(), i64> {
 
     let mask = event_mask();
     if mask & tcp_events::ALL != 0 || (kind == event_kind::TIME_WAIT && mask & tcp_events::TIME_WAIT != 0) {
-        // SAFETY: constant offsets of this tracepoint's record.
-        let (family, saddr, daddr) = unsafe {
+        let family = tp!(ctx, u16, ss_family, set_state::FAMILY);
+        let (s_off, d_off) = (
+            layout_offset!(TCP_LAYOUT.ss_saddr_v6),
+            layout_offset!(TCP_LAYOUT.ss_daddr_v6),
+        );
+        // SAFETY: this kernel's offsets of the addresses.
+        let (saddr, daddr) = unsafe {
             (
-                field::<u16>(ctx, set_state::FAMILY),
-                addr16(ctx, set_state::SADDR_V6),
-                addr16(ctx, set_state::DADDR_V6),
+                addr16(ctx, s_off, set_state::SADDR_V6),
+                addr16(ctx, d_off, set_state::DADDR_V6),
             )
         };
         emit(
@@ -354,14 +383,11 @@ fn reset_owner(skaddr: u64, sport: u16) -> (u32, u32) {
 
 /// `tcp/tcp_receive_reset`: fired by tcp_reset() before the socket closes.
 pub fn try_receive_reset(ctx: &TracePointContext) -> Result<(), i64> {
-    // SAFETY: constant offsets of this tracepoint's record.
-    let (skaddr, sport, dport) = unsafe {
-        (
-            field::<u64>(ctx, receive_reset::SKADDR),
-            field::<u16>(ctx, receive_reset::SPORT),
-            field::<u16>(ctx, receive_reset::DPORT),
-        )
-    };
+    let (skaddr, sport, dport) = (
+        tp!(ctx, u64, rr_skaddr, receive_reset::SKADDR),
+        tp!(ctx, u16, rr_sport, receive_reset::SPORT),
+        tp!(ctx, u16, rr_dport, receive_reset::DPORT),
+    );
     let (tgid, slot) = reset_owner(skaddr, sport);
     if slot == NO_SLOT {
         return Ok(());
@@ -376,16 +402,11 @@ pub fn try_receive_reset(ctx: &TracePointContext) -> Result<(), i64> {
     if event_mask() & tcp_events::ALL != 0 {
         // The v6 addresses sit at unaligned offsets: copy them with the
         // probe-read helper (detail mode only).
-        // SAFETY: offsets inside the record; read_at copies them.
-        let (family, saddr, daddr) = unsafe {
-            (
-                field::<u16>(ctx, receive_reset::FAMILY),
-                ctx.read_at::<[u8; 16]>(receive_reset::SADDR_V6)
-                    .unwrap_or([0; 16]),
-                ctx.read_at::<[u8; 16]>(receive_reset::DADDR_V6)
-                    .unwrap_or([0; 16]),
-            )
-        };
+        let (family, saddr, daddr) = (
+            tp!(ctx, u16, rr_family, receive_reset::FAMILY),
+            helper_copy16(ctx, layout_offset!(TCP_LAYOUT.rr_saddr_v6)),
+            helper_copy16(ctx, layout_offset!(TCP_LAYOUT.rr_daddr_v6)),
+        );
         emit(
             TcpEvent {
                 ts_ns: now_ns(),
@@ -409,41 +430,91 @@ pub fn try_receive_reset(ctx: &TracePointContext) -> Result<(), i64> {
 /// A `sockaddr_in`/`sockaddr_in6` of the tcp_send_reset record as (family,
 /// port in host order, address as IPv4-mapped IPv6 or IPv6).
 #[inline(always)]
-fn sockaddr(ctx: &TracePointContext, offset: usize, with_address: bool) -> (u16, u16, [u8; 16]) {
+fn sockaddr(
+    ctx: &TracePointContext,
+    offset: usize,
+    compiled: usize,
+    with_address: bool,
+) -> (u16, u16, [u8; 16]) {
     // SAFETY: sa_family (u16 at +0) and the port (__be16 at +2) of a
     // sockaddr inside the record, 4-byte aligned.
-    let (family, port_be) = unsafe { (field::<u16>(ctx, offset), field::<u16>(ctx, offset + 2)) };
+    let (family, port_be) = unsafe {
+        (
+            field_at::<u16>(ctx, offset, compiled),
+            field_at::<u16>(ctx, offset + 2, compiled + 2),
+        )
+    };
     let mut addr = [0u8; 16];
     if with_address {
         if family == AF_INET {
             // SAFETY: sin_addr at +4, inside the record.
-            let v4: [u8; 4] = unsafe { field(ctx, offset + 4) };
+            let v4: [u8; 4] = unsafe { field_at(ctx, offset + 4, compiled + 4) };
             addr[10] = 0xff;
             addr[11] = 0xff;
             addr[12..].copy_from_slice(&v4);
         } else if family == AF_INET6 {
             // SAFETY: sin6_addr at +8 (4-byte aligned only: helper copy).
-            addr = unsafe { ctx.read_at::<[u8; 16]>(offset + 8) }.unwrap_or([0; 16]);
+            addr = helper_copy16(ctx, offset + 8);
         }
     }
     (family, u16::from_be(port_be), addr)
 }
 
+/// 16 bytes of the record at `offset` (any alignment), zero if `ABSENT`.
+#[inline(always)]
+fn helper_copy16(ctx: &TracePointContext, offset: usize) -> [u8; 16] {
+    if offset == 0 {
+        return [0; 16];
+    }
+    // SAFETY: bpf_probe_read_kernel of the record.
+    unsafe { ctx.read_at::<[u8; 16]>(offset) }.unwrap_or([0; 16])
+}
+
+/// (family, local port, remote port) of a tcp_send_reset record, in
+/// either of its forms.
+#[inline(always)]
+fn send_reset_ports(ctx: &TracePointContext) -> (u16, u16, u16) {
+    if layout_offset!(TCP_LAYOUT.sr_form) as u32 == send_reset_form::FIELDS {
+        // No direct-load offsets compiled for this form: `usize::MAX` never
+        // matches, so these are helper copies.
+        (
+            tp!(ctx, u16, sr_family, usize::MAX),
+            tp!(ctx, u16, sr_sport, usize::MAX),
+            tp!(ctx, u16, sr_dport, usize::MAX),
+        )
+    } else {
+        let (family, sport, _) = sockaddr(ctx, layout_offset!(TCP_LAYOUT.sr_saddr), send_reset::SADDR, false);
+        let (_, dport, _) = sockaddr(ctx, layout_offset!(TCP_LAYOUT.sr_daddr), send_reset::DADDR, false);
+        (family, sport, dport)
+    }
+}
+
+/// (local, remote) addresses of a tcp_send_reset record, in either form.
+#[inline(always)]
+fn send_reset_addrs(ctx: &TracePointContext) -> ([u8; 16], [u8; 16]) {
+    if layout_offset!(TCP_LAYOUT.sr_form) as u32 == send_reset_form::FIELDS {
+        (
+            helper_copy16(ctx, layout_offset!(TCP_LAYOUT.sr_saddr_v6)),
+            helper_copy16(ctx, layout_offset!(TCP_LAYOUT.sr_daddr_v6)),
+        )
+    } else {
+        let (_, _, saddr) = sockaddr(ctx, layout_offset!(TCP_LAYOUT.sr_saddr), send_reset::SADDR, true);
+        let (_, _, daddr) = sockaddr(ctx, layout_offset!(TCP_LAYOUT.sr_daddr), send_reset::DADDR, true);
+        (saddr, daddr)
+    }
+}
+
 /// `tcp/tcp_send_reset`: a reset sent on a socket. On an abortive close the
 /// kernel sets CLOSE first and sends the reset after (state CLOSE here).
 pub fn try_send_reset(ctx: &TracePointContext) -> Result<(), i64> {
-    // SAFETY: constant offsets of this tracepoint's record.
-    let (skaddr, sk_state) = unsafe {
-        (
-            field::<u64>(ctx, send_reset::SKADDR),
-            field::<i32>(ctx, send_reset::STATE),
-        )
-    };
+    let (skaddr, sk_state) = (
+        tp!(ctx, u64, sr_skaddr, send_reset::SKADDR),
+        tp!(ctx, i32, sr_state, send_reset::STATE),
+    );
     if skaddr == 0 {
         return Ok(());
     }
-    let (family, sport, _) = sockaddr(ctx, send_reset::SADDR, false);
-    let (_, dport, _) = sockaddr(ctx, send_reset::DADDR, false);
+    let (family, sport, dport) = send_reset_ports(ctx);
     let mut kind = event_kind::RESET_SENT;
     let (tgid, slot) = if sk_state == i32::from(state::CLOSE) {
         let Some(recent) = TCP_RECENT_CLOSE.get_ptr_mut(&skaddr) else {
@@ -483,8 +554,7 @@ pub fn try_send_reset(ctx: &TracePointContext) -> Result<(), i64> {
     if mask & tcp_events::ALL != 0
         || (kind == event_kind::TIME_WAIT_CANCELLED && mask & tcp_events::TIME_WAIT != 0)
     {
-        let (_, _, saddr) = sockaddr(ctx, send_reset::SADDR, true);
-        let (_, _, daddr) = sockaddr(ctx, send_reset::DADDR, true);
+        let (saddr, daddr) = send_reset_addrs(ctx);
         emit(
             TcpEvent {
                 ts_ns: now_ns(),

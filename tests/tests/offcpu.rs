@@ -225,3 +225,27 @@ fn min_block_filters_short_blocks() {
     assert!(o["short_blocks"].as_u64().unwrap() > 1000, "{o:#}");
     assert!(o["blocks"].as_u64().unwrap() < 50, "{o:#}");
 }
+
+/// Test that `--mode offcpu` finds a thread blocked in a mutex, with the
+/// lock in its stack (the kernel matrix's check: no timing bounds, which
+/// a qemu guest without KVM cannot keep).
+#[test]
+fn mutex_blocked_thread_found() {
+    if !privileged("mutex_blocked_thread_found") {
+        return;
+    }
+    let _serial = serial();
+    let (server, _load) = deadlocked_logcaster("0.5");
+    std::thread::sleep(Duration::from_millis(1500));
+    let r = record(server.pid(), &["--mode", "offcpu", "--duration", "3s"]);
+    assert_eq!(r.summary["mode"], "offcpu");
+    let stats = blocked(&r.summary, "stats");
+    assert_eq!(stats.len(), 1, "{:#}", r.summary["off_cpu"]);
+    let stack: Vec<String> = serde_json::from_value(stats[0]["stack"].clone()).unwrap();
+    assert!(through_lock(&stack), "{:#}", stats[0]);
+    let locked = r
+        .stacks
+        .iter()
+        .any(|(s, _)| s.iter().any(|f| f == "worker_main") && through_lock(s));
+    assert!(locked, "a worker's blocked time through the lock: {:?}", r.stacks);
+}

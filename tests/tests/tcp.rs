@@ -362,6 +362,50 @@ fn last_line(stdout: &str, pid: u32) -> HashMap<String, f64> {
     numeric_fields(line)
 }
 
+/// Test that `flamewatch tcp` counts a server's 200 server-side closes as
+/// 200 TIME_WAIT entries (± 1 %), and its TIME_WAIT now equals `ss` (± 1 %):
+/// the kernel matrix's check, small enough for a qemu guest without KVM.
+#[test]
+fn tcp_counts_200_server_closes() {
+    if !privileged("tcp_counts_200_server_closes") {
+        return;
+    }
+    let (server, port) = logcaster(&["--incident", "timewait"]);
+    let client = HeldClient::new(
+        port,
+        &[
+            "--connections",
+            "2",
+            "--rate",
+            "100",
+            "--duration",
+            "2.002",
+            "--churn",
+        ],
+    );
+    let spid = server.pid().to_string();
+    let agent = Agent::start(&["tcp", "--pid", &spid]);
+    agent.wait_for("tracking TCP", 1);
+    let n = client.run();
+    assert!(n >= 198, "N = {n} requests (asked for 200)");
+    std::thread::sleep(Duration::from_millis(2500));
+    let truth = time_wait_on_local_port(port);
+    let stdout = agent.stop(libc::SIGTERM);
+    let s = last_line(&stdout, server.pid());
+    eprintln!(
+        "N={n}: time_wait_entered={} time_wait_now={} (ss {truth})",
+        s["time_wait_entered"], s["time_wait_now"]
+    );
+    assert!(
+        within_one_percent(s["time_wait_entered"] as u64, n as usize),
+        "{s:?}"
+    );
+    assert!(
+        within_one_percent(s["time_wait_now"] as u64, truth),
+        "{s:?} vs ss {truth}"
+    );
+}
+
 /// Test that connections closed with SO_LINGER 0 count as resets (sent by
 /// the client, received by the server) and not as TIME_WAIT, with
 /// `flamewatch tcp` printing its per-second lines and stopping cleanly on

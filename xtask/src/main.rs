@@ -2,6 +2,7 @@
 //! whole test suite, and the demo. Every step is idempotent.
 
 mod bench;
+mod matrix;
 mod setup;
 
 use std::{
@@ -33,6 +34,9 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// The end-to-end smoke on each kernel of the matrix (Debian 12's 6.1
+    /// and 6.12 under qemu, and the host's); run as root.
+    Matrix,
     /// Set up, start a bundled CPU-bound target and profile it into flamegraphs/.
     Demo,
     /// Benchmarks, measured side by side in one run (run as root).
@@ -95,6 +99,10 @@ fn main() -> Result<()> {
         Task::Test { args } => {
             setup::all()?;
             test(&args)
+        }
+        Task::Matrix => {
+            setup::all()?;
+            matrix::matrix()
         }
         Task::Demo => {
             setup::all()?;
@@ -200,6 +208,8 @@ fn test(extra: &[String]) -> Result<()> {
         // the suite.
         eprintln!("xtask: the demo, end to end");
         demo()?;
+        eprintln!("xtask: the kernel matrix");
+        matrix::matrix()?;
         run(cargo().args(["fmt", "--all", "--", "--check"]))?;
         run(cargo().args([
             "clippy",

@@ -30,6 +30,9 @@ const PACKAGES: &[(&str, &str)] = &[
     // The HTML index test drives a headless Chromium through chromedriver.
     ("chromium", "chromium"),
     ("chromedriver", "chromium-driver"),
+    // The kernel matrix boots Debian's kernels under qemu (virtme-ng).
+    ("qemu-system-x86_64", "qemu-system-x86"),
+    ("busybox", "busybox-static"),
 ];
 
 /// Runs every setup step.
@@ -39,6 +42,39 @@ pub fn all() -> Result<()> {
     toolchain(&channel)?;
     bpf_linker(&channel)?;
     tracefs()?;
+    kernels()?;
+    Ok(())
+}
+
+/// The kernels of the matrix (crate::matrix::KERNELS) in /boot, and
+/// virtme-ng to boot them; only what is missing is installed.
+pub fn kernels() -> Result<()> {
+    let missing: Vec<String> = crate::matrix::KERNELS
+        .iter()
+        .filter(|k| !Path::new(&format!("/boot/vmlinuz-{k}")).exists())
+        .map(|k| format!("linux-image-{k}"))
+        .collect();
+    if !missing.is_empty() {
+        let names: Vec<&str> = missing.iter().map(String::as_str).collect();
+        // No command to look for: a kernel is missing by its /boot file.
+        let wanted: Vec<(&str, &str)> = names.iter().map(|n| ("/nonexistent-kernel", *n)).collect();
+        packages(&wanted)?;
+    }
+    if !have("vng") {
+        eprintln!("xtask: installing virtme-ng (pip)");
+        let pip = |extra: &[&str]| {
+            Command::new("pip")
+                .args(["install", "-q"])
+                .args(extra)
+                .arg("virtme-ng")
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        // Debian's pip refuses system-wide installs unless told.
+        if !pip(&[]) && !pip(&["--break-system-packages"]) {
+            bail!("pip install virtme-ng failed");
+        }
+    }
     Ok(())
 }
 

@@ -42,6 +42,14 @@ pub enum OffCpuError {
     /// tracefs is needed to attach tracepoints.
     #[error("{0}")]
     Tracefs(String),
+    /// This kernel's sched_switch record lacks a field the program reads.
+    #[error("off-CPU profiles are not supported on kernel {kernel}: {detail}")]
+    Unsupported {
+        /// Release.
+        kernel: String,
+        /// What is missing.
+        detail: String,
+    },
     /// A map operation failed.
     #[error("off-CPU map {map}: {source}")]
     Map {
@@ -103,6 +111,12 @@ impl OffCpuTracer {
     /// `min_block_ns` are not recorded.
     pub fn attach(ebpf: &mut Ebpf, min_block_ns: u64) -> Result<Self, OffCpuError> {
         crate::tcp::attach::ensure_tracefs().map_err(|e| OffCpuError::Tracefs(e.to_string()))?;
+        if let Some(why) = crate::layout::layouts().missing(crate::layout::Feature::OffCpu) {
+            return Err(OffCpuError::Unsupported {
+                kernel: crate::layout::kernel_release(),
+                detail: why.to_owned(),
+            });
+        }
         let mut config: Array<MapData, u64> = take(ebpf, "OFFCPU_CONFIG")?;
         config
             .set(CONFIG_MIN_BLOCK_NS, min_block_ns, 0)

@@ -1,6 +1,7 @@
 //! Attaching the TCP programs to their tracepoints: tracefs mounted, the
-//! record layouts checked against the compiled-in offsets, programs loaded
-//! and attached.
+//! programs loaded (with this kernel's record layouts, crate::layout) and
+//! attached. State tracking is required; a reset tracepoint this kernel
+//! cannot serve is skipped with one warning.
 
 use std::{
     collections::HashMap,
@@ -12,17 +13,26 @@ use aya::{
     programs::{trace_point::TracePointLinkId, TracePoint},
     Ebpf,
 };
-use flamewatch_common::tcp::layout::FIELDS;
 use tracing::info;
 
 use super::TcpError;
-use crate::bpf::BpfError;
+use crate::{
+    bpf::BpfError,
+    layout::{layouts, warn_missing_once, Feature},
+};
 
 /// The TCP programs and their tracepoints (category, name).
 pub const PROGRAMS: [(&str, &str, &str); 3] = [
     ("flamewatch_tcp_state", "sock", "inet_sock_set_state"),
     ("flamewatch_tcp_rst_in", "tcp", "tcp_receive_reset"),
     ("flamewatch_tcp_rst_out", "tcp", "tcp_send_reset"),
+];
+
+/// The feature each of [`PROGRAMS`] serves.
+const FEATURES: [Feature; 3] = [
+    Feature::TcpStates,
+    Feature::TcpResetsReceived,
+    Feature::TcpResetsSent,
 ];
 
 /// Where tracefs is expected (aya looks there first).
@@ -82,43 +92,23 @@ pub fn parse_format(text: &str) -> Format {
         .collect()
 }
 
-/// Checks every field the programs read against this kernel's formats.
-pub fn check_layouts(tracefs: &Path) -> Result<(), TcpError> {
-    let mut formats: HashMap<(&str, &str), Format> = HashMap::new();
-    for &(category, event, field, offset, size) in FIELDS {
-        let format = match formats.entry((category, event)) {
-            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(e) => {
-                let path = tracefs.join("events").join(category).join(event).join("format");
-                let text = std::fs::read_to_string(&path).map_err(|source| TcpError::Format {
-                    tracepoint: format!("{category}/{event}"),
-                    detail: format!("{}: {source}", path.display()),
-                })?;
-                e.insert(parse_format(&text))
-            }
-        };
-        match format.get(field) {
-            Some(&(o, s)) if o == offset && s == size => {}
-            found => {
-                return Err(TcpError::Format {
-                    tracepoint: format!("{category}/{event}"),
-                    detail: format!(
-                        "field {field}: expected offset {offset} size {size}, kernel has {}",
-                        found.map_or("none".to_owned(), |(o, s)| format!("offset {o} size {s}"))
-                    ),
-                })
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Loads and attaches the three programs.
+/// Loads and attaches the programs this kernel can run; without state
+/// tracking there is nothing to do, which is an error.
 pub fn attach(ebpf: &mut Ebpf) -> Result<Vec<(&'static str, TracePointLinkId)>, TcpError> {
-    let tracefs = ensure_tracefs()?;
-    check_layouts(&tracefs)?;
+    ensure_tracefs()?;
+    let layouts = layouts();
+    if let Some(why) = layouts.missing(Feature::TcpStates) {
+        return Err(TcpError::Unsupported {
+            kernel: crate::layout::kernel_release(),
+            detail: why.to_owned(),
+        });
+    }
     let mut links = Vec::new();
-    for (name, category, event) in PROGRAMS {
+    for ((name, category, event), feature) in PROGRAMS.into_iter().zip(FEATURES) {
+        if let Some(why) = layouts.missing(feature) {
+            warn_missing_once(feature, why);
+            continue;
+        }
         let prog = ebpf.program_mut(name).ok_or(TcpError::MissingProgram(name))?;
         let prog: &mut TracePoint = prog
             .try_into()
@@ -177,35 +167,6 @@ print fmt: \"family=%s\"";
         assert_eq!(f["saddr_v6"], (40, 16));
         assert_eq!(f["common_pid"], (4, 4));
         assert!(!f.contains_key("family"));
-    }
-
-    /// Test that the compiled-in layout matches this machine's kernel (the
-    /// check the agent makes before attaching), when tracefs is readable.
-    #[test]
-    fn layouts_match_this_kernel() {
-        let tracefs = Path::new(TRACEFS);
-        if std::fs::read_dir(tracefs.join("events/sock")).is_err() {
-            eprintln!("tracefs not mounted or not readable (not root?): layout check skipped");
-            return;
-        }
-        check_layouts(tracefs).expect("layouts match");
-    }
-
-    /// Test that a changed layout is refused with the field named.
-    #[test]
-    fn layout_mismatch_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        for (category, event) in [
-            ("sock", "inet_sock_set_state"),
-            ("tcp", "tcp_receive_reset"),
-            ("tcp", "tcp_send_reset"),
-        ] {
-            let d = dir.path().join("events").join(category).join(event);
-            std::fs::create_dir_all(&d).unwrap();
-            std::fs::write(d.join("format"), SET_STATE.replace("offset:16", "offset:12")).unwrap();
-        }
-        let err = check_layouts(dir.path()).unwrap_err().to_string();
-        assert!(err.contains("oldstate") && err.contains("offset 12"), "{err}");
     }
 
     /// Test that skipped runs are read from fdinfo.

@@ -65,12 +65,12 @@ pub enum TcpError {
     /// tracefs is not mounted and could not be.
     #[error("cannot mount tracefs at /sys/kernel/tracing: {0}")]
     Tracefs(#[source] std::io::Error),
-    /// A tracepoint's record is not laid out as the programs were built for.
-    #[error("tracepoint {tracepoint} does not have the layout flamewatch was built for: {detail}")]
-    Format {
-        /// `category/name`.
-        tracepoint: String,
-        /// What differs.
+    /// This kernel's TCP state tracepoint cannot be read.
+    #[error("TCP state tracking is not supported on kernel {kernel}: {detail}")]
+    Unsupported {
+        /// Release.
+        kernel: String,
+        /// Which tracepoint field is missing or different.
         detail: String,
     },
     /// A program is missing from the object.

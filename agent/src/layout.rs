@@ -1,0 +1,289 @@
+//! The running kernel's tracepoint record layouts, read once from the
+//! format files (/sys/kernel/tracing/events/<category>/<name>/format) and
+//! handed to the programs as the load-time globals `TCP_LAYOUT` and
+//! `SCHED_LAYOUT` (ebpf/src/tcp.rs, ebpf/src/offcpu.rs).
+//!
+//! A field the programs need but this kernel lacks turns off the feature
+//! that reads it (warned once, naming the feature and the kernel); the rest
+//! carries on. Optional fields (families, addresses) read as zero.
+
+use std::{
+    collections::HashSet,
+    path::Path,
+    sync::{Mutex, OnceLock},
+};
+
+use flamewatch_common::tcp::{send_reset_form, SchedLayout, TcpLayout, ABSENT};
+use tracing::warn;
+
+use crate::tcp::attach::{ensure_tracefs, parse_format, Format};
+
+/// A feature resting on one tracepoint program.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Feature {
+    /// TCP state tracking (`sock/inet_sock_set_state`): `tcp`, TIME_WAIT.
+    TcpStates,
+    /// Resets received (`tcp/tcp_receive_reset`).
+    TcpResetsReceived,
+    /// Resets sent (`tcp/tcp_send_reset`).
+    TcpResetsSent,
+    /// Off-CPU and wall profiles (`sched/sched_switch`).
+    OffCpu,
+}
+
+impl Feature {
+    /// Every feature, in report order.
+    pub const ALL: [Feature; 4] = [
+        Feature::TcpStates,
+        Feature::TcpResetsReceived,
+        Feature::TcpResetsSent,
+        Feature::OffCpu,
+    ];
+
+    /// The tracepoint, `category/name`.
+    pub fn tracepoint(self) -> &'static str {
+        match self {
+            Feature::TcpStates => "sock/inet_sock_set_state",
+            Feature::TcpResetsReceived => "tcp/tcp_receive_reset",
+            Feature::TcpResetsSent => "tcp/tcp_send_reset",
+            Feature::OffCpu => "sched/sched_switch",
+        }
+    }
+
+    /// What the user calls it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Feature::TcpStates => "TCP state tracking",
+            Feature::TcpResetsReceived => "TCP resets received",
+            Feature::TcpResetsSent => "TCP resets sent",
+            Feature::OffCpu => "off-CPU profiles",
+        }
+    }
+}
+
+/// The layouts of this kernel and what they rule out.
+#[derive(Debug, Default)]
+pub struct Layouts {
+    /// For `TCP_LAYOUT`.
+    pub tcp: TcpLayout,
+    /// For `SCHED_LAYOUT`.
+    pub sched: SchedLayout,
+    /// Features this kernel's records cannot serve, with why.
+    pub missing: Vec<(Feature, String)>,
+}
+
+impl Layouts {
+    /// Why `feature` cannot work here, if it cannot.
+    pub fn missing(&self, feature: Feature) -> Option<&str> {
+        self.missing
+            .iter()
+            .find(|(f, _)| *f == feature)
+            .map(|(_, why)| why.as_str())
+    }
+}
+
+/// This kernel's layouts, read on first use.
+pub fn layouts() -> &'static Layouts {
+    static LAYOUTS: OnceLock<Layouts> = OnceLock::new();
+    LAYOUTS.get_or_init(|| match ensure_tracefs() {
+        Ok(tracefs) => resolve(&tracefs),
+        Err(e) => Layouts {
+            missing: Feature::ALL.iter().map(|&f| (f, e.to_string())).collect(),
+            ..Layouts::default()
+        },
+    })
+}
+
+/// The kernel release (`uname -r`).
+pub fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".to_owned())
+}
+
+/// Warns, once per process, that `feature` is off on this kernel.
+pub fn warn_missing_once(feature: Feature, why: &str) {
+    static WARNED: Mutex<Option<HashSet<Feature>>> = Mutex::new(None);
+    let mut warned = WARNED.lock().unwrap_or_else(|e| e.into_inner());
+    if warned.get_or_insert_with(HashSet::new).insert(feature) {
+        warn!(
+            "{} unavailable on kernel {}: {why}; carrying on without it",
+            feature.name(),
+            kernel_release()
+        );
+    }
+}
+
+/// Reads every layout from the format files under `tracefs`.
+pub fn resolve(tracefs: &Path) -> Layouts {
+    let mut layouts = Layouts::default();
+    for feature in Feature::ALL {
+        let result = read_format(tracefs, feature.tracepoint())
+            .and_then(|format| apply(feature, &format, &mut layouts.tcp, &mut layouts.sched));
+        if let Err(why) = result {
+            layouts
+                .missing
+                .push((feature, format!("tracepoint {}: {why}", feature.tracepoint())));
+        }
+    }
+    layouts
+}
+
+fn read_format(tracefs: &Path, tracepoint: &str) -> Result<Format, String> {
+    let path = tracefs.join("events").join(tracepoint).join("format");
+    std::fs::read_to_string(&path)
+        .map(|text| parse_format(&text))
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// The offset of a field the program needs, of `size` bytes, past the
+/// common header.
+fn required(format: &Format, name: &str, size: usize) -> Result<u32, String> {
+    match format.get(name) {
+        Some(&(offset, s)) if s == size && offset >= 8 => {
+            u32::try_from(offset).map_err(|_| format!("field {name}: offset {offset} out of range"))
+        }
+        Some(&(offset, s)) => Err(format!(
+            "field {name} has offset {offset} size {s}, flamewatch reads {size} bytes"
+        )),
+        None => Err(format!("no field {name}")),
+    }
+}
+
+/// The offset of a field the program can do without ([`ABSENT`]).
+fn optional(format: &Format, name: &str, size: usize) -> u32 {
+    required(format, name, size).unwrap_or(ABSENT)
+}
+
+/// Fills `feature`'s part of the layouts from its format.
+fn apply(feature: Feature, f: &Format, tcp: &mut TcpLayout, sched: &mut SchedLayout) -> Result<(), String> {
+    match feature {
+        Feature::TcpStates => {
+            tcp.ss_skaddr = required(f, "skaddr", 8)?;
+            tcp.ss_oldstate = required(f, "oldstate", 4)?;
+            tcp.ss_newstate = required(f, "newstate", 4)?;
+            tcp.ss_sport = required(f, "sport", 2)?;
+            tcp.ss_dport = required(f, "dport", 2)?;
+            tcp.ss_protocol = required(f, "protocol", 2)?;
+            tcp.ss_family = optional(f, "family", 2);
+            tcp.ss_saddr_v6 = optional(f, "saddr_v6", 16);
+            tcp.ss_daddr_v6 = optional(f, "daddr_v6", 16);
+        }
+        Feature::TcpResetsReceived => {
+            tcp.rr_skaddr = required(f, "skaddr", 8)?;
+            tcp.rr_sport = required(f, "sport", 2)?;
+            tcp.rr_dport = required(f, "dport", 2)?;
+            tcp.rr_family = optional(f, "family", 2);
+            tcp.rr_saddr_v6 = optional(f, "saddr_v6", 16);
+            tcp.rr_daddr_v6 = optional(f, "daddr_v6", 16);
+        }
+        Feature::TcpResetsSent => apply_send_reset(f, tcp)?,
+        Feature::OffCpu => {
+            sched.prev_state = required(f, "prev_state", 8)?;
+            sched.next_pid = required(f, "next_pid", 4)?;
+        }
+    }
+    Ok(())
+}
+
+/// `tcp_send_reset` has two forms: `sockaddr` addresses (6.10+), or ports,
+/// family and v6 addresses as separate fields (before).
+fn apply_send_reset(f: &Format, tcp: &mut TcpLayout) -> Result<(), String> {
+    tcp.sr_skaddr = required(f, "skaddr", 8)?;
+    tcp.sr_state = required(f, "state", 4)?;
+    if let (Ok(saddr), Ok(daddr)) = (required(f, "saddr", 28), required(f, "daddr", 28)) {
+        tcp.sr_form = send_reset_form::SOCKADDR;
+        (tcp.sr_saddr, tcp.sr_daddr) = (saddr, daddr);
+        (tcp.sr_sport, tcp.sr_dport, tcp.sr_family) = (ABSENT, ABSENT, ABSENT);
+        (tcp.sr_saddr_v6, tcp.sr_daddr_v6) = (ABSENT, ABSENT);
+        return Ok(());
+    }
+    tcp.sr_form = send_reset_form::FIELDS;
+    (tcp.sr_saddr, tcp.sr_daddr) = (ABSENT, ABSENT);
+    tcp.sr_sport = required(f, "sport", 2)?;
+    tcp.sr_dport = required(f, "dport", 2)?;
+    tcp.sr_family = optional(f, "family", 2);
+    tcp.sr_saddr_v6 = optional(f, "saddr_v6", 16);
+    tcp.sr_daddr_v6 = optional(f, "daddr_v6", 16);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// tcp_send_reset of Debian 12's 6.1 (include/trace/events/tcp.h then).
+    const SEND_RESET_6_1: &str = "name: tcp_send_reset
+format:
+\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
+\tfield:int common_pid;\toffset:4;\tsize:4;\tsigned:1;
+
+\tfield:const void * skbaddr;\toffset:8;\tsize:8;\tsigned:0;
+\tfield:const void * skaddr;\toffset:16;\tsize:8;\tsigned:0;
+\tfield:int state;\toffset:24;\tsize:4;\tsigned:1;
+\tfield:__u16 sport;\toffset:28;\tsize:2;\tsigned:0;
+\tfield:__u16 dport;\toffset:30;\tsize:2;\tsigned:0;
+\tfield:__u16 family;\toffset:32;\tsize:2;\tsigned:0;
+\tfield:__u8 saddr[4];\toffset:34;\tsize:4;\tsigned:0;
+\tfield:__u8 daddr[4];\toffset:38;\tsize:4;\tsigned:0;
+\tfield:__u8 saddr_v6[16];\toffset:42;\tsize:16;\tsigned:0;
+\tfield:__u8 daddr_v6[16];\toffset:58;\tsize:16;\tsigned:0;
+";
+
+    /// Test that the pre-6.10 form of tcp_send_reset (4-byte `saddr`) is
+    /// read through its port and v6 address fields.
+    #[test]
+    fn send_reset_fields_form() {
+        let mut tcp = TcpLayout::DEFAULT;
+        apply_send_reset(&parse_format(SEND_RESET_6_1), &mut tcp).unwrap();
+        assert_eq!(tcp.sr_form, send_reset_form::FIELDS);
+        assert_eq!((tcp.sr_sport, tcp.sr_dport, tcp.sr_family), (28, 30, 32));
+        assert_eq!((tcp.sr_saddr_v6, tcp.sr_daddr_v6), (42, 58));
+        assert_eq!((tcp.sr_saddr, tcp.sr_daddr), (ABSENT, ABSENT));
+    }
+
+    /// Test that a kernel without a needed field turns off only that
+    /// feature, naming the field.
+    #[test]
+    fn missing_field_turns_off_one_feature() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = Path::new("/sys/kernel/tracing/events");
+        for feature in Feature::ALL {
+            let d = dir.path().join("events").join(feature.tracepoint());
+            std::fs::create_dir_all(&d).unwrap();
+            let text = match feature {
+                Feature::TcpResetsSent => SEND_RESET_6_1.replace("state;", "st;"),
+                _ => std::fs::read_to_string(host.join(feature.tracepoint()).join("format"))
+                    .unwrap_or_else(|_| String::new()),
+            };
+            std::fs::write(d.join("format"), text).unwrap();
+        }
+        if !host.join("sock").is_dir() {
+            eprintln!("tracefs not readable (not root?): only the parser is tested");
+            return;
+        }
+        let layouts = resolve(dir.path());
+        let missing: Vec<_> = layouts.missing.iter().map(|(f, _)| *f).collect();
+        assert_eq!(missing, [Feature::TcpResetsSent], "{:?}", layouts.missing);
+        assert!(
+            layouts.missing[0].1.contains("no field state"),
+            "{:?}",
+            layouts.missing
+        );
+    }
+
+    /// Test that this machine's kernel has the layout compiled in (its
+    /// direct-load path), when tracefs is readable.
+    #[test]
+    fn this_kernel_has_the_compiled_layout() {
+        let tracefs = Path::new("/sys/kernel/tracing");
+        if !tracefs.join("events/sock").is_dir() {
+            eprintln!("tracefs not readable (not root?): skipped");
+            return;
+        }
+        let layouts = resolve(tracefs);
+        assert!(layouts.missing.is_empty(), "{:?}", layouts.missing);
+        assert_eq!(layouts.tcp, TcpLayout::DEFAULT);
+        assert_eq!(layouts.sched, SchedLayout::DEFAULT);
+    }
+}
