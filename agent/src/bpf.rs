@@ -108,19 +108,6 @@ pub fn load_with_aggregation_entries(entries: u32) -> Result<Ebpf, BpfError> {
         .load(OBJECT)?)
 }
 
-#[cfg(test)]
-mod tests {
-    /// Test that the aggregation maps are sized by rate and CPUs, within
-    /// the object's bounds.
-    #[test]
-    fn aggregation_sizes() {
-        assert_eq!(super::aggregation_entries(99, 2), 4096);
-        assert_eq!(super::aggregation_entries(999, 2), 4096);
-        assert_eq!(super::aggregation_entries(2_999, 2), 16384);
-        assert_eq!(super::aggregation_entries(20_000, 64), 16384);
-    }
-}
-
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; newer ones (and
 /// this platform, where raising it is refused) account it by memcg.
 fn raise_memlock() {
@@ -161,4 +148,17 @@ fn spawn_log_forwarder(handle: &tokio::runtime::Handle, logger: aya_log::EbpfLog
             guard.clear_ready();
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    /// Test that the aggregation maps are sized by rate and CPUs, within
+    /// the object's bounds.
+    #[test]
+    fn aggregation_sizes() {
+        assert_eq!(super::aggregation_entries(99, 2), 4096);
+        assert_eq!(super::aggregation_entries(999, 2), 4096);
+        assert_eq!(super::aggregation_entries(2_999, 2), 16384);
+        assert_eq!(super::aggregation_entries(20_000, 64), 16384);
+    }
 }
