@@ -190,7 +190,7 @@ fn bad_input_exits_2() {
         ),
         (
             &["record", "--pid", "1", "--duration", "soon"],
-            "invalid duration",
+            "duration = \"soon\"",
         ),
         (&["record", "--pid", "1", "--freq", "0"], "--freq"),
         (&["record", "--pid", "1", "--freq", "abc"], "--freq"),
