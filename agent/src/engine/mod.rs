@@ -522,54 +522,44 @@ impl Engine {
     /// One interval: drain, measure, govern, record. Returns the pids that
     /// were found gone (their slots stay until removed, with their record).
     pub fn tick(&mut self) -> Result<Vec<u32>, EngineError> {
-        let mut raw = RawProfile::default();
-        let mut off_raw = RawProfile::default();
-        let mut processing_ns = 0;
-        cost::timed(&mut processing_ns, || self.sampler.drain(&mut raw))?;
-        if let Some(o) = self.offcpu.as_mut() {
-            cost::timed(&mut processing_ns, || o.drain(&mut off_raw));
-        }
-        let fresh = self.consumer.take();
-        raw.merge(fresh.cpu);
-        off_raw.merge(fresh.off);
-        self.record(raw, off_raw, processing_ns, true)
+        self.drain_and_record(Drain::Tick)
     }
 
     /// Records a short interval now (a session's window closes between two
     /// ticks): its data and costs count, but it is too short to steer the
     /// governor by or to show in a timeline.
     pub fn flush(&mut self) -> Result<Vec<u32>, EngineError> {
-        let mut raw = RawProfile::default();
-        let mut off_raw = RawProfile::default();
-        let mut processing_ns = 0;
-        cost::timed(&mut processing_ns, || self.sampler.drain(&mut raw))?;
-        if let Some(o) = self.offcpu.as_mut() {
-            cost::timed(&mut processing_ns, || o.drain(&mut off_raw));
-        }
-        // Stack copies taken up to now are unwound into this interval.
-        self.consumer.sync();
-        let fresh = self.consumer.take();
-        raw.merge(fresh.cpu);
-        off_raw.merge(fresh.off);
-        self.record(raw, off_raw, processing_ns, false)
+        self.drain_and_record(Drain::Flush)
     }
 
     /// The last interval: drains both generations of the kernel's maps and
     /// waits for the unwinder to catch up.
     pub fn final_tick(&mut self) -> Result<Vec<u32>, EngineError> {
+        self.drain_and_record(Drain::Final)
+    }
+
+    /// Drains the kernel (and the unwinder) and records the interval.
+    fn drain_and_record(&mut self, how: Drain) -> Result<Vec<u32>, EngineError> {
         let mut raw = RawProfile::default();
         let mut off_raw = RawProfile::default();
         let mut processing_ns = 0;
-        cost::timed(&mut processing_ns, || self.sampler.drain_all(&mut raw))?;
-        if let Some(o) = self.offcpu.as_mut() {
-            o.drain(&mut off_raw);
+        if how == Drain::Final {
+            cost::timed(&mut processing_ns, || self.sampler.drain_all(&mut raw))?;
+        } else {
+            cost::timed(&mut processing_ns, || self.sampler.drain(&mut raw))?;
         }
-        // The unwinder drains the rings on its own schedule: a round now.
-        self.consumer.sync();
+        if let Some(o) = self.offcpu.as_mut() {
+            cost::timed(&mut processing_ns, || o.drain(&mut off_raw));
+        }
+        // Between ticks the unwinder drains the rings on its own schedule:
+        // a window that closes now gets the stack copies taken up to now.
+        if how != Drain::Tick {
+            self.consumer.sync();
+        }
         let fresh = self.consumer.take();
         raw.merge(fresh.cpu);
         off_raw.merge(fresh.off);
-        self.record(raw, off_raw, processing_ns, false)
+        self.record(raw, off_raw, processing_ns, how == Drain::Tick)
     }
 
     /// Splits a drain into one interval per target, measures what it cost
@@ -919,6 +909,17 @@ impl Slot {
         s.dwarf_stack_unreadable += d.dwarf_stack_unreadable;
         s
     }
+}
+
+/// Which kind of interval a drain records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Drain {
+    /// A full interval: it steers the governor.
+    Tick,
+    /// A short one, as a window closes.
+    Flush,
+    /// The last one: both generations, the unwinder caught up.
+    Final,
 }
 
 /// What the targets share in one interval.
