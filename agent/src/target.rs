@@ -66,6 +66,10 @@ pub struct Target {
     pub comm: String,
     /// Its executable, when readable.
     pub exe: Option<PathBuf>,
+    /// When it started (field 22 of /proc/PID/stat, clock ticks since
+    /// boot): a pid reused by a later process has a later start.
+    #[serde(skip)]
+    pub start_time: u64,
 }
 
 impl Target {
@@ -87,12 +91,25 @@ impl Target {
             return Err(TargetError::Thread { pid, tgid });
         }
         let exe = fs::read_link(format!("/proc/{pid}/exe")).ok();
-        Ok(Self { pid, comm, exe })
+        Ok(Self {
+            pid,
+            comm,
+            exe,
+            start_time: stat.start_time,
+        })
     }
 
-    /// Is the process still there (and not a zombie)?
+    /// Is the process still there (not a zombie, and its pid not reused by
+    /// a later process)?
     pub fn is_alive(&self) -> bool {
-        is_alive(self.pid)
+        ProcStat::read(self.pid).is_ok_and(|s| {
+            !matches!(s.state, 'Z' | 'X') && (self.start_time == 0 || s.start_time == self.start_time)
+        })
+    }
+
+    /// Whether its pid now belongs to a later process.
+    pub fn pid_reused(&self) -> bool {
+        ProcStat::read(self.pid).is_ok_and(|s| self.start_time != 0 && s.start_time != self.start_time)
     }
 }
 
@@ -201,6 +218,8 @@ pub struct ProcStat {
     pub utime: u64,
     /// System CPU time in clock ticks (field 15).
     pub stime: u64,
+    /// Start time in clock ticks after boot (field 22).
+    pub start_time: u64,
 }
 
 impl ProcStat {
@@ -230,6 +249,7 @@ impl ProcStat {
             flags: field(9)?,
             utime: field(14)?,
             stime: field(15)?,
+            start_time: field(22)?,
         })
     }
 }
@@ -315,6 +335,21 @@ mod tests {
         t.join().unwrap();
     }
 
+    /// Test that a process whose pid now belongs to a later process counts
+    /// as gone, not as the same target.
+    #[test]
+    fn pid_reuse_is_noticed() {
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let mut t = Target::from_pid(child.id()).unwrap();
+        assert!(t.start_time > 0);
+        assert!(t.is_alive() && !t.pid_reused());
+        // As if the pid had been handed to a process started a tick later.
+        t.start_time -= 1;
+        assert!(!t.is_alive() && t.pid_reused());
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
     /// Test that a missing pid is reported as such.
     #[test]
     fn missing_pid_is_refused() {
@@ -333,6 +368,7 @@ mod tests {
             pid: 1,
             comm: "game-server-pro".into(),
             exe: Some("/opt/bin/game-server-production".into()),
+            start_time: 0,
         };
         assert!(matches_name(&t, "game-server-pro"));
         assert!(matches_name(&t, "game-server-production"));
@@ -347,6 +383,7 @@ mod tests {
             pid: me,
             comm: argv0[..15].into(),
             exe: None,
+            start_time: 0,
         };
         assert!(matches_name(&own, &argv0));
     }

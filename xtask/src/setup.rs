@@ -2,6 +2,7 @@
 //! really runs against that nightly's LLVM, Debian packages, and tracefs.
 
 use std::{
+    os::unix::fs::OpenOptionsExt as _,
     path::{Path, PathBuf},
     process::{Command, Stdio},
 };
@@ -33,6 +34,8 @@ const PACKAGES: &[(&str, &str)] = &[
     // The kernel matrix boots Debian's kernels under qemu (virtme-ng).
     ("qemu-system-x86_64", "qemu-system-x86"),
     ("busybox", "busybox-static"),
+    // The targets test watches a pre-fork server (master + workers) by name.
+    ("/usr/sbin/nginx", "nginx-light"),
 ];
 
 /// Runs every setup step.
@@ -112,8 +115,38 @@ pub fn packages(wanted: &[(&str, &str)]) -> Result<()> {
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"))
     };
+    // Services the packages bring (nginx, prometheus) must not start: the
+    // tests run their own instances, and a system nginx would be one more
+    // process of that name.
+    let _no_services = NoServices::install();
     // Package lists may be stale on a fresh machine: update once on failure.
     install(false).or_else(|_| install(true))
+}
+
+/// A `policy-rc.d` that forbids starting services while packages install
+/// (the Debian convention, exit 101), removed afterwards; an existing one
+/// is left as it is.
+struct NoServices(Option<std::path::PathBuf>);
+
+impl NoServices {
+    fn install() -> Self {
+        let path = std::path::PathBuf::from("/usr/sbin/policy-rc.d");
+        let created = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o755)
+            .open(&path)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, b"#!/bin/sh\nexit 101\n"));
+        Self(created.is_ok().then_some(path))
+    }
+}
+
+impl Drop for NoServices {
+    fn drop(&mut self) {
+        if let Some(path) = &self.0 {
+            let _ = std::fs::remove_file(path);
+        }
+    }
 }
 
 /// The pinned nightly, from ebpf/rust-toolchain.toml.

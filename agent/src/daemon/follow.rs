@@ -53,41 +53,175 @@ pub(super) fn alert_target(t: &Target) -> AlertTarget {
     }
 }
 
+/// Rule name of the record saying a configured target was not found (once;
+/// resolved when it appears).
+pub const TARGET_MISSING: &str = "target_missing";
+
+/// At most this many processes of one name are watched under one target (a
+/// pre-fork server's master and its workers). More are left alone, said once.
+pub const MAX_PIDS_PER_TARGET: usize = 64;
+
+/// How long after the start a configured target may take to appear before
+/// it is reported missing (an agent started just before its server).
+const MISSING_AFTER: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl Daemon {
-    /// Finds the target's process, says so when it restarted or is gone.
-    pub(super) fn follow(&mut self, i: usize) {
-        let w = &mut self.watched[i];
-        if w.process.as_ref().is_some_and(Target::is_alive) {
+    /// The slots of target group `g`: its leader first.
+    pub(super) fn members(&self, g: usize) -> Vec<usize> {
+        (0..self.watched.len())
+            .filter(|&i| self.watched[i].group == g)
+            .collect()
+    }
+
+    /// Follows every configured target.
+    pub(super) fn follow_all(&mut self) {
+        let groups = self.watched.iter().map(|w| w.group).max().map_or(0, |g| g + 1);
+        for g in 0..groups {
+            self.follow_group(g);
+        }
+    }
+
+    /// Finds every process of target group `g`: members that exited are let
+    /// go, new ones (a restart, a new worker) are added; the target is
+    /// reported gone when its last process went, restarted when a process
+    /// came after that, and missing when none was ever found.
+    fn follow_group(&mut self, g: usize) {
+        let members = self.members(g);
+        let leader = members[0];
+        let mut lost = Vec::new();
+        for &i in &members {
+            let Some(p) = self.watched[i].process.clone() else {
+                continue;
+            };
+            if !p.is_alive() {
+                if p.pid_reused() {
+                    info!(
+                        pid = p.pid,
+                        "pid {} of {} now belongs to a later process", p.pid, p.comm
+                    );
+                }
+                self.watched[i].process = None;
+                self.forget_process(i, &p);
+                lost.push(p);
+            }
+        }
+        let known: Vec<u32> = members
+            .iter()
+            .filter_map(|&i| self.watched[i].process.as_ref().map(|p| p.pid))
+            .collect();
+        let fresh: Vec<Target> = self.watched[leader]
+            .resolve()
+            .into_iter()
+            .filter(|t| !known.contains(&t.pid))
+            .collect();
+        let remaining = known.len();
+        if remaining > 0 {
+            for old in &lost {
+                info!(
+                    pid = old.pid,
+                    "{}: pid {} exited; {remaining} still watched",
+                    self.group_name(leader),
+                    old.pid
+                );
+            }
+        }
+        let mut previous = (remaining == 0 && !fresh.is_empty())
+            .then(|| {
+                let lost_now = lost.first().cloned().map(|o| (o, None));
+                lost_now.or_else(|| self.watched[leader].gone.take().map(|(o, at)| (o, Some(at))))
+            })
+            .flatten();
+        let any_fresh = !fresh.is_empty();
+        for t in fresh {
+            let Some(i) = self.free_slot(g, leader, &t) else {
+                break;
+            };
+            self.found(i, leader, previous.take(), t);
+        }
+        if remaining == 0 && !any_fresh {
+            self.none_found(leader, lost);
+        }
+    }
+
+    /// Target `leader`'s group has no process now: it is gone (said once)
+    /// or, never found, missing (said once, after a grace period).
+    fn none_found(&mut self, leader: usize, lost: Vec<Target>) {
+        if let Some(old) = lost.into_iter().next() {
+            let f = Finding {
+                metric: "pid".into(),
+                value: f64::from(old.pid),
+                threshold: 0.0,
+                message: format!(
+                    "{} (pid {}) is gone; waiting for it to come back",
+                    old.comm, old.pid
+                ),
+            };
+            self.sinks.emit(&AlertRecord::new(
+                Status::Firing,
+                alert_target(&old),
+                &event_rule(TARGET_GONE),
+                &f,
+            ));
+            self.watched[leader].gone = Some((old, Instant::now()));
             return;
         }
-        let old = w.process.take();
-        if let Some(old) = &old {
-            self.forget_process(i, old);
+        let w = &self.watched[leader];
+        if w.ever_found || w.missing_reported || self.start.elapsed() < MISSING_AFTER {
+            return;
         }
-        let found = self.watched[i].resolve();
-        match (old, found) {
-            (old, Some(new)) => self.found(i, old, new),
-            (Some(old), None) => {
-                let f = Finding {
-                    metric: "pid".into(),
-                    value: f64::from(old.pid),
-                    threshold: 0.0,
-                    message: format!(
-                        "{} (pid {}) is gone; waiting for it to come back",
-                        old.comm, old.pid
-                    ),
-                };
-                self.sinks.emit(&AlertRecord::new(
-                    Status::Firing,
-                    alert_target(&old),
-                    &event_rule(TARGET_GONE),
-                    &f,
-                ));
-                self.watched[i].gone = Some((old, Instant::now()));
+        let name = self.group_name(leader);
+        let f = Finding {
+            metric: "pid".into(),
+            value: 0.0,
+            threshold: 0.0,
+            message: format!(
+                "{} not found after {} s; watching for it",
+                w.spec.describe(),
+                MISSING_AFTER.as_secs()
+            ),
+        };
+        warn!("{}", f.message);
+        let target = AlertTarget {
+            pid: w.spec.pid.unwrap_or(0),
+            comm: name,
+        };
+        self.sinks.emit(&AlertRecord::new(
+            Status::Firing,
+            target,
+            &event_rule(TARGET_MISSING),
+            &f,
+        ));
+        self.watched[leader].missing_reported = true;
+    }
+
+    /// The watched name of group `leader`.
+    fn group_name(&self, leader: usize) -> String {
+        let spec = &self.watched[leader].spec;
+        spec.process.clone().unwrap_or_else(|| spec.describe())
+    }
+
+    /// A slot of group `g` for process `t`: a free one, or a new member
+    /// while the group has fewer than [`MAX_PIDS_PER_TARGET`].
+    fn free_slot(&mut self, g: usize, leader: usize, t: &Target) -> Option<usize> {
+        let members = self.members(g);
+        if let Some(&i) = members.iter().find(|&&i| self.watched[i].process.is_none()) {
+            return Some(i);
+        }
+        if members.len() >= MAX_PIDS_PER_TARGET {
+            if !self.watched[leader].over_limit_reported {
+                warn!(
+                    pid = t.pid,
+                    "{}: more than {MAX_PIDS_PER_TARGET} processes; pid {} and later ones are not watched",
+                    self.group_name(leader),
+                    t.pid
+                );
+                self.watched[leader].over_limit_reported = true;
             }
-            // Still gone (reported once), or never seen yet.
-            (None, None) => {}
+            return None;
         }
+        let member = self.watched[leader].member();
+        self.watched.push(member);
+        Some(self.watched.len() - 1)
     }
 
     /// The process of target `i` is gone: its sessions end with what they
@@ -110,43 +244,71 @@ impl Daemon {
         w.deferred = None;
     }
 
-    /// Target `i` has a (new) process: add it to the engine, and report a
-    /// restart when it had one before.
-    fn found(&mut self, i: usize, old: Option<Target>, new: Target) {
+    /// Slot `i` of group `leader` has a (new) process: add it to the
+    /// engine, and report a restart when the group had a process before
+    /// (`previous`, with when it was reported gone).
+    fn found(&mut self, i: usize, leader: usize, previous: Option<(Target, Option<Instant>)>, new: Target) {
         self.add_to_engine(&new);
-        let w = &mut self.watched[i];
-        let gone = w.gone.take();
-        let previous = old.map(|o| (o, None)).or(gone.map(|(o, at)| (o, Some(at))));
-        if let Some((prev, gone_at)) = previous {
-            let after = gone_at.map_or_else(String::new, |at| {
-                format!(" after {:.0} s away", at.elapsed().as_secs_f64())
-            });
+        let l = &mut self.watched[leader];
+        l.ever_found = true;
+        if l.spec.process.is_none() {
+            // A pid target is that process: a later one reusing its pid is not.
+            l.pinned_start = Some(new.start_time);
+        }
+        if std::mem::take(&mut l.missing_reported) {
             let f = Finding {
                 metric: "pid".into(),
                 value: f64::from(new.pid),
-                threshold: f64::from(prev.pid),
-                message: format!("{} restarted: pid {} -> {}{after}", new.comm, prev.pid, new.pid),
+                threshold: 0.0,
+                message: format!("{} appeared as pid {}", l.spec.describe(), new.pid),
             };
-            if gone_at.is_some() {
-                let mut back = AlertRecord::new(
-                    Status::Resolved,
-                    alert_target(&prev),
-                    &event_rule(TARGET_GONE),
-                    &f,
-                );
-                back.message = format!("{} is back as pid {}", prev.comm, new.pid);
-                self.sinks.emit(&back);
-            }
             self.sinks.emit(&AlertRecord::new(
-                Status::Firing,
+                Status::Resolved,
                 alert_target(&new),
-                &event_rule(TARGET_RESTARTED),
+                &event_rule(TARGET_MISSING),
                 &f,
             ));
+        }
+        if let Some((prev, gone_at)) = previous {
+            self.restarted(prev, gone_at, &new);
         } else {
-            info!(pid = new.pid, "watching {} (pid {})", new.comm, new.pid);
+            let n = self.members(self.watched[leader].group).len();
+            info!(
+                pid = new.pid,
+                "watching {} (pid {}; {n} process(es) of this target)", new.comm, new.pid
+            );
         }
         self.watched[i].process = Some(new);
+    }
+
+    /// Says that `prev` came back as `new` (resolving its `target_gone`
+    /// when that was reported).
+    fn restarted(&mut self, prev: Target, gone_at: Option<Instant>, new: &Target) {
+        let after = gone_at.map_or_else(String::new, |at| {
+            format!(" after {:.0} s away", at.elapsed().as_secs_f64())
+        });
+        let f = Finding {
+            metric: "pid".into(),
+            value: f64::from(new.pid),
+            threshold: f64::from(prev.pid),
+            message: format!("{} restarted: pid {} -> {}{after}", new.comm, prev.pid, new.pid),
+        };
+        if gone_at.is_some() {
+            let mut back = AlertRecord::new(
+                Status::Resolved,
+                alert_target(&prev),
+                &event_rule(TARGET_GONE),
+                &f,
+            );
+            back.message = format!("{} is back as pid {}", prev.comm, new.pid);
+            self.sinks.emit(&back);
+        }
+        self.sinks.emit(&AlertRecord::new(
+            Status::Firing,
+            alert_target(new),
+            &event_rule(TARGET_RESTARTED),
+            &f,
+        ));
     }
 
     /// Adds a process to the engine at the continuous rate (or only

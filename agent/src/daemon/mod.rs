@@ -70,9 +70,16 @@ pub enum DaemonError {
 /// How often the engine drains the kernel into the flight recorders.
 const DRAIN: Duration = Duration::from_secs(1);
 
-/// One watched process.
+/// A schedule: when, how long, at what rate, next run.
+type Schedule = (cron::Schedule, Duration, u64, DateTime<Utc>);
+
+/// One watched process: a slot of a target group. A configured target is a
+/// group of slots, one per process of its name (the first, its leader,
+/// always exists and keeps the target's own state: gone, missing, schedules).
 struct Watched {
     spec: TargetConfig,
+    /// Index of the configured target this slot belongs to.
+    group: usize,
     /// The live process, when there is one.
     process: Option<Target>,
     metrics: TargetMetrics,
@@ -84,7 +91,7 @@ struct Watched {
     /// An emergency profile that could not start yet (every session slot
     /// taken): it starts when it can, as long as its alert still fires.
     deferred: Option<Deferred>,
-    schedules: Vec<(cron::Schedule, Duration, u64, DateTime<Utc>)>,
+    schedules: Vec<Schedule>,
     /// Folded stacks of the latest healthy profile (for differentials).
     baseline: Option<PathBuf>,
     /// When an alert of this target last fired or resolved: the recorder is
@@ -92,15 +99,56 @@ struct Watched {
     last_alert_change: Option<SystemTime>,
     /// The busiest threads at the latest sample: (tid, name, CPU %).
     top_threads: Vec<(u32, String, f64)>,
+    /// Leader: a process of the target was found once.
+    ever_found: bool,
+    /// Leader: `target_missing` was reported (resolved when found).
+    missing_reported: bool,
+    /// Leader: more processes than [`follow::MAX_PIDS_PER_TARGET`] was said.
+    over_limit_reported: bool,
+    /// Leader of a pid target: the start time of its process (a later
+    /// process reusing the pid is not the target).
+    pinned_start: Option<u64>,
 }
 
 impl Watched {
-    /// Finds (or re-finds) the process.
-    fn resolve(&self) -> Option<Target> {
+    /// The leader slot of configured target `group`.
+    fn new(spec: TargetConfig, group: usize, schedules: Vec<Schedule>) -> Self {
+        Self {
+            spec,
+            group,
+            process: None,
+            metrics: TargetMetrics::default(),
+            states: HashMap::new(),
+            gone: None,
+            last_emergency: None,
+            deferred: None,
+            schedules,
+            baseline: None,
+            last_alert_change: None,
+            top_threads: Vec::new(),
+            ever_found: false,
+            missing_reported: false,
+            over_limit_reported: false,
+            pinned_start: None,
+        }
+    }
+
+    /// A further slot of this leader's group (schedules stay with the leader).
+    fn member(&self) -> Self {
+        Self::new(self.spec.clone(), self.group, Vec::new())
+    }
+
+    /// Every live process of the target, by pid.
+    fn resolve(&self) -> Vec<Target> {
         match (&self.spec.process, self.spec.pid) {
-            (Some(name), _) => crate::target::find_by_name(name).into_iter().next(),
-            (None, Some(pid)) => Target::from_pid(pid).ok().filter(Target::is_alive),
-            _ => None,
+            (Some(name), _) => crate::target::find_by_name(name),
+            (None, Some(pid)) => Target::from_pid(pid)
+                .ok()
+                .filter(Target::is_alive)
+                .filter(|t| self.pinned_start.is_none_or(|s| s == t.start_time))
+                .into_iter()
+                .collect(),
+            _ => Vec::new(),
         }
     }
 
@@ -164,19 +212,8 @@ impl Daemon {
                 let next = parsed.upcoming(Utc).next().unwrap_or_else(Utc::now);
                 schedules.push((parsed, s.duration, s.freq_hz, next));
             }
-            watched.push(Watched {
-                spec,
-                process: None,
-                metrics: TargetMetrics::default(),
-                states: HashMap::new(),
-                gone: None,
-                last_emergency: None,
-                deferred: None,
-                schedules,
-                baseline: None,
-                last_alert_change: None,
-                top_threads: Vec::new(),
-            });
+            let group = watched.len();
+            watched.push(Watched::new(spec, group, schedules));
         }
         let sinks = Sinks::new(
             &config.alerts_path(),
@@ -240,15 +277,14 @@ impl Daemon {
         self.engine = Some(engine);
         // The first discovery pass before serving: a trigger that comes as
         // soon as the socket exists finds its running target.
-        for i in 0..self.watched.len() {
-            self.follow(i);
-        }
+        self.follow_all();
         let mut control = listener.serve()?;
         info!(
             "watching {} (alerts to {}, profiles to {}; continuous profiling at {} Hz, {} of history)",
-            self.watched
+            self.config
+                .targets
                 .iter()
-                .map(|w| w.spec.describe())
+                .map(TargetConfig::describe)
                 .collect::<Vec<_>>()
                 .join(", "),
             self.config.alerts_path().display(),
@@ -292,6 +328,27 @@ impl Daemon {
         Ok(())
     }
 
+    /// Whether slot `i` is its group's leader (the first slot).
+    fn is_leader(&self, i: usize) -> bool {
+        self.watched[..i].iter().all(|w| w.group != self.watched[i].group)
+    }
+
+    /// The slot of group `g` whose process used the most CPU at the latest
+    /// sample (a pre-fork server's busy worker, not its idle master).
+    fn busiest(&self, g: usize) -> Option<usize> {
+        let cpu = |i: usize| {
+            self.watched[i]
+                .metrics
+                .get(crate::metrics::Metric::CpuPct)
+                .and_then(crate::metrics::Series::last)
+                .unwrap_or(0.0)
+        };
+        self.members(g)
+            .into_iter()
+            .filter(|&i| self.watched[i].process.is_some())
+            .max_by(|&a, &b| cpu(a).total_cmp(&cpu(b)).then(b.cmp(&a)))
+    }
+
     fn now(&self) -> f64 {
         self.start.elapsed().as_secs_f64()
     }
@@ -313,15 +370,18 @@ impl Daemon {
 
     /// One interval: targets, metrics, rules, schedules.
     async fn step(&mut self) {
+        self.follow_all();
         for i in 0..self.watched.len() {
-            self.follow(i);
             let Some(process) = self.watched[i].process.clone() else {
                 continue;
             };
             self.rules(i, &process).await;
             // Before the schedules: an emergency takes a freed slot first.
             self.deferred(i, &process);
-            self.schedules(i, &process);
+        }
+        let leaders: Vec<usize> = (0..self.watched.len()).filter(|&i| self.is_leader(i)).collect();
+        for leader in leaders {
+            self.schedules(leader);
         }
         self.pending_triggers();
         if let Some(me) = self.self_sampler.sample(std::process::id()) {

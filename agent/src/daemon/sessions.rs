@@ -353,10 +353,17 @@ impl Daemon {
         self.emergency(i, process, &d.rule, d.record, d.alert_at);
     }
 
-    /// Scheduled baselines that are due.
-    pub(super) fn schedules(&mut self, i: usize, process: &Target) {
+    /// Scheduled baselines of group `leader` that are due, each of the
+    /// group's busiest process.
+    pub(super) fn schedules(&mut self, leader: usize) {
+        let Some(i) = self.busiest(self.watched[leader].group) else {
+            return;
+        };
+        let Some(process) = self.watched[i].process.clone() else {
+            return;
+        };
         let now = Utc::now();
-        let due: Vec<(Duration, u64)> = self.watched[i]
+        let due: Vec<(Duration, u64)> = self.watched[leader]
             .schedules
             .iter_mut()
             .filter(|s| s.3 <= now)
@@ -383,17 +390,47 @@ impl Daemon {
                 alert: None,
                 reply: None,
             };
-            self.start(i, process, start);
+            self.start(i, &process, start);
         }
+    }
+
+    /// The running slot a trigger asks for: the one of its pid, or the
+    /// busiest process of the target it names.
+    fn trigger_slot(&self, req: &control::Request) -> Option<usize> {
+        let running = |i: &usize| self.watched[*i].process.is_some() && self.watched[*i].matches(req);
+        let by_pid = (0..self.watched.len())
+            .filter(running)
+            .find(|&i| req.pid.is_some() && self.watched[i].process.as_ref().map(|p| p.pid) == req.pid);
+        by_pid.or_else(|| {
+            let g = (0..self.watched.len())
+                .find(running)
+                .map(|i| self.watched[i].group)?;
+            self.busiest(g)
+        })
+    }
+
+    /// Why a trigger's target cannot be profiled now: not running, or its
+    /// pid taken by a later process.
+    fn not_running(&self, req: &control::Request) -> String {
+        let reused = req.pid.and_then(|pid| {
+            let w = self
+                .watched
+                .iter()
+                .find(|w| w.spec.pid == Some(pid) && w.pinned_start.is_some())?;
+            let now = Target::from_pid(pid).ok()?;
+            (Some(now.start_time) != w.pinned_start).then(|| {
+                format!(
+                    "pid {pid} now belongs to a later process ({}), not the one watched",
+                    now.comm
+                )
+            })
+        });
+        reused.unwrap_or_else(|| format!("{} is not a running watched target", describe(req)))
     }
 
     /// `flamewatch trigger`.
     pub(super) fn on_demand(&mut self, req: control::Request, reply: oneshot::Sender<Reply>) {
-        let running = self
-            .watched
-            .iter()
-            .position(|w| w.process.is_some() && w.matches(&req));
-        let Some(i) = running else {
+        let Some(i) = self.trigger_slot(&req) else {
             let configured = self.watched.iter().any(|w| w.matches(&req));
             let wait = Duration::try_from_secs_f64(req.wait_s.unwrap_or(0.0))
                 .unwrap_or_default()
@@ -402,10 +439,7 @@ impl Daemon {
                 let deadline = Instant::now() + wait;
                 self.pending.push(PendingTrigger { req, reply, deadline });
             } else {
-                refuse(
-                    Some(reply),
-                    format!("{} is not a running watched target", describe(&req)),
-                );
+                refuse(Some(reply), self.not_running(&req));
             }
             return;
         };
@@ -466,10 +500,7 @@ impl Daemon {
             if running {
                 self.on_demand(p.req, p.reply);
             } else if now >= p.deadline {
-                refuse(
-                    Some(p.reply),
-                    format!("{} is not a running watched target", describe(&p.req)),
-                );
+                refuse(Some(p.reply), self.not_running(&p.req));
             } else {
                 self.pending.push(p);
             }

@@ -67,10 +67,16 @@ pub enum Check {
     },
     /// RSS climbing steadily: least-squares slope over the window, with a fit
     /// good enough (R²) that a sawtooth (garbage collection) is not a leak.
+    /// A steep, clean climb is judged before the window is full, from
+    /// `min_window_s` on (see [`early_growth`]).
     MemoryGrowth {
         /// Window, seconds.
         #[serde(default = "default_growth_window")]
         window_s: f64,
+        /// Shortest span that may fire, seconds, for a climb far steeper than
+        /// `min_mb_per_min` and nearly a straight line.
+        #[serde(default = "default_growth_min_window")]
+        min_window_s: f64,
         /// Slowest growth reported, MB per minute.
         #[serde(default = "default_growth_rate")]
         min_mb_per_min: f64,
@@ -120,6 +126,9 @@ fn default_z_points() -> usize {
 }
 fn default_growth_window() -> f64 {
     60.0
+}
+fn default_growth_min_window() -> f64 {
+    20.0
 }
 fn default_growth_rate() -> f64 {
     10.0
@@ -187,12 +196,15 @@ impl Check {
             }
             Check::MemoryGrowth {
                 window_s,
+                min_window_s,
                 min_mb_per_min,
                 min_r2,
                 limit_bytes,
             } => {
                 window("window_s", *window_s)?;
                 pos("window_s", *window_s)?;
+                window("min_window_s", *min_window_s)?;
+                pos("min_window_s", *min_window_s)?;
                 num("min_mb_per_min", *min_mb_per_min)?;
                 check_range(&key("min_r2"), *min_r2, 0.0, 1.0, "in [0, 1]")?;
                 limit_bytes.map(|v| pos("limit_bytes", v)).transpose()?;
@@ -236,6 +248,46 @@ pub struct Context {
     /// Threads of the target, with how long each has been blocked (s; 0 when
     /// running): (name, blocked seconds).
     pub threads: Vec<(String, f64)>,
+}
+
+/// How much steeper than `min_mb_per_min` a climb must be to fire before
+/// its window is full.
+pub const EARLY_STEEPNESS: f64 = 4.0;
+/// The fit an early judgement needs: nearly a straight line.
+pub const EARLY_MIN_R2: f64 = 0.98;
+/// A climb still going: its last third at least this share of its slope (a
+/// cache filling up slows down as it fills).
+pub const EARLY_NOT_SLOWING: f64 = 0.75;
+/// The largest fall within the span, as a share of the climb (a sawtooth
+/// has fallen at least once).
+pub const EARLY_MAX_DROP: f64 = 0.1;
+
+/// Whether `pts` (a span shorter than the rule's window), fitted with
+/// `slope` (bytes/s) and `r2`, is a leak beyond doubt already: far steeper
+/// than the rule's rate, nearly a straight line, not slowing down, and never
+/// falling back. A warm-up (slowing as it fills), a sawtooth (it falls) and
+/// a one-time jump (not a line) wait for the full window, where they fit no
+/// steady climb.
+pub fn early_growth(pts: &[(f64, f64)], slope: f64, r2: f64, min_mb_per_min: f64) -> bool {
+    let mb_per_min = slope * 60.0 / 1e6;
+    if mb_per_min < EARLY_STEEPNESS * min_mb_per_min.max(1.0) || r2 < EARLY_MIN_R2 {
+        return false;
+    }
+    let (t0, t1) = (pts[0].0, pts[pts.len() - 1].0);
+    let tail: Vec<(f64, f64)> = pts
+        .iter()
+        .copied()
+        .filter(|p| p.0 >= t1 - (t1 - t0) / 3.0)
+        .collect();
+    let slowing = linear_fit(&tail).is_none_or(|(tail_slope, _)| tail_slope < EARLY_NOT_SLOWING * slope);
+    let climb = slope * (t1 - t0);
+    let mut peak = f64::MIN;
+    let mut drop = 0.0_f64;
+    for &(_, v) in pts {
+        peak = peak.max(v);
+        drop = drop.max(peak - v);
+    }
+    !slowing && drop <= EARLY_MAX_DROP * climb
 }
 
 /// Least-squares fit of `points`: (slope per second, R²).
@@ -353,20 +405,21 @@ impl Check {
             }
             Check::MemoryGrowth {
                 window_s,
+                min_window_s,
                 min_mb_per_min,
                 min_r2,
                 limit_bytes,
             } => {
                 let s = series(m, Metric::RssBytes)?;
                 let pts: Vec<(f64, f64)> = s.window(*window_s).collect();
-                // A fit over a third of the window says little.
                 let span = pts.last()?.0 - pts.first()?.0;
-                if span < window_s * 0.9 {
-                    return None;
-                }
                 let (slope, r2) = linear_fit(&pts)?;
                 let mb_per_min = slope * 60.0 / 1e6;
-                if mb_per_min < *min_mb_per_min || r2 < *min_r2 {
+                let full = span >= window_s * 0.9 && mb_per_min >= *min_mb_per_min && r2 >= *min_r2;
+                let early = span < window_s * 0.9
+                    && span >= *min_window_s
+                    && early_growth(&pts, slope, r2, *min_mb_per_min);
+                if !full && !early {
                     return None;
                 }
                 let rss = pts.last()?.1;
@@ -589,6 +642,7 @@ mod tests {
     fn growth() -> Check {
         Check::MemoryGrowth {
             window_s: 60.0,
+            min_window_s: 20.0,
             min_mb_per_min: 10.0,
             min_r2: 0.9,
             limit_bytes: Some(2e9),
@@ -617,6 +671,51 @@ mod tests {
         assert!(growth().evaluate(&saw, &Context::default()).is_none());
         let flat = metrics(Metric::RssBytes, (0..120).map(|_| 5e8));
         assert!(growth().evaluate(&flat, &Context::default()).is_none());
+    }
+
+    /// Test that a steep, clean climb (5 MB/s) fires once `min_window_s`
+    /// shows it, before the window is full; a gentle one (1 MB/s, over the
+    /// rate but not 4 times over) waits for the full window.
+    #[test]
+    fn steep_climb_fires_early() {
+        let noise = |t: usize| ((t * 13) % 7) as f64 * 1e4;
+        let steep = metrics(Metric::RssBytes, (0..25).map(|t| 5e8 + 5e6 * t as f64 + noise(t)));
+        let f = growth().evaluate(&steep, &Context::default()).expect("early");
+        assert!(f.message.starts_with("RSS growing 300 MB/min"), "{}", f.message);
+        let young = metrics(Metric::RssBytes, (0..15).map(|t| 5e8 + 5e6 * t as f64));
+        assert!(
+            growth().evaluate(&young, &Context::default()).is_none(),
+            "before min_window_s"
+        );
+        let gentle = |n: usize| {
+            metrics(
+                Metric::RssBytes,
+                (0..n).map(|t| 5e8 + 0.5e6 * t as f64 + noise(t)),
+            )
+        };
+        assert!(growth().evaluate(&gentle(30), &Context::default()).is_none());
+        assert!(growth().evaluate(&gentle(61), &Context::default()).is_some());
+    }
+
+    /// Test that a warm-up (a cache filling to 300 MB, slowing as it fills,
+    /// then flat), a sawtooth faster than `min_window_s` and a one-time jump
+    /// never fire, at any point of a 3-minute series.
+    #[test]
+    fn warm_up_sawtooth_and_jump_never_fire() {
+        let warm = |t: usize| 5e7 + 3e8 * (1.0 - (-(t as f64) / 10.0).exp());
+        let saw = |t: usize| 5e8 + 5e6 * (t % 10) as f64;
+        let jump = |t: usize| if t < 40 { 5e8 } else { 8e8 };
+        for (name, f) in [
+            ("warm-up", &warm as &dyn Fn(usize) -> f64),
+            ("sawtooth", &saw),
+            ("jump", &jump),
+        ] {
+            for n in 3..180 {
+                let m = metrics(Metric::RssBytes, (0..n).map(f));
+                let fired = growth().evaluate(&m, &Context::default());
+                assert!(fired.is_none(), "{name} fired after {n} s: {fired:?}");
+            }
+        }
     }
 
     /// Test the least-squares fit on an exact line and on noise.

@@ -324,6 +324,7 @@ mod tests {
                 pid: 100,
                 comm: "demo".into(),
                 exe: Some("/usr/bin/demo".into()),
+                start_time: 0,
             }],
             sampling: SamplingInfo {
                 requested_hz: 99,

@@ -680,6 +680,7 @@ mod tests {
             pid: std::process::id(),
             comm: "test".into(),
             exe: None,
+            start_time: 0,
         };
         sampler
             .add_target(&me, false, false, Some(period_for(hz)))
