@@ -25,6 +25,7 @@ pub const TARGETS: &[TargetSpec] = &[
     TargetSpec { name: "throughput", sources: &["throughput.c"], cxx: false, variants: true },
     TargetSpec { name: "sleepspin", sources: &["sleepspin.c"], cxx: false, variants: true },
     TargetSpec { name: "leafcall", sources: &["leafcall.c"], cxx: false, variants: true },
+    TargetSpec { name: "memshape", sources: &["memshape.c"], cxx: false, variants: false },
     TargetSpec { name: "manythreads", sources: &["manythreads.c"], cxx: false, variants: false },
     TargetSpec { name: "logcaster", sources: &["logcaster/logcaster.c"], cxx: false, variants: true },
     TargetSpec { name: "logcaster-load", sources: &["logcaster/logcaster-load.c"], cxx: false, variants: false },

@@ -231,6 +231,75 @@ fn leak_memory_alert() {
     );
 }
 
+/// `memshape --shape SHAPE` for `seconds`, once it runs.
+fn memshape(shape: &str, seconds: u32) -> TestProcess {
+    let mut cmd = Command::new(target_bin("memshape"));
+    cmd.args([
+        "--shape",
+        shape,
+        "--mb-per-s",
+        "5",
+        "--seconds",
+        &seconds.to_string(),
+    ]);
+    TestProcess::spawn_ready(cmd)
+}
+
+/// Test that with the generic rules (no preset) a 5 MB/s leak is alerted
+/// within 60 s: a steep, clean climb does not wait for the 120 s window.
+#[test]
+fn generic_rules_catch_a_fast_leak() {
+    if !privileged("generic_rules_catch_a_fast_leak") {
+        return;
+    }
+    let dir = output_dir();
+    let leak = memshape("leak", 90);
+    let started = Instant::now();
+    let config = write_config(dir.path(), &format!("[[target]]\npid = {}\n", leak.pid()));
+    let _d = daemon(&config, &[]);
+    let alert = wait_alert(dir.path(), Duration::from_secs(60), |a| {
+        rule_is(a, "memory_growth", "firing")
+    })
+    .expect("memory_growth within 60 s of a 5 MB/s leak");
+    let msg = alert["message"].as_str().unwrap();
+    // 5 MiB/s = 315 MB/min.
+    assert!(msg.starts_with("RSS growing 3"), "{msg}");
+    eprintln!(
+        "a 5 MB/s leak alerted after {:.0} s: {msg}",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// Test that a warm-up to 300 MB followed by a flat line, and a sawtooth
+/// (5 MB/s for 8 s, then all returned, every 10 s), raise no memory alert
+/// over 3 minutes with the generic rules.
+#[test]
+fn warm_up_and_sawtooth_no_memory_alert() {
+    if !privileged("warm_up_and_sawtooth_no_memory_alert") {
+        return;
+    }
+    let dir = output_dir();
+    let warm = memshape("warmup", 200);
+    let saw = memshape("sawtooth", 200);
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "[[target]]\npid = {}\n[[target]]\npid = {}\n",
+            warm.pid(),
+            saw.pid()
+        ),
+    );
+    let _d = daemon(&config, &[]);
+    std::thread::sleep(Duration::from_secs(180));
+    let rss = rss_kib(warm.pid()).unwrap_or(0);
+    assert!(rss > 250 * 1024, "the warm-up filled its cache: {rss} KiB");
+    let fired: Vec<Value> = alerts(dir.path())
+        .into_iter()
+        .filter(|a| a["rule"] == "memory_growth")
+        .collect();
+    assert!(fired.is_empty(), "{fired:#?}");
+}
+
 /// Test that a steady LogCaster (same load, no leak) raises no memory
 /// alert in two minutes.
 #[test]
