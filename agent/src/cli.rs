@@ -73,6 +73,10 @@ pub struct WatchArgs {
     /// default 127.0.0.1:9464).
     #[arg(long, value_name = "ADDR")]
     pub metrics_addr: Option<String>,
+    /// File with the bearer token the dashboard and /metrics require
+    /// (needed to serve beyond loopback).
+    #[arg(long, value_name = "FILE")]
+    pub dashboard_token: Option<PathBuf>,
     /// Send alerts to this Alertmanager (base URL).
     #[arg(long, value_name = "URL")]
     pub alertmanager: Option<String>,
@@ -137,6 +141,9 @@ impl WatchArgs {
         }
         if let Some(a) = &self.alertmanager {
             config.alertmanager = Some(a.clone());
+        }
+        if let Some(t) = &self.dashboard_token {
+            config.dashboard_token = Some(t.clone());
         }
         if !self.formats.is_empty() {
             config.formats = dedup(&self.formats);

@@ -154,8 +154,12 @@ pub struct WatchConfig {
     pub emergency: EmergencyConfig,
     /// Where `flamewatch trigger` finds the daemon.
     pub control_socket: PathBuf,
-    /// Prometheus `/metrics` address ("off" to disable); loopback by default.
+    /// Prometheus `/metrics` and dashboard address ("off" to disable);
+    /// loopback by default.
     pub metrics_addr: String,
+    /// File holding the bearer token the dashboard and `/metrics` require;
+    /// needed to serve beyond loopback.
+    pub dashboard_token: Option<PathBuf>,
     /// Alertmanager base URL, e.g. `http://127.0.0.1:9093`.
     pub alertmanager: Option<String>,
     /// Files written per session, e.g. `["svg", "folded", "json", "pprof"]`.
@@ -191,6 +195,7 @@ impl Default for WatchConfig {
             emergency: EmergencyConfig::default(),
             control_socket: PathBuf::from(crate::control::SOCKET),
             metrics_addr: "127.0.0.1:9464".into(),
+            dashboard_token: None,
             alertmanager: None,
             formats: RecordConfig::default().formats,
             continuous_hz: 19,

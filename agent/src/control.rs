@@ -109,7 +109,7 @@ pub fn parse_request(line: &str) -> Result<Request, ControlError> {
 }
 
 /// What `flamewatch trigger` asks for.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Request {
     /// A watched process, by name…
@@ -130,6 +130,9 @@ pub struct Request {
     /// How long to wait for a configured target that is not running yet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wait_s: Option<f64>,
+    /// Also write the profile as pprof (the daemon's formats may not).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pprof: bool,
 }
 
 impl Request {
@@ -455,6 +458,7 @@ mod tests {
             since_s: None,
             freq_hz: None,
             wait_s: None,
+            pprof: false,
         };
         assert_eq!(req(0.2).duration().unwrap(), Duration::from_secs(1));
         assert_eq!(req(30.0).duration().unwrap(), Duration::from_secs(30));
@@ -578,6 +582,7 @@ mod tests {
             since_s: None,
             freq_hz: None,
             wait_s: None,
+            pprof: false,
         };
         // A duration the daemon could not turn into a session is answered
         // here, with an error naming it.

@@ -327,7 +327,11 @@ pub fn to_prometheus_text(openmetrics: &str) -> String {
 
 /// Serves `/metrics` of `exporter` on `addr` until the runtime stops.
 /// Returns the bound address (port 0 picks one).
-pub async fn serve(addr: SocketAddr, exporter: Arc<Exporter>) -> std::io::Result<SocketAddr> {
+pub async fn serve(
+    addr: SocketAddr,
+    exporter: Arc<Exporter>,
+    dashboard: Option<Arc<crate::dashboard::Dashboard>>,
+) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     if !bound.ip().is_loopback() {
@@ -369,12 +373,16 @@ pub async fn serve(addr: SocketAddr, exporter: Arc<Exporter>) -> std::io::Result
             }
         }),
     );
+    let app = match dashboard {
+        Some(d) => crate::dashboard::router(d, app),
+        None => app,
+    };
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             warn!("metrics server stopped: {e}");
         }
     });
-    info!("Prometheus metrics on http://{bound}/metrics");
+    info!("Prometheus metrics on http://{bound}/metrics (and the dashboard on http://{bound}/)");
     Ok(bound)
 }
 
@@ -424,5 +432,78 @@ mod tests {
         );
         assert!(classic.contains("# HELP flamewatch_alerts_total Alerts fired"));
         assert!(!classic.contains("# EOF"));
+    }
+
+    /// Test that dashboards/flamewatch.json (the Grafana dashboard) is valid
+    /// JSON and that every metric its queries name is one the agent exports.
+    #[test]
+    fn grafana_dashboard_names_exported_metrics() {
+        let doc: serde_json::Value =
+            serde_json::from_str(include_str!("../../dashboards/flamewatch.json")).expect("valid JSON");
+        let mut exprs = Vec::new();
+        fn collect(v: &serde_json::Value, out: &mut Vec<String>) {
+            match v {
+                serde_json::Value::Object(m) => {
+                    for (k, v) in m {
+                        match v.as_str() {
+                            Some(s) if k == "expr" || k == "query" || k == "definition" => {
+                                out.push(s.to_owned())
+                            }
+                            _ => collect(v, out),
+                        }
+                    }
+                }
+                serde_json::Value::Array(a) => a.iter().for_each(|v| collect(v, out)),
+                _ => {}
+            }
+        }
+        collect(&doc, &mut exprs);
+        assert!(exprs.len() >= 10, "{exprs:?}");
+        let e = Exporter::new();
+        let labels = TargetLabels {
+            target: "t".into(),
+            pid: "1".into(),
+        };
+        let all: Vec<(Metric, f64)> = Metric::ALL.iter().map(|&m| (m, 1.0)).collect();
+        e.set_target(&labels, &all);
+        e.set_session(
+            &labels,
+            SessionView {
+                overhead_pct: 1.0,
+                hz: 99.0,
+                lost_samples: 0,
+            },
+            0,
+        );
+        let rule = RuleLabels {
+            target: "t".into(),
+            rule: "cpu_high".into(),
+            severity: "critical".into(),
+        };
+        e.alert(&rule, true);
+        e.session_started(&SessionLabels {
+            target: "t".into(),
+            kind: "emergency".into(),
+        });
+        let exported = e.render_text();
+        let names: std::collections::BTreeSet<&str> = exported
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split(' ').next())
+            .collect();
+        for expr in &exprs {
+            let mut rest = expr.as_str();
+            while let Some(at) = rest.find("flamewatch_") {
+                let name: String = rest[at..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                assert!(
+                    names.contains(name.as_str()),
+                    "{name} (in {expr}) is not exported: {names:?}"
+                );
+                rest = &rest[at + name.len()..];
+            }
+        }
     }
 }

@@ -13,6 +13,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod dashboard;
 pub mod detect;
 pub mod doctor;
 pub mod engine;

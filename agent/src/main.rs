@@ -11,7 +11,7 @@ use tracing_subscriber::EnvFilter;
 use flamewatch::{
     alerts, cli,
     cli::{Cli, Command, RecordArgs},
-    config, control, daemon, doctor, fsafe, render, retention, sampling, session,
+    config, control, daemon, dashboard, doctor, fsafe, render, retention, sampling, session,
     session::SessionKind,
     target, tcp,
 };
@@ -160,6 +160,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
 
 async fn watch(args: cli::WatchArgs) -> Result<(), Failure> {
     let config = args.to_config().map_err(Failure::usage)?;
+    let token = dashboard::check_token(&config.metrics_addr, config.dashboard_token.as_deref())
+        .map_err(Failure::usage)?;
     if args.check {
         // The config as the daemon would run it; URLs without their secrets.
         let mut shown = config.effective();
@@ -187,7 +189,9 @@ async fn watch(args: cli::WatchArgs) -> Result<(), Failure> {
     {
         fsafe::create_dir(dir).map_err(Failure::usage)?;
     }
-    let daemon = daemon::Daemon::new(config).map_err(Failure::usage)?;
+    let daemon = daemon::Daemon::new(config)
+        .map_err(Failure::usage)?
+        .with_dashboard_token(token);
     let socket = config_socket;
     match daemon.run(&socket, stop).await {
         // Another daemon on the socket, or a path that cannot be one.
@@ -206,6 +210,7 @@ async fn trigger(args: cli::TriggerArgs) -> Result<(), Failure> {
         since_s: since,
         freq_hz: args.freq,
         wait_s: Some(args.wait.as_secs_f64()),
+        pprof: false,
     };
     // The wait, the session, its symbolization, and some slack.
     let collect = if since.is_some() {

@@ -43,6 +43,20 @@ pub enum Metric {
 }
 
 impl Metric {
+    /// Every metric, in the order charts show them.
+    pub const ALL: [Metric; 10] = [
+        Metric::CpuPct,
+        Metric::RssBytes,
+        Metric::Threads,
+        Metric::Fds,
+        Metric::CtxSwitchesPerS,
+        Metric::TcpEstablished,
+        Metric::TimeWait,
+        Metric::TimeWaitPerS,
+        Metric::ResetsPerS,
+        Metric::RecvQueueBytes,
+    ];
+
     /// Name in alerts and exports.
     pub fn name(self) -> &'static str {
         match self {

@@ -2,6 +2,8 @@
 //! processes that are killed when a test ends, running the agent, reading
 //! its reports, and the kernel's list of loaded BPF programs.
 
+pub mod browser;
+
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::TcpListener,

@@ -49,6 +49,8 @@ pub struct Sinks {
     alertmanager: Option<mpsc::Sender<AlertRecord>>,
     /// Webhook counters.
     pub webhook_stats: Arc<WebhookStats>,
+    /// The live dashboard, which shows every record as it is emitted.
+    pub dashboard: Option<Arc<crate::dashboard::Dashboard>>,
 }
 
 impl Sinks {
@@ -70,6 +72,7 @@ impl Sinks {
             webhook,
             alertmanager,
             webhook_stats: stats,
+            dashboard: None,
         }
     }
 
@@ -107,6 +110,9 @@ impl Sinks {
                 "ALERT {} ({:?}) on {who}: {}",
                 record.rule, record.severity, record.message
             ),
+        }
+        if let Some(d) = &self.dashboard {
+            d.alert(record);
         }
         if let Err(e) = append_line(&self.jsonl, &line, self.rotate_at, self.keep) {
             error!("writing {}: {e}", self.jsonl.display());

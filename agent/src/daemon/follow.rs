@@ -230,6 +230,9 @@ impl Daemon {
         self.end_sessions_of(old.pid);
         let w = &self.watched[i];
         self.exporter.remove_target(&target_labels(w, old));
+        if let Some(d) = &self.dashboard {
+            d.remove(old.pid);
+        }
         self.sampler.forget(old.pid);
         if let Some(engine) = self.engine.as_mut() {
             engine.remove_target(old.pid);

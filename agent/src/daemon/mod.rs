@@ -19,6 +19,7 @@ use std::{
     collections::HashMap,
     path::{Path, PathBuf},
     str::FromStr as _,
+    sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
 
@@ -30,6 +31,7 @@ use crate::{
     alerts::{sinks::Sinks, AlertState},
     config::{TargetConfig, WatchConfig},
     control,
+    dashboard::Dashboard,
     engine::{Engine, EngineError, EngineOptions},
     export::Exporter,
     metrics::{ProcSampler, TargetMetrics},
@@ -184,6 +186,10 @@ pub struct Daemon {
     exporter: std::sync::Arc<Exporter>,
     /// The agent's own process, for its CPU and memory.
     self_sampler: ProcSampler,
+    /// The live dashboard (served with /metrics), and its profile requests.
+    dashboard: Option<Arc<Dashboard>>,
+    asks: Option<tokio::sync::mpsc::Receiver<crate::dashboard::ProfileAsk>>,
+    dashboard_token: Option<String>,
 }
 
 /// A built-in or generic rule set for `spec` when it has none.
@@ -235,7 +241,26 @@ impl Daemon {
             // Its own TCP queues are nobody's concern (and cost a walk of
             // the kernel's TCP hash to read).
             self_sampler: ProcSampler::without_tcp_queues(),
+            dashboard: None,
+            asks: None,
+            dashboard_token: None,
         })
+    }
+
+    /// The dashboard requires `token` (checked by the caller).
+    pub fn with_dashboard_token(mut self, token: Option<String>) -> Self {
+        self.dashboard_token = token;
+        self
+    }
+
+    /// Starts the dashboard: every record and interval goes to it too.
+    fn start_dashboard(&mut self) -> Arc<Dashboard> {
+        let (d, asks) = Dashboard::new(self.config.output.clone(), self.dashboard_token.clone());
+        let d = Arc::new(d);
+        self.sinks.dashboard = Some(d.clone());
+        self.dashboard = Some(d.clone());
+        self.asks = Some(asks);
+        d
     }
 
     fn engine_options(&self) -> EngineOptions {
@@ -264,7 +289,8 @@ impl Daemon {
         if self.config.metrics_addr != "off" {
             // Validated when the configuration was read.
             if let Ok(addr) = self.config.metrics_addr.parse() {
-                if let Err(e) = crate::export::serve(addr, self.exporter.clone()).await {
+                let dashboard = self.start_dashboard();
+                if let Err(e) = crate::export::serve(addr, self.exporter.clone(), Some(dashboard)).await {
                     warn!("cannot serve metrics on {addr}: {e}");
                 }
             }
@@ -305,6 +331,7 @@ impl Daemon {
                     self.end_due(false);
                 }
                 Some((req, reply)) = control.recv() => self.on_demand(req, reply),
+                Some((req, reply)) = next_ask(&mut self.asks) => self.on_demand(req, reply),
                 Some(done) = self.finishing.join_next(), if !self.finishing.is_empty() => {
                     if let Ok(done) = done {
                         self.finished(done);
@@ -393,8 +420,21 @@ impl Daemon {
             self.exporter.set_agent(me.cpu_pct, me.rss_bytes, failed);
         }
         self.exporter.set_sessions_running(self.sessions_running());
+        if let Some(d) = &self.dashboard {
+            d.set_sessions(self.session_views());
+        }
         // The index shows the folder's alerts: rewrite it when they changed.
         crate::render::html::refresh_if_alerts_changed(&self.config.output);
+    }
+}
+
+/// The next profile request of the dashboard (never, without one).
+async fn next_ask(
+    asks: &mut Option<tokio::sync::mpsc::Receiver<crate::dashboard::ProfileAsk>>,
+) -> Option<crate::dashboard::ProfileAsk> {
+    match asks {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 

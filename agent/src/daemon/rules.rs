@@ -61,6 +61,12 @@ impl Daemon {
         }
         let labels = target_labels(&self.watched[i], process);
         self.exporter.set_target(&labels, &values);
+        if let Some(d) = &self.dashboard {
+            if !d.has_rules(&labels.target) {
+                d.set_rules(&labels.target, rule_lines(&self.watched[i].spec.rules));
+            }
+            d.tick(&labels.target, process.pid, &process.comm, &values);
+        }
         let view = self.engine.as_ref().and_then(|e| {
             let slot = e.slot(process.pid)?;
             Some(SessionView {
@@ -180,6 +186,31 @@ impl Daemon {
 }
 
 /// Metric labels of one rule of a target.
+/// The thresholds of `rules` that a chart can draw.
+pub(super) fn rule_lines(rules: &[Rule]) -> Vec<crate::dashboard::RuleLine> {
+    let line = |r: &Rule, metric: Metric, value: f64, side: &'static str| crate::dashboard::RuleLine {
+        rule: r.name.clone(),
+        metric: metric.name().to_owned(),
+        value,
+        side,
+        severity: format!("{:?}", r.severity).to_lowercase(),
+    };
+    let mut lines = Vec::new();
+    for r in rules {
+        match &r.check {
+            Check::Threshold {
+                metric, above, below, ..
+            } => {
+                lines.extend(above.map(|v| line(r, *metric, v, "above")));
+                lines.extend(below.map(|v| line(r, *metric, v, "below")));
+            }
+            Check::TimeWait { above, .. } => lines.push(line(r, Metric::TimeWait, *above, "above")),
+            _ => {}
+        }
+    }
+    lines
+}
+
 pub(super) fn rule_labels(target: &str, rule: &Rule) -> RuleLabels {
     RuleLabels {
         target: target.to_owned(),

@@ -115,6 +115,41 @@ impl Daemon {
         self.active.len() + self.finishing.len()
     }
 
+    /// The sessions collecting now, for the dashboard.
+    pub(super) fn session_views(&self) -> Vec<crate::dashboard::SessionView> {
+        let now = Instant::now();
+        self.active
+            .iter()
+            .map(|a| {
+                let length = a.config.duration.unwrap_or_default().as_secs_f64().max(1e-3);
+                let left = a.until.saturating_duration_since(now).as_secs_f64();
+                crate::dashboard::SessionView {
+                    target: self.group_target(a.target),
+                    pid: a.pid,
+                    kind: a.kind.as_str().to_owned(),
+                    progress_pct: (100.0 * (1.0 - left / length)).clamp(0.0, 100.0),
+                    hz: self
+                        .engine
+                        .as_ref()
+                        .and_then(|e| e.slot(a.pid))
+                        .map_or(0.0, |s| s.hz() as f64),
+                    left_s: left,
+                }
+            })
+            .collect()
+    }
+
+    /// The target name of slot `i`.
+    fn group_target(&self, i: usize) -> String {
+        let spec = &self.watched[i].spec;
+        spec.process.clone().unwrap_or_else(|| {
+            self.watched[i]
+                .process
+                .as_ref()
+                .map_or_else(|| spec.describe(), |p| p.comm.clone())
+        })
+    }
+
     /// When the next session's window closes.
     pub(super) fn next_end(&self) -> Option<Instant> {
         self.active.iter().map(|a| a.until).min()
@@ -181,6 +216,15 @@ impl Daemon {
                 .filter(|t| *t < s.from && *t > span_start)
                 .unwrap_or(span_start)
         });
+        if let Some(d) = &self.dashboard {
+            d.session_event(
+                "started",
+                &target_labels(&self.watched[i], process).target,
+                process.pid,
+                s.kind.as_str(),
+                &[],
+            );
+        }
         self.active.push(Active {
             target: i,
             pid: process.pid,
@@ -450,10 +494,13 @@ impl Daemon {
             .freq_hz
             .unwrap_or(RecordConfig::default().freq_hz)
             .clamp(1, crate::config::MAX_FREQ_HZ);
-        let config = RecordConfig {
+        let mut config = RecordConfig {
             freq_hz,
             ..self.session_config(&format!("{}-trigger", sanitize(&process.comm)))
         };
+        if req.pprof && !config.formats.contains(&crate::config::Format::Pprof) {
+            config.formats.push(crate::config::Format::Pprof);
+        }
         let now = SystemTime::now();
         let (from, duration) = match req.since_s.and_then(|s| Duration::try_from_secs_f64(s).ok()) {
             // A window of the past: answered at once from the recorder.
@@ -518,6 +565,10 @@ impl Daemon {
             }
         };
         let files = report.summary.files.written();
+        if let Some(d) = &self.dashboard {
+            let target = self.group_target(done.target);
+            d.session_event("finished", &target, done.pid, done.kind.as_str(), &files);
+        }
         let w = &mut self.watched[done.target];
         let firing = w.states.values().any(AlertState::is_firing);
         match done.kind {

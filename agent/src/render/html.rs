@@ -262,6 +262,34 @@ impl Index {
     }
 }
 
+/// The sessions of `dir` as JSON, newest first (at most [`MAX_SESSIONS`]):
+/// what the index lists, for the dashboard.
+pub fn session_list(dir: &Path) -> serde_json::Value {
+    let index = Index::scan(dir, SystemTime::now());
+    let rows: Vec<serde_json::Value> = index
+        .sessions
+        .iter()
+        .map(|r| {
+            let target = r.doc.targets.first();
+            serde_json::json!({
+                "stem": r.stem,
+                "kind": r.doc.session.kind,
+                "mode": r.doc.mode,
+                "started_at": r.doc.session.started_at,
+                "duration_s": r.doc.session.duration_s,
+                "pid": target.map(|t| t.pid),
+                "comm": target.map(|t| t.comm.clone()),
+                "samples": r.doc.sampling.samples,
+                "top": r.doc.top_functions.first().map(|f| (f.name.clone(), f.self_pct)),
+                "svg": r.svg,
+                "diff_svg": r.diff_svg,
+                "files": r.others.iter().map(|(_, name)| name.clone()).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    serde_json::json!({ "sessions": rows, "older": index.older_sessions })
+}
+
 /// `20261122T031500Z` at the end of a summary's stem, for ordering files
 /// before parsing them.
 fn stem_timestamp(stem: &str) -> &str {
