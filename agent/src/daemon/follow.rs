@@ -60,6 +60,9 @@ impl Daemon {
         if w.process.as_ref().is_some_and(Target::is_alive) {
             return;
         }
+        // A crash of the process is reported before its history goes.
+        self.crashes();
+        let w = &mut self.watched[i];
         let old = w.process.take();
         if let Some(old) = &old {
             self.forget_process(i, old);

@@ -11,6 +11,7 @@
 //!   emergency) as windows over the recorder, at most `max_sessions` at once;
 //! - the control socket, bound after the first discovery pass.
 
+mod crash;
 mod follow;
 mod rules;
 mod sessions;
@@ -136,6 +137,8 @@ pub struct Daemon {
     exporter: std::sync::Arc<Exporter>,
     /// The agent's own process, for its CPU and memory.
     self_sampler: ProcSampler,
+    /// Crash alerts firing until their target is back.
+    open_crashes: crash::OpenCrashes,
 }
 
 /// A built-in or generic rule set for `spec` when it has none.
@@ -198,6 +201,7 @@ impl Daemon {
             // Its own TCP queues are nobody's concern (and cost a walk of
             // the kernel's TCP hash to read).
             self_sampler: ProcSampler::without_tcp_queues(),
+            open_crashes: crash::OpenCrashes::default(),
         })
     }
 
@@ -237,6 +241,7 @@ impl Daemon {
         let listener = control::Listener::bind(socket)?;
         let mut engine = Engine::start(self.engine_options())?;
         engine.start_tcp();
+        engine.start_crash_capture();
         self.engine = Some(engine);
         // The first discovery pass before serving: a trigger that comes as
         // soon as the socket exists finds its running target.
@@ -309,6 +314,7 @@ impl Daemon {
             }
             Err(e) => warn!("draining the kernel's aggregates: {e}"),
         }
+        self.crashes();
     }
 
     /// One interval: targets, metrics, rules, schedules.

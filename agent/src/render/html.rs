@@ -896,6 +896,7 @@ mod tests {
             profile: None,
             blocked: Vec::new(),
             top_threads: Vec::new(),
+            stack: Vec::new(),
         }
     }
 
@@ -970,6 +971,7 @@ mod tests {
                 .display()
                 .to_string(),
             diff_svg: Some("/elsewhere/baseline-gone.diff.svg".into()),
+            crash: None,
         });
         lines.push(serde_json::to_string(&firing).expect("json"));
         lines.push(
