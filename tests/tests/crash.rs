@@ -117,10 +117,7 @@ fn logcaster_crash_alert() {
     let server = crashing_logcaster(dir.path(), &name, port);
     let (hook, hooked) = http_receiver("/alerts");
     let (am, am_bodies) = http_receiver("");
-    let config = write_config(
-        dir.path(),
-        &format!("[[target]]\nprocess = {name:?}\n"),
-    );
+    let config = write_config(dir.path(), &format!("[[target]]\nprocess = {name:?}\n"));
     let _d = daemon(dir.path(), &config, &["--webhook", &hook, "--alertmanager", &am]);
     let crashed_at = Instant::now();
     send_malformed_line(port);
@@ -135,14 +132,24 @@ fn logcaster_crash_alert() {
     assert!(after <= Duration::from_secs(5), "alert after {after:?}");
     assert_eq!(alert["severity"], "emergency", "{alert:#}");
     let stack = frames(&alert);
-    assert_eq!(stack.first().map(String::as_str), Some("parse_level"), "{alert:#}");
+    assert_eq!(
+        stack.first().map(String::as_str),
+        Some("parse_level"),
+        "{alert:#}"
+    );
     assert!(called_by(&stack, "parse_level", "ingest_line"), "{stack:?}");
-    assert!(alert["message"].as_str().unwrap().contains("SIGSEGV"), "{alert:#}");
+    assert!(
+        alert["message"].as_str().unwrap().contains("SIGSEGV"),
+        "{alert:#}"
+    );
     let report_path = PathBuf::from(alert["profile"]["crash"].as_str().expect("profile.crash"));
     let report = read_json(&report_path);
     assert_eq!(report["signal_name"], "SIGSEGV");
     assert_eq!(report["fault_address"], "0x0", "the NULL dereference's address");
-    assert!(report["thread"].as_str().unwrap().starts_with("worker-"), "{report:#}");
+    assert!(
+        report["thread"].as_str().unwrap().starts_with("worker-"),
+        "{report:#}"
+    );
     assert!(called_by(&frames(&report), "parse_level", "ingest_line"));
     let text = std::fs::read_to_string(report_path.with_extension("txt")).unwrap();
     assert!(text.contains("#1  ingest_line"), "{text}");
@@ -155,13 +162,15 @@ fn logcaster_crash_alert() {
         "the webhook got the alert with its stack"
     );
     assert!(
-        wait_until(Duration::from_secs(5), || am_bodies.lock().unwrap().iter().any(|b| {
-            b.as_array().is_some_and(|a| {
-                a.iter().any(|x| {
-                    x["labels"]["alertname"] == "crashed" && x["annotations"]["crash_report"].is_string()
+        wait_until(Duration::from_secs(5), || am_bodies.lock().unwrap().iter().any(
+            |b| {
+                b.as_array().is_some_and(|a| {
+                    a.iter().any(|x| {
+                        x["labels"]["alertname"] == "crashed" && x["annotations"]["crash_report"].is_string()
+                    })
                 })
-            })
-        })),
+            }
+        )),
         "Alertmanager got the alert with the report"
     );
 }
@@ -193,12 +202,18 @@ fn game_server_abort_alert() {
         "the server aborted"
     );
     let alert = wait_alert(dir.path(), "crashed", Duration::from_secs(5)).expect("a crashed alert");
-    assert!(alert["message"].as_str().unwrap().contains("SIGABRT"), "{alert:#}");
+    assert!(
+        alert["message"].as_str().unwrap().contains("SIGABRT"),
+        "{alert:#}"
+    );
     let stack = frames(&alert);
     assert!(called_by(&stack, "resolve_contacts", "physics_step"), "{stack:?}");
     let report = read_json(Path::new(alert["profile"]["crash"].as_str().unwrap()));
     assert_eq!(report["signal"], 6);
-    assert!(report.get("fault_address").is_none(), "an abort has no fault address");
+    assert!(
+        report.get("fault_address").is_none(),
+        "an abort has no fault address"
+    );
 }
 
 /// A memory cgroup limited to `bytes`, removed when dropped: cgroup v2
@@ -210,7 +225,8 @@ struct MemoryCgroup {
 impl MemoryCgroup {
     fn new(name: &str, bytes: u64) -> Self {
         let v2 = Path::new("/sys/fs/cgroup");
-        let v2_memory = std::fs::read_to_string(v2.join("cgroup.controllers")).is_ok_and(|c| c.contains("memory"));
+        let v2_memory =
+            std::fs::read_to_string(v2.join("cgroup.controllers")).is_ok_and(|c| c.contains("memory"));
         let (dir, limit) = if v2_memory {
             (v2.join(name), "memory.max")
         } else {
@@ -263,11 +279,21 @@ fn oom_kill_alert() {
     );
     let alert = wait_alert(dir.path(), "oom_killed", Duration::from_secs(5)).expect("an oom_killed alert");
     assert_eq!(alert["severity"], "emergency");
-    assert!(alert["message"].as_str().unwrap().contains("OOM killer"), "{alert:#}");
+    assert!(
+        alert["message"].as_str().unwrap().contains("OOM killer"),
+        "{alert:#}"
+    );
     let report = read_json(Path::new(alert["profile"]["crash"].as_str().unwrap()));
     let rss = report["anon_rss_bytes"].as_u64().unwrap();
-    assert!((32 << 20..=64 << 20).contains(&rss), "anonymous memory {rss} at the kill");
-    eprintln!("killed {:?} after the leak began, {} MiB", started.elapsed(), rss >> 20);
+    assert!(
+        (32 << 20..=64 << 20).contains(&rss),
+        "anonymous memory {rss} at the kill"
+    );
+    eprintln!(
+        "killed {:?} after the leak began, {} MiB",
+        started.elapsed(),
+        rss >> 20
+    );
 }
 
 /// Test that `record` on a target that crashes mid-session prints the crash
@@ -293,10 +319,16 @@ fn record_prints_crash_stack() {
     send_malformed_line(port);
     let started = Instant::now();
     let out = rec.wait_with_output().unwrap();
-    assert!(started.elapsed() < Duration::from_secs(10), "the session ends with its target");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the session ends with its target"
+    );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("crashed: SIGSEGV (SEGV_MAPERR) at 0x0"), "{stderr}");
+    assert!(
+        stderr.contains("crashed: SIGSEGV (SEGV_MAPERR) at 0x0"),
+        "{stderr}"
+    );
     assert!(stderr.contains("#0  parse_level\n  #1  ingest_line"), "{stderr}");
     let reports = printed_files(&out.stdout, "crash.json");
     assert_eq!(reports.len(), 1, "{}", String::from_utf8_lossy(&out.stdout));

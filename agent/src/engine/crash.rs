@@ -146,14 +146,7 @@ impl Engine {
         let slot = self.slots.get(&pid);
         let comm = slot.map_or_else(|| crash::comm(&e.comm), |s| s.target.comm.clone());
         let maps = slot.map_or_else(MapsCache::default, |s| s.maps.clone());
-        let mut raw = RawProfile::default();
-        for i in self.window(pid, at - PROFILE_BEFORE, at) {
-            raw.merge(i.cpu);
-        }
-        let profile_seconds = slot
-            .and_then(|s| s.recorder.window(at - PROFILE_BEFORE, at).first().map(|i| i.from))
-            .and_then(|from| at.duration_since(from).ok())
-            .map_or(0.0, |d| d.as_secs_f64().min(PROFILE_BEFORE.as_secs_f64()));
+        let (raw, profile_seconds) = self.last_minute(pid, at);
         // One lookup for the crash's stacks and the profile's.
         let user_key = RawSampleKey {
             tgid: pid,
@@ -185,8 +178,6 @@ impl Engine {
                 .collect()
         };
         let profile = Profile::build(&raw, pid, &symbols, &opts);
-        let mut stacks: Vec<(&Vec<Arc<str>>, Weight)> = profile.stacks.iter().map(|(k, w)| (k, *w)).collect();
-        stacks.sort_by(|a, b| b.1.period_ns.cmp(&a.1.period_ns));
         let thread = match crash::comm(&e.comm) {
             name if !name.is_empty() => name,
             _ => slot
@@ -221,16 +212,24 @@ impl Engine {
             },
             profile_seconds,
             profile_samples: profile.total().samples,
-            profile: stacks
-                .into_iter()
-                .take(MAX_PROFILE_STACKS)
-                .map(|(frames, w)| FoldedStack {
-                    stack: frames.iter().map(|f| f.as_ref()).collect::<Vec<_>>().join(";"),
-                    samples: w.samples,
-                })
-                .collect(),
+            profile: heaviest(&profile),
             metrics: Default::default(),
         }
+    }
+
+    /// The CPU samples of `pid`'s flight recorder in the minute before
+    /// `at`, and how many seconds it covers.
+    fn last_minute(&self, pid: u32, at: SystemTime) -> (RawProfile, f64) {
+        let intervals = self.window(pid, at - PROFILE_BEFORE, at);
+        let seconds = intervals
+            .first()
+            .and_then(|i| at.duration_since(i.from).ok())
+            .map_or(0.0, |d| d.as_secs_f64().min(PROFILE_BEFORE.as_secs_f64()));
+        let mut raw = RawProfile::default();
+        for i in intervals {
+            raw.merge(i.cpu);
+        }
+        (raw, seconds)
     }
 
     /// The crashing thread's user stack and how it was unwound: the DWARF
@@ -262,6 +261,20 @@ impl Engine {
         let fixed = self.sampler.fix_leaf(e.tgid, fp, e.leaf_ret, e.leaf_offset);
         (fixed, how.into())
     }
+}
+
+/// The profile's heaviest stacks, folded.
+fn heaviest(profile: &Profile) -> Vec<FoldedStack> {
+    let mut stacks: Vec<(&Vec<Arc<str>>, Weight)> = profile.stacks.iter().map(|(k, w)| (k, *w)).collect();
+    stacks.sort_by_key(|s| std::cmp::Reverse(s.1.period_ns));
+    stacks
+        .into_iter()
+        .take(MAX_PROFILE_STACKS)
+        .map(|(frames, w)| FoldedStack {
+            stack: frames.iter().map(|f| f.as_ref()).collect::<Vec<_>>().join(";"),
+            samples: w.samples,
+        })
+        .collect()
 }
 
 /// The wall-clock time of a `bpf_ktime_get_ns` reading.
