@@ -130,6 +130,7 @@ fn logcaster_crash_alert() {
     let alert = wait_alert(dir.path(), "crashed", Duration::from_secs(8)).expect("a crashed alert");
     let after = crashed_at.elapsed();
     assert!(after <= Duration::from_secs(5), "alert after {after:?}");
+    eprintln!("crashed alert {after:?} after the malformed line");
     assert_eq!(alert["severity"], "emergency", "{alert:#}");
     let stack = frames(&alert);
     assert_eq!(
