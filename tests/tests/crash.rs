@@ -338,3 +338,45 @@ fn record_prints_crash_stack() {
     assert!(svg.iter().any(|p| p.exists()), "the session's flamegraph");
     drop(server);
 }
+
+/// Test that a target exiting with a non-zero status raises an `exited`
+/// emergency with that status, and one exiting with 0 raises none.
+#[test]
+fn failed_exit_alert() {
+    if !privileged("failed_exit_alert") {
+        return;
+    }
+    let dir = output_dir();
+    let shell = |status: u32| {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", &format!("echo ready; sleep 8; exit {status}")]);
+        TestProcess::spawn_ready(cmd)
+    };
+    let (failing, clean) = (shell(3), shell(0));
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "[[target]]\npid = {}\n[[target]]\npid = {}\n",
+            failing.pid(),
+            clean.pid()
+        ),
+    );
+    let _d = daemon(dir.path(), &config, &[]);
+    assert!(failing.wait_with_timeout(Duration::from_secs(15)).is_some());
+    assert!(clean.wait_with_timeout(Duration::from_secs(5)).is_some());
+    let alert = wait_alert(dir.path(), "exited", Duration::from_secs(5)).expect("an exited alert");
+    assert_eq!(alert["value"], 3.0, "{alert:#}");
+    assert!(
+        alert["message"]
+            .as_str()
+            .unwrap()
+            .contains("exited with status 3"),
+        "{alert:#}"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let exited: Vec<_> = alerts(dir.path())
+        .into_iter()
+        .filter(|a| a["rule"] == "exited")
+        .collect();
+    assert_eq!(exited.len(), 1, "only the failing one: {exited:#?}");
+}
