@@ -85,11 +85,11 @@ fn send_malformed_line(port: u16) {
     std::thread::sleep(Duration::from_millis(300));
 }
 
-/// LogCaster (a copy named `name`, so the daemon follows it by name) with
-/// the crash incident.
-fn crashing_logcaster(dir: &Path, name: &str, port: u16) -> TestProcess {
+/// LogCaster (the target program `program`, copied as `name` so that the
+/// daemon follows it by name) with the crash incident.
+fn crashing_logcaster(dir: &Path, program: &str, name: &str, port: u16) -> TestProcess {
     let bin = dir.join(name);
-    std::fs::copy(target_bin("logcaster"), &bin).unwrap();
+    std::fs::copy(target_bin(program), &bin).unwrap();
     let mut cmd = Command::new(&bin);
     cmd.args([
         "--port",
@@ -114,7 +114,7 @@ fn logcaster_crash_alert() {
     let dir = output_dir();
     let name = format!("lcx{}", std::process::id() % 100_000);
     let port = free_tcp_port();
-    let server = crashing_logcaster(dir.path(), &name, port);
+    let server = crashing_logcaster(dir.path(), "logcaster", &name, port);
     let (hook, hooked) = http_receiver("/alerts");
     let (am, am_bodies) = http_receiver("");
     let config = write_config(dir.path(), &format!("[[target]]\nprocess = {name:?}\n"));
@@ -298,20 +298,47 @@ fn oom_kill_alert() {
 }
 
 /// Test that `record` on a target that crashes mid-session prints the crash
-/// stack, writes the crash report, and still writes its profile.
+/// stack, writes the crash report, and still writes its profile: DWARF
+/// unwinding (LogCaster as shipped) and frame pointers (`logcaster-fp`).
 #[test]
 fn record_prints_crash_stack() {
     if !privileged("record_prints_crash_stack") {
         return;
     }
-    let dir = output_dir();
-    let port = free_tcp_port();
-    let server = crashing_logcaster(dir.path(), "logcaster", port);
-    let out_dir = dir.path().join("out");
-    let pid = server.pid().to_string();
+    for (bin, unwind) in [("logcaster", "DWARF"), ("logcaster-fp", "frame pointers")] {
+        let dir = output_dir();
+        let port = free_tcp_port();
+        let server = crashing_logcaster(dir.path(), bin, bin, port);
+        let out = record_until_crash(server.pid(), port, &dir.path().join("out"));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("crashed: SIGSEGV (SEGV_MAPERR) at 0x0"),
+            "{stderr}"
+        );
+        assert!(
+            stderr.contains(&format!("unwound by {unwind}:")),
+            "{bin}: {stderr}"
+        );
+        assert!(
+            stderr.contains("#0  parse_level\n  #1  ingest_line"),
+            "{bin}: {stderr}"
+        );
+        let reports = printed_files(&out.stdout, "crash.json");
+        assert_eq!(reports.len(), 1, "{}", String::from_utf8_lossy(&out.stdout));
+        assert_eq!(read_json(&reports[0])["kind"], "crashed");
+        let svg = printed_files(&out.stdout, "svg");
+        assert!(svg.iter().any(|p| p.exists()), "the session's flamegraph");
+        drop(server);
+    }
+}
+
+/// `flamewatch record` of `pid` into `out_dir`, sending the malformed line
+/// once it is attached; its output once the session ended with its target.
+fn record_until_crash(pid: u32, port: u16, out_dir: &Path) -> std::process::Output {
+    let pid = pid.to_string();
     let mut cmd = Command::new(flamewatch_bin());
     cmd.args(["record", "--pid", &pid, "--duration", "30s", "--output"])
-        .arg(&out_dir)
+        .arg(out_dir)
         .env("RUST_LOG", "info")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -325,18 +352,7 @@ fn record_prints_crash_stack() {
         "the session ends with its target"
     );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("crashed: SIGSEGV (SEGV_MAPERR) at 0x0"),
-        "{stderr}"
-    );
-    assert!(stderr.contains("#0  parse_level\n  #1  ingest_line"), "{stderr}");
-    let reports = printed_files(&out.stdout, "crash.json");
-    assert_eq!(reports.len(), 1, "{}", String::from_utf8_lossy(&out.stdout));
-    assert_eq!(read_json(&reports[0])["kind"], "crashed");
-    let svg = printed_files(&out.stdout, "svg");
-    assert!(svg.iter().any(|p| p.exists()), "the session's flamegraph");
-    drop(server);
+    out
 }
 
 /// Test that a target exiting with a non-zero status raises an `exited`
