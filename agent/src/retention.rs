@@ -334,6 +334,8 @@ mod tests {
             "diff.svg",
             "before-after.svg",
             "baseline.folded",
+            "crash.json",
+            "crash.txt",
         ] {
             assert_eq!(stem_of(&format!("{s}.{ext}")), Some(s), "{ext}");
         }
