@@ -215,6 +215,15 @@ fn game_server_abort_alert() {
         report.get("fault_address").is_none(),
         "an abort has no fault address"
     );
+    // The flight recorder's minute before the abort, the tick loop in it.
+    assert!(report["profile_samples"].as_u64().unwrap() > 0, "{report:#}");
+    let profile = report["profile"].as_array().unwrap();
+    assert!(
+        profile
+            .iter()
+            .any(|s| s["stack"].as_str().unwrap().contains("physics_step")),
+        "{report:#}"
+    );
 }
 
 /// A memory cgroup limited to `bytes`, removed when dropped: cgroup v2

@@ -1,9 +1,10 @@
 //! The engine's part of crash capture: attach the crash programs once,
 //! and turn their events into symbolized [`Crash`]es while the target's
 //! slot — its mappings, leaf fix-up tables, flight recorder — still exists
-//! (the events are collected at the start of every drain and before a
-//! target is removed, so a crashing process that disappears at once is
-//! still symbolized from the mappings captured at its last tick).
+//! (the events are collected at every drain, once its intervals are
+//! recorded, and before a target is removed, so a crashing process that
+//! disappears at once is still symbolized from the mappings captured at
+//! its last tick, and its report has its last interval).
 
 use std::{
     collections::{HashMap, VecDeque},

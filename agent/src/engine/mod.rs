@@ -548,8 +548,6 @@ impl Engine {
 
     /// Drains the kernel (and the unwinder) and records the interval.
     fn drain_and_record(&mut self, how: Drain) -> Result<Vec<u32>, EngineError> {
-        // First: a target found gone below loses its leaf fix-up tables.
-        self.collect_crashes();
         let mut raw = RawProfile::default();
         let mut off_raw = RawProfile::default();
         let mut processing_ns = 0;
@@ -731,6 +729,9 @@ impl Engine {
             slot.claim
                 .update((c.overhead_pct * 1000.0).round() / 1000.0, slot.governor.hz());
         }
+        // With the last interval of a crashed target in its recorder, and
+        // its slot (mappings, leaf fix-up tables) still there.
+        self.collect_crashes();
         for pid in &gone {
             self.sampler.remove_target(*pid);
             if let Some(o) = self.offcpu.as_mut() {
