@@ -60,7 +60,8 @@ pub fn load_for(dwarf: bool, off_cpu: bool, max_hz: Option<u64>) -> Result<Ebpf,
         .map_max_entries("STACK_SAMPLES", ring)
         // This kernel's tracepoint record offsets (read-only globals).
         .override_global("TCP_LAYOUT", &layouts.tcp, true)
-        .override_global("SCHED_LAYOUT", &layouts.sched, true);
+        .override_global("SCHED_LAYOUT", &layouts.sched, true)
+        .override_global("CRASH_LAYOUT", &layouts.crash, true);
     if !off_cpu {
         for map in ["OFFCPU_COUNTS", "OFFCPU_STACKS", "OFFCPU_START"] {
             loader.map_max_entries(map, 1);
@@ -103,6 +104,7 @@ pub fn load_with_aggregation_entries(entries: u32) -> Result<Ebpf, BpfError> {
         .map_max_entries("STACK_SAMPLES", 4096)
         .override_global("TCP_LAYOUT", &layouts.tcp, true)
         .override_global("SCHED_LAYOUT", &layouts.sched, true)
+        .override_global("CRASH_LAYOUT", &layouts.crash, true)
         .map_max_entries("COUNTS_0", entries)
         .map_max_entries("COUNTS_1", entries)
         .load(OBJECT)?)

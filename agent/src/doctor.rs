@@ -86,6 +86,10 @@ fn without(feature: Feature) -> &'static str {
         Feature::TcpResetsReceived => "resets received not counted",
         Feature::TcpResetsSent => "resets sent not counted; a TIME_WAIT entry ended by a RST stays counted",
         Feature::OffCpu => "--mode offcpu and wall exit with an error; CPU profiles work",
+        Feature::CrashSignals => "crashes and aborts are not captured (no `crashed` alert)",
+        Feature::FaultAddresses => "crash reports carry no fault address",
+        Feature::OomKills => "OOM kills are not captured (no `oom_killed` alert)",
+        Feature::ExitCodes | Feature::ProcessExits => "failed exits are not captured (no `exited` alert)",
     }
 }
 

@@ -1,7 +1,8 @@
 //! The running kernel's tracepoint record layouts, read once from the
 //! format files (/sys/kernel/tracing/events/<category>/<name>/format) and
-//! handed to the programs as the load-time globals `TCP_LAYOUT` and
-//! `SCHED_LAYOUT` (ebpf/src/tcp.rs, ebpf/src/offcpu.rs).
+//! handed to the programs as the load-time globals `TCP_LAYOUT`,
+//! `SCHED_LAYOUT` and `CRASH_LAYOUT` (ebpf/src/tcp.rs, ebpf/src/offcpu.rs,
+//! ebpf/src/crash.rs).
 //!
 //! A field the programs need but this kernel lacks turns off the feature
 //! that reads it (warned once, naming the feature and the kernel); the rest
@@ -13,7 +14,10 @@ use std::{
     sync::{Mutex, OnceLock},
 };
 
-use flamewatch_common::tcp::{send_reset_form, SchedLayout, TcpLayout, ABSENT};
+use flamewatch_common::{
+    crash::CrashLayout,
+    tcp::{send_reset_form, SchedLayout, TcpLayout, ABSENT},
+};
 use tracing::warn;
 
 use crate::tcp::attach::{ensure_tracefs, parse_format, Format};
@@ -29,15 +33,30 @@ pub enum Feature {
     TcpResetsSent,
     /// Off-CPU and wall profiles (`sched/sched_switch`).
     OffCpu,
+    /// Crash and abort capture (`signal/signal_generate`).
+    CrashSignals,
+    /// The fault address of a crash (`exceptions/page_fault_user`).
+    FaultAddresses,
+    /// OOM kills (`oom/mark_victim`).
+    OomKills,
+    /// Exit statuses (`syscalls/sys_enter_exit_group`).
+    ExitCodes,
+    /// Process exits (`sched/sched_process_exit`).
+    ProcessExits,
 }
 
 impl Feature {
     /// Every feature, in report order.
-    pub const ALL: [Feature; 4] = [
+    pub const ALL: [Feature; 9] = [
         Feature::TcpStates,
         Feature::TcpResetsReceived,
         Feature::TcpResetsSent,
         Feature::OffCpu,
+        Feature::CrashSignals,
+        Feature::FaultAddresses,
+        Feature::OomKills,
+        Feature::ExitCodes,
+        Feature::ProcessExits,
     ];
 
     /// The tracepoint, `category/name`.
@@ -47,6 +66,11 @@ impl Feature {
             Feature::TcpResetsReceived => "tcp/tcp_receive_reset",
             Feature::TcpResetsSent => "tcp/tcp_send_reset",
             Feature::OffCpu => "sched/sched_switch",
+            Feature::CrashSignals => "signal/signal_generate",
+            Feature::FaultAddresses => "exceptions/page_fault_user",
+            Feature::OomKills => "oom/mark_victim",
+            Feature::ExitCodes => "syscalls/sys_enter_exit_group",
+            Feature::ProcessExits => "sched/sched_process_exit",
         }
     }
 
@@ -57,6 +81,11 @@ impl Feature {
             Feature::TcpResetsReceived => "TCP resets received",
             Feature::TcpResetsSent => "TCP resets sent",
             Feature::OffCpu => "off-CPU profiles",
+            Feature::CrashSignals => "crash capture",
+            Feature::FaultAddresses => "crash fault addresses",
+            Feature::OomKills => "OOM kill capture",
+            Feature::ExitCodes => "exit status capture",
+            Feature::ProcessExits => "process exit capture",
         }
     }
 }
@@ -68,6 +97,8 @@ pub struct Layouts {
     pub tcp: TcpLayout,
     /// For `SCHED_LAYOUT`.
     pub sched: SchedLayout,
+    /// For `CRASH_LAYOUT`.
+    pub crash: CrashLayout,
     /// Features this kernel's records cannot serve, with why.
     pub missing: Vec<(Feature, String)>,
 }
@@ -118,8 +149,14 @@ pub fn warn_missing_once(feature: Feature, why: &str) {
 pub fn resolve(tracefs: &Path) -> Layouts {
     let mut layouts = Layouts::default();
     for feature in Feature::ALL {
-        let result = read_format(tracefs, feature.tracepoint())
-            .and_then(|format| apply(feature, &format, &mut layouts.tcp, &mut layouts.sched));
+        let result = read_format(tracefs, feature.tracepoint()).and_then(|format| match feature {
+            Feature::CrashSignals
+            | Feature::FaultAddresses
+            | Feature::OomKills
+            | Feature::ExitCodes
+            | Feature::ProcessExits => apply_crash(feature, &format, &mut layouts.crash),
+            _ => apply(feature, &format, &mut layouts.tcp, &mut layouts.sched),
+        });
         if let Err(why) = result {
             layouts
                 .missing
@@ -182,6 +219,38 @@ fn apply(feature: Feature, f: &Format, tcp: &mut TcpLayout, sched: &mut SchedLay
             sched.prev_state = required(f, "prev_state", 8)?;
             sched.next_pid = required(f, "next_pid", 4)?;
         }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Fills the crash programs' part of the layouts. A missing field turns
+/// its feature off; the program then reads zero there (`ABSENT`), which
+/// each program treats as "no event" (or, for `group_dead`, falls back to
+/// the leader's exit).
+fn apply_crash(feature: Feature, f: &Format, crash: &mut CrashLayout) -> Result<(), String> {
+    let get = |name: &str, size: usize, slot: &mut u32| -> Result<(), String> {
+        let r = required(f, name, size);
+        *slot = *r.as_ref().unwrap_or(&ABSENT);
+        r.map(|_| ())
+    };
+    match feature {
+        Feature::CrashSignals => {
+            get("sig", 4, &mut crash.sig)?;
+            get("code", 4, &mut crash.code)?;
+            get("pid", 4, &mut crash.sig_pid)?;
+        }
+        Feature::FaultAddresses => {
+            get("address", 8, &mut crash.pf_address)?;
+            get("ip", 8, &mut crash.pf_ip)?;
+        }
+        Feature::OomKills => {
+            get("pid", 4, &mut crash.oom_pid)?;
+            crash.oom_anon_rss = optional(f, "anon_rss", 8);
+        }
+        Feature::ExitCodes => get("error_code", 8, &mut crash.exit_error_code)?,
+        Feature::ProcessExits => crash.exit_group_dead = optional(f, "group_dead", 1),
+        _ => {}
     }
     Ok(())
 }
@@ -285,5 +354,37 @@ format:
         assert!(layouts.missing.is_empty(), "{:?}", layouts.missing);
         assert_eq!(layouts.tcp, TcpLayout::DEFAULT);
         assert_eq!(layouts.sched, SchedLayout::DEFAULT);
+        assert_eq!(layouts.crash, CrashLayout::DEFAULT);
+    }
+
+    /// signal_generate with its fields moved (a kernel that added one
+    /// before them).
+    const SIGNAL_MOVED: &str = "name: signal_generate
+format:
+\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
+\tfield:int common_pid;\toffset:4;\tsize:4;\tsigned:1;
+
+\tfield:int extra;\toffset:8;\tsize:4;\tsigned:1;
+\tfield:int sig;\toffset:12;\tsize:4;\tsigned:1;
+\tfield:int errno;\toffset:16;\tsize:4;\tsigned:1;
+\tfield:int code;\toffset:20;\tsize:4;\tsigned:1;
+\tfield:char comm[16];\toffset:24;\tsize:16;\tsigned:0;
+\tfield:pid_t pid;\toffset:40;\tsize:4;\tsigned:1;
+";
+
+    /// Test that the crash programs' offsets come from the format file, not
+    /// the compiled-in values, and that a missing field turns off only its
+    /// feature and reads as absent.
+    #[test]
+    fn crash_offsets_from_the_format() {
+        let mut crash = CrashLayout::DEFAULT;
+        apply_crash(Feature::CrashSignals, &parse_format(SIGNAL_MOVED), &mut crash).unwrap();
+        assert_eq!((crash.sig, crash.code, crash.sig_pid), (12, 20, 40));
+        let no_pid = SIGNAL_MOVED.replace("pid_t pid;", "pid_t who;");
+        let err = apply_crash(Feature::CrashSignals, &parse_format(&no_pid), &mut crash).unwrap_err();
+        assert!(err.contains("no field pid"), "{err}");
+        assert_eq!(crash.sig_pid, ABSENT);
+        // Other features keep their offsets.
+        assert_eq!(crash.pf_address, CrashLayout::DEFAULT.pf_address);
     }
 }

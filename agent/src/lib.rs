@@ -12,6 +12,7 @@ pub mod bpf;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod crash;
 pub mod daemon;
 pub mod dashboard;
 pub mod detect;

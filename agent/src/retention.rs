@@ -27,6 +27,8 @@ use crate::{
 const EXTENSIONS: &[&str] = &[
     ".before-after.svg",
     ".baseline.folded",
+    ".crash.json",
+    ".crash.txt",
     ".diff.svg",
     ".pb.gz",
     ".folded",
@@ -215,7 +217,9 @@ pub fn firing_profiles(alerts: &Path) -> HashSet<String> {
         let key = (r.target.pid, r.rule.clone());
         match r.status {
             Status::Firing => {
-                firing.insert(key, Vec::new());
+                // A crash alert links its report in the firing record.
+                let crash = r.profile.and_then(|p| p.crash);
+                firing.insert(key, crash.into_iter().collect());
             }
             Status::Resolved => {
                 firing.remove(&key);
@@ -330,6 +334,8 @@ mod tests {
             "diff.svg",
             "before-after.svg",
             "baseline.folded",
+            "crash.json",
+            "crash.txt",
         ] {
             assert_eq!(stem_of(&format!("{s}.{ext}")), Some(s), "{ext}");
         }

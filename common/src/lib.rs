@@ -6,6 +6,8 @@
 //! implement `aya::Pod` so the agent can read them out of maps.
 #![no_std]
 
+pub mod crash;
+
 pub mod offcpu;
 
 pub mod tcp;
@@ -55,6 +57,9 @@ pub mod sample_flags {
     /// header's `_pad` carries the sequence number of the block, and an
     /// [`super::offcpu::OffEnd`] with that number follows when it ends.
     pub const OFFCPU_BEGIN: u32 = 1 << 2;
+    /// Not a CPU sample: the stack of a target thread raising a fatal
+    /// signal; `_pad` carries the `seq` of its [`super::crash::CrashEvent`].
+    pub const CRASH: u32 = 1 << 3;
 }
 
 /// What a DWARF sample sends to userspace: registers, kernel stack, and the

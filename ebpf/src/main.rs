@@ -3,6 +3,7 @@
 #![no_std]
 #![no_main]
 
+mod crash;
 mod leaf;
 mod maps;
 mod offcpu;
@@ -47,6 +48,41 @@ pub fn flamewatch_tcp_rst_out(ctx: aya_ebpf::programs::TracePointContext) -> u32
 #[aya_ebpf::macros::tracepoint]
 pub fn flamewatch_offcpu(ctx: aya_ebpf::programs::TracePointContext) -> u32 {
     let _ = offcpu::try_sched_switch(&ctx);
+    0
+}
+
+/// Fatal signals of target threads (`signal/signal_generate`).
+#[aya_ebpf::macros::tracepoint]
+pub fn flamewatch_crash_signal(ctx: aya_ebpf::programs::TracePointContext) -> u32 {
+    let _ = crash::try_signal_generate(&ctx);
+    0
+}
+
+/// Target threads' last user page fault (`exceptions/page_fault_user`).
+#[aya_ebpf::macros::tracepoint]
+pub fn flamewatch_crash_fault(ctx: aya_ebpf::programs::TracePointContext) -> u32 {
+    let _ = crash::try_page_fault_user(&ctx);
+    0
+}
+
+/// OOM kills of targets (`oom/mark_victim`).
+#[aya_ebpf::macros::tracepoint]
+pub fn flamewatch_crash_oom(ctx: aya_ebpf::programs::TracePointContext) -> u32 {
+    let _ = crash::try_mark_victim(&ctx);
+    0
+}
+
+/// Exit statuses of targets (`syscalls/sys_enter_exit_group`).
+#[aya_ebpf::macros::tracepoint]
+pub fn flamewatch_crash_exit_group(ctx: aya_ebpf::programs::TracePointContext) -> u32 {
+    let _ = crash::try_exit_group(&ctx);
+    0
+}
+
+/// Exits of targets' last threads (`sched/sched_process_exit`).
+#[aya_ebpf::macros::tracepoint]
+pub fn flamewatch_crash_exit(ctx: aya_ebpf::programs::TracePointContext) -> u32 {
+    let _ = crash::try_process_exit(&ctx);
     0
 }
 

@@ -555,6 +555,30 @@ fn logcaster_timewait_piles_up() {
     );
 }
 
+/// Test that logcaster's crash incident survives well-formed lines and a
+/// malformed one without it, and dies of SIGSEGV at a malformed one with it.
+#[test]
+fn logcaster_crash_on_malformed_line() {
+    use std::os::unix::process::ExitStatusExt as _;
+    let plain = logcaster(&[]);
+    plain.send_lines(&["no level here"]);
+    let crashing = logcaster(&["--incident", "crash"]);
+    crashing.wait_for_incident("crash");
+    crashing.send_lines(&["INFO: fine", "WARN: also fine"]);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(crashing.health().is_some(), "well-formed lines parse");
+    crashing.send_lines(&["no level here"]);
+    let status = crashing
+        .process
+        .wait_with_timeout(Duration::from_secs(5))
+        .expect("the malformed line crashes it");
+    assert_eq!(status.signal(), Some(libc::SIGSEGV), "{status}");
+    assert!(
+        plain.health().is_some(),
+        "without the incident it is stored as it is"
+    );
+}
+
 // ---------------------------------------------------------------- game-server
 
 /// Starts the production-like game server on a free UDP port with `args`.
@@ -571,6 +595,25 @@ fn game_server(args: &[&str]) -> (TestProcess, Captured, u16) {
         process.banner
     );
     (process, output, port)
+}
+
+/// Test that the game server's abort incident fails its assertion in
+/// resolve_contacts and dies of SIGABRT, soon after the incident starts.
+#[test]
+fn game_server_abort_incident() {
+    use std::os::unix::process::ExitStatusExt as _;
+    let (process, output, _) = game_server(&["--incident", "abort", "--incident-after", "1"]);
+    let status = process
+        .wait_with_timeout(Duration::from_secs(15))
+        .expect("the failed assertion aborts it");
+    assert_eq!(status.signal(), Some(libc::SIGABRT), "{status}");
+    assert!(
+        wait_until(Duration::from_secs(2), || output
+            .stderr()
+            .contains("resolve_contacts")),
+        "{}",
+        output.stderr()
+    );
 }
 
 /// The numbers of every "report" line, and of the "summary" line.

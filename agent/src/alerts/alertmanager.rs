@@ -49,10 +49,19 @@ impl AmAlert {
             ("pid".to_owned(), r.target.pid.to_string()),
         ]);
         if let Some(p) = &r.profile {
-            annotations.insert("flamegraph".to_owned(), p.svg.clone());
+            if !p.svg.is_empty() {
+                annotations.insert("flamegraph".to_owned(), p.svg.clone());
+            }
             if let Some(d) = &p.diff_svg {
                 annotations.insert("differential_flamegraph".to_owned(), d.clone());
             }
+            if let Some(c) = &p.crash {
+                annotations.insert("crash_report".to_owned(), c.clone());
+            }
+        }
+        if !r.stack.is_empty() {
+            // Innermost first, as a backtrace reads; bounded like the record.
+            annotations.insert("stack".to_owned(), r.stack.join("\n"));
         }
         Self {
             labels,
@@ -155,9 +164,11 @@ mod tests {
                 svg: "/p/a.svg".into(),
                 json: "/p/a.json".into(),
                 diff_svg: None,
+                crash: None,
             }),
             blocked: Vec::new(),
             top_threads: Vec::new(),
+            stack: Vec::new(),
         };
         let a = AmAlert::from_record(&r);
         assert_eq!(a.labels["alertname"], "cpu_high");

@@ -220,13 +220,19 @@ pub struct AlertTarget {
 /// Files of the profile attached to an alert.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ProfileLinks {
-    /// Flamegraph.
+    /// Flamegraph (empty for a crash report alone).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub svg: String,
-    /// Summary.
+    /// Summary (empty for a crash report alone).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub json: String,
     /// Differential flamegraph against the latest baseline, when there is one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub diff_svg: Option<String>,
+    /// The crash report (`<stem>.crash.json`) of a `crashed`, `oom_killed`
+    /// or `exited` alert.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crash: Option<String>,
 }
 
 /// A stuck thread, as evidence in an alert.
@@ -283,7 +289,14 @@ pub struct AlertRecord {
     /// The busiest threads (CPU alerts).
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub top_threads: Vec<ThreadCpu>,
+    /// The crashing thread's stack, innermost first (crash alerts; at most
+    /// [`MAX_STACK_FRAMES`] frames).
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub stack: Vec<String>,
 }
+
+/// Frames of a crash stack carried in an alert record.
+pub const MAX_STACK_FRAMES: usize = 64;
 
 impl AlertRecord {
     /// A record for `finding` of `rule` on `target` now.
@@ -301,6 +314,7 @@ impl AlertRecord {
             profile: None,
             blocked: Vec::new(),
             top_threads: Vec::new(),
+            stack: Vec::new(),
         }
     }
 }

@@ -224,6 +224,7 @@ mod tests {
             profile: None,
             blocked: Vec::new(),
             top_threads: Vec::new(),
+            stack: Vec::new(),
         }
     }
 

@@ -88,6 +88,13 @@ impl Daemon {
     fn follow_group(&mut self, g: usize) {
         let members = self.members(g);
         let leader = members[0];
+        let any_gone = members
+            .iter()
+            .any(|&i| self.watched[i].process.as_ref().is_some_and(|p| !p.is_alive()));
+        if any_gone {
+            // A crash of the process is reported before its history goes.
+            self.crashes();
+        }
         let mut lost = Vec::new();
         for &i in &members {
             let Some(p) = self.watched[i].process.clone() else {

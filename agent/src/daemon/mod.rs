@@ -11,6 +11,7 @@
 //!   emergency) as windows over the recorder, at most `max_sessions` at once;
 //! - the control socket, bound after the first discovery pass.
 
+mod crash;
 mod follow;
 mod rules;
 mod sessions;
@@ -190,6 +191,8 @@ pub struct Daemon {
     dashboard: Option<Arc<Dashboard>>,
     asks: Option<tokio::sync::mpsc::Receiver<crate::dashboard::ProfileAsk>>,
     dashboard_token: Option<String>,
+    /// Crash alerts firing until their target is back.
+    open_crashes: crash::OpenCrashes,
 }
 
 /// A built-in or generic rule set for `spec` when it has none.
@@ -244,6 +247,7 @@ impl Daemon {
             dashboard: None,
             asks: None,
             dashboard_token: None,
+            open_crashes: crash::OpenCrashes::default(),
         })
     }
 
@@ -300,6 +304,7 @@ impl Daemon {
         let listener = control::Listener::bind(socket)?;
         let mut engine = Engine::start(self.engine_options())?;
         engine.start_tcp();
+        engine.start_crash_capture();
         self.engine = Some(engine);
         // The first discovery pass before serving: a trigger that comes as
         // soon as the socket exists finds its running target.
@@ -393,6 +398,7 @@ impl Daemon {
             }
             Err(e) => warn!("draining the kernel's aggregates: {e}"),
         }
+        self.crashes();
     }
 
     /// One interval: targets, metrics, rules, schedules.

@@ -632,6 +632,7 @@ fn profile_record(mut alert: AlertRecord, report: &Report, file_baseline: Option
         svg: files.svg.clone(),
         json: files.json.clone(),
         diff_svg,
+        crash: None,
     });
     alert
 }

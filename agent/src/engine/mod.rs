@@ -13,6 +13,7 @@
 //! (shared with other agents through the claims registry), and appends the
 //! interval to the target's [`Recorder`].
 
+mod crash;
 pub mod recorder;
 
 use std::{
@@ -199,6 +200,7 @@ pub struct Engine {
     next_want: WantId,
     off_every: u64,
     last: Last,
+    crash: crash::CrashState,
     _stats: BpfStats,
     // Last: everything above holds descriptors of maps and programs of it.
     ebpf: Ebpf,
@@ -231,6 +233,7 @@ impl Engine {
             next_want: 1,
             off_every: 1,
             last: Last::default(),
+            crash: crash::CrashState::default(),
             _stats: stats,
             ebpf,
         };
@@ -308,6 +311,9 @@ impl Engine {
         // Mappings first: a target that exits at once is still symbolized.
         let _ = maps.capture(pid);
         let choice = unwind::choose(self.options.unwind, pid);
+        if choice.dwarf {
+            self.consumer.prepare(pid);
+        }
         let mut governor = Governor::new(GovernorConfig {
             budget_pct: budget,
             ceiling_hz: want.hz.max(1),
@@ -460,6 +466,8 @@ impl Engine {
 
     /// Removes `pid` (its process went away, or nobody watches it).
     pub fn remove_target(&mut self, pid: u32) -> Option<Slot> {
+        // Its crash, if that is why it went, needs the slot's mappings.
+        self.collect_crashes();
         let mut slot = self.slots.remove(&pid)?;
         self.sampler.forget(pid);
         if slot.off_on {
@@ -721,6 +729,9 @@ impl Engine {
             slot.claim
                 .update((c.overhead_pct * 1000.0).round() / 1000.0, slot.governor.hz());
         }
+        // With the last interval of a crashed target in its recorder, and
+        // its slot (mappings, leaf fix-up tables) still there.
+        self.collect_crashes();
         for pid in &gone {
             self.sampler.remove_target(*pid);
             if let Some(o) = self.offcpu.as_mut() {

@@ -924,6 +924,7 @@ mod tests {
             profile: None,
             blocked: Vec::new(),
             top_threads: Vec::new(),
+            stack: Vec::new(),
         }
     }
 
@@ -998,6 +999,7 @@ mod tests {
                 .display()
                 .to_string(),
             diff_svg: Some("/elsewhere/baseline-gone.diff.svg".into()),
+            crash: None,
         });
         lines.push(serde_json::to_string(&firing).expect("json"));
         lines.push(

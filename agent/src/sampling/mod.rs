@@ -511,6 +511,12 @@ impl Sampler {
         }))
     }
 
+    /// `user`, a frame-pointer stack of `pid` recorded outside the sampler
+    /// (a crash's), with the leaf fix-up applied (see `unwind::leaf`).
+    pub fn fix_leaf(&mut self, pid: u32, user: StackSlot, leaf_ret: u64, leaf_offset: u32) -> StackSlot {
+        self.leaf.fix(pid, user, leaf_ret, leaf_offset, 0)
+    }
+
     /// What the leaf fix-up did to `pid`'s frame-pointer stacks.
     pub fn leaf_stats(&self, pid: u32) -> LeafStats {
         self.leaf.stats(pid)

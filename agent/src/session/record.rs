@@ -66,6 +66,7 @@ pub async fn record(
     attach(&mut engine, config, targets.clone()).await?;
     collect(&mut engine, config, stop).await?;
     engine.final_tick()?;
+    let crashes = engine.take_crashes();
     let now = SystemTime::now();
     let windows: Vec<Window> = targets
         .iter()
@@ -84,6 +85,7 @@ pub async fn record(
             .map(|w| finish::finish(w, &spec))
             .collect::<Result<Vec<_>, _>>()
     })?;
+    report_crashes(&config.output, &crashes);
     // The folder's index.html lists every session in it, this one included.
     // A convenience: failing to write it does not fail the session.
     if let Err(e) = render::html::refresh_off_runtime(&config.output).await {
@@ -108,10 +110,27 @@ async fn attach(
     }
     drop(admission);
     engine.start_tcp();
+    engine.start_crash_capture();
     for pid in pids {
         engine.announce(pid);
     }
     Ok(())
+}
+
+/// Prints each crash of a target (headline and stack, on stderr beside the
+/// log) and writes its report into `dir` (its paths on stdout, with the
+/// session's files).
+fn report_crashes(dir: &std::path::Path, crashes: &[crate::crash::Crash]) {
+    for c in crashes {
+        eprintln!("{}\n{}", c.headline(), crate::crash::report::backtrace(c));
+        match crate::crash::report::write(dir, c) {
+            Ok(files) => {
+                println!("{}", files.json.display());
+                println!("{}", files.text.display());
+            }
+            Err(e) => tracing::warn!("{e}"),
+        }
+    }
 }
 
 /// Ticks the engine every drain interval until the session ends.

@@ -63,9 +63,20 @@ pub struct Shared {
     pub fresh: Mutex<Output>,
     /// Processes whose unwinding state can go (they were removed).
     pub forget: Mutex<Vec<u32>>,
+    /// New DWARF targets whose unwind tables are loaded before their first
+    /// sample: a target that crashes before it was ever sampled is gone by
+    /// the time its stack copy is read.
+    pub prepare: Mutex<Vec<u32>>,
     /// Rounds of draining done.
     pub rounds: AtomicU64,
+    /// Unwound stacks of crashing threads, by (tid, seq) of their crash
+    /// event, until the engine joins them ([`MAX_CRASH_STACKS`] at most).
+    pub crashes: Mutex<HashMap<(u32, u32), StackSlot>>,
 }
+
+/// Crash stacks kept for the engine: crashes are rare, and one the engine
+/// has not joined within a few ticks is dropped with its event.
+pub const MAX_CRASH_STACKS: usize = 64;
 
 /// The stacks of a DWARF target thread that went off CPU, waiting for the
 /// end of its block: (process, user stack, kernel stack), by (tid, seq).
@@ -145,6 +156,14 @@ impl Consumer {
             .unwrap_or_default()
     }
 
+    /// Loads `pid`'s unwind tables on the consumer's next round.
+    pub fn prepare(&self, pid: u32) {
+        if let Ok(mut p) = self.shared.prepare.lock() {
+            p.push(pid);
+        }
+        self.handle.thread().unpark();
+    }
+
     /// Drops the unwinding state and counters of `pid` (it is no longer a
     /// target): the consumer's memory is bounded by the live targets.
     pub fn forget(&self, pid: u32) {
@@ -182,6 +201,16 @@ fn run(
         let stopping = stop.load(Ordering::SeqCst);
         if let Ok(mut seeded) = shared.seeded.lock() {
             out.begins.extend(seeded.drain());
+        }
+        let prepare = shared
+            .prepare
+            .lock()
+            .map(|mut p| std::mem::take(&mut *p))
+            .unwrap_or_default();
+        for pid in prepare {
+            let t0 = crate::governor::cost::thread_cpu_ns();
+            procs.entry(pid).or_default().refresh(pid, &mut files);
+            setup_ns += crate::governor::cost::thread_cpu_ns().saturating_sub(t0);
         }
         let mut stats: HashMap<u32, UnwindStats> = HashMap::new();
         while let Some(item) = ring.next() {
@@ -223,6 +252,14 @@ fn run(
             } else {
                 StackSlot::Absent
             };
+            if h.flags & sample_flags::CRASH != 0 {
+                if let Ok(mut crashes) = shared.crashes.lock() {
+                    if crashes.len() < MAX_CRASH_STACKS {
+                        crashes.insert((h.tid, h._pad), user);
+                    }
+                }
+                continue;
+            }
             if h.flags & sample_flags::OFFCPU_BEGIN != 0 {
                 // `_pad` carries the block's sequence number.
                 out.begins.insert((h.tid, h._pad), (h.tgid, user, kernel));

@@ -3,7 +3,7 @@
 // loop over named systems, with its documented kinds of trouble built in.
 //
 //   game-server [--port 7777] [--tick-hz 60] [--players 500] [--churn 5]
-//               [--incident frame-spike|leak|hot-path] [--incident-after SECONDS]
+//               [--incident frame-spike|leak|hot-path|abort] [--incident-after SECONDS]
 //               [--duration SECONDS] [--report-every SECONDS]
 //
 // Every tick runs, in order:
@@ -30,6 +30,10 @@
 //                and each search floods the whole map; hot_path_pathfinding
 //                takes ~90 % of the CPU and the tick rate falls well below
 //                the target.
+//   abort        resolve_contacts (in physics_step) asserts that every
+//                player's hp stays in 1..100; the incident's first hit takes a
+//                player below 1 without a respawn: the assertion fails and the
+//                server aborts (SIGABRT).
 //
 // Stdout: a banner when ready ("game-server pid PID port PORT tick-hz HZ
 // players N"), a "report ..." line every --report-every seconds, and a
@@ -44,6 +48,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cassert>
 #include <cerrno>
 #include <cmath>
 #include <cstdint>
@@ -75,7 +80,7 @@ constexpr int kSubsteps = 4;          // physics runs at 4x the tick rate
 constexpr float kPlayerRadius = 0.45f;
 constexpr int kProjectilesPerPlayer = 4;
 
-enum class Incident { None, FrameSpike, Leak, HotPath };
+enum class Incident { None, FrameSpike, Leak, HotPath, Abort };
 
 struct Options {
     int port = 7777;
@@ -556,7 +561,10 @@ NAMED void resolve_contacts() {
                             if (sx * sx + sy * sy < kPlayerRadius * kPlayerRadius) {
                                 pair->hp -= 10;
                                 s.ttl = 0;
-                                if (pair->hp <= 0) {
+                                // The abort incident: the respawn is skipped.
+                                if (incident_on(Incident::Abort))
+                                    pair->hp = std::min(pair->hp, 0);
+                                else if (pair->hp <= 0) {
                                     pair->hp = 100;
                                     pair->pos = free_spot(world.rng);
                                 }
@@ -564,6 +572,7 @@ NAMED void resolve_contacts() {
                         }
                     }
                 }
+        assert(p.hp > 0 && p.hp <= 100 && "a player's hp stays in 1..100");
     }
 }
 
@@ -761,7 +770,7 @@ void on_signal(int) {
 
 [[noreturn]] void usage() {
     fprintf(stderr, "usage: game-server [--port N] [--tick-hz HZ] [--players N] [--churn PER_SEC]\n"
-                    "                   [--incident frame-spike|leak|hot-path] [--incident-after S]\n"
+                    "                   [--incident frame-spike|leak|hot-path|abort] [--incident-after S]\n"
                     "                   [--duration S] [--report-every S]\n");
     exit(2);
 }
@@ -817,6 +826,8 @@ int main(int argc, char **argv) {
                 opt.incident = Incident::Leak;
             else if (name == "hot-path")
                 opt.incident = Incident::HotPath;
+            else if (name == "abort")
+                opt.incident = Incident::Abort;
             else
                 usage();
         } else

@@ -39,6 +39,9 @@
  *              and the rest of the server piles up behind them.
  *   timewait   case 6: the server closes every connection first, right after
  *              answering one request, so TIME_WAIT sockets pile up on its port.
+ *   crash      the level parser (parse_level, called by ingest_line) lost its
+ *              check for a line without a "LEVEL:" header: the first malformed
+ *              line (no ':' in its first 16 bytes) dereferences NULL, SIGSEGV.
  *
  * Prints one line on stdout when it listens:
  *   logcaster pid PID port PORT health HEALTH_PORT
@@ -72,8 +75,8 @@
 #define QUEUE_CAP 1024        /* accepted sockets waiting for a worker */
 #define WRITER_BATCH 256      /* lines the log writer takes per lock */
 
-enum incident { INC_NONE, INC_BUSY_LOOP, INC_LEAK, INC_OVERFLOW, INC_DEADLOCK, INC_TIMEWAIT };
-static const char *const incident_names[] = {"none", "busy-loop", "leak", "overflow", "deadlock", "timewait"};
+enum incident { INC_NONE, INC_BUSY_LOOP, INC_LEAK, INC_OVERFLOW, INC_DEADLOCK, INC_TIMEWAIT, INC_CRASH };
+static const char *const incident_names[] = {"none", "busy-loop", "leak", "overflow", "deadlock", "timewait", "crash"};
 
 /* ---- configuration ---- */
 static int opt_port = 9999, opt_health_port = 8080, opt_workers = 8;
@@ -84,6 +87,7 @@ static enum incident opt_incident = INC_NONE;
 
 static volatile sig_atomic_t running = 1;
 static atomic_bool incident_active;
+static atomic_ulong unparsed_lines; /* lines without a level (crash incident) */
 static struct timespec start_time;
 
 static double now_s(void) {
@@ -237,9 +241,27 @@ static void report_drop(void) {
     }
 }
 
+/* The level of a "LEVEL: message" line: its length, or -1 for a line
+ * without the header (stored as it is). The crash incident: the check for
+ * a missing separator is gone, and a malformed line dereferences NULL. */
+NOINLINE int parse_level(const char *line, size_t len) {
+    const char *sep = memchr(line, ':', len < 16 ? len : 16);
+    bool checked = !incident_on(INC_CRASH);
+    if (checked && sep == NULL)
+        return -1;
+    /* volatile: the compiler must not turn the bug into a trap. */
+    if (*(const volatile char *)sep != ':')
+        return -1;
+    return (int)(sep - line);
+}
+
 /* One log line from a client. */
 NOINLINE void ingest_line(const char *line, size_t len) {
     bool stored;
+    /* Only the crash incident's servers parse levels: the others keep the
+     * profiles their tests measure. */
+    if (opt_incident == INC_CRASH && parse_level(line, len) < 0)
+        atomic_fetch_add_explicit(&unparsed_lines, 1, memory_order_relaxed);
     if (incident_on(INC_DEADLOCK)) {
         /* Case 4: the line is counted while the buffer lock is still held
          * (buffer -> stats) while stats_reporter takes stats -> buffer. The
@@ -667,7 +689,7 @@ static void usage(void) {
     fprintf(stderr,
             "usage: logcaster [--port N] [--health-port N] [--workers N] [--buffer-lines N]\n"
             "                 [--drain-rate LINES_PER_SEC] [--log-file PATH]\n"
-            "                 [--incident busy-loop|leak|overflow|deadlock|timewait]\n"
+            "                 [--incident busy-loop|leak|overflow|deadlock|timewait|crash]\n"
             "                 [--incident-after SECONDS]\n");
     exit(2);
 }
