@@ -233,7 +233,10 @@ fn auto_check_switches_a_decoy_to_dwarf() {
     let target = TestProcess::spawn_ready(cmd);
     let (summary, stacks, log) = record_with_log(target.pid(), &["--duration", "8s", "--freq", "999"]);
     let u = &summary["sampling"]["unwind"];
-    assert_eq!(u["executable"]["frame_pointers"], true, "the decoy fools the count: {u:#}");
+    assert_eq!(
+        u["executable"]["frame_pointers"], true,
+        "the decoy fools the count: {u:#}"
+    );
     assert_eq!(u["mode"], "dwarf", "{u:#}");
     assert!(
         u["reason"].as_str().unwrap().starts_with("switched to DWARF"),
@@ -249,8 +252,14 @@ fn auto_check_switches_a_decoy_to_dwarf() {
     // what does comes from DWARF, after the switch (within ~1 s).
     let whole = share_with(&stacks, "hot_outer");
     let main = share_with(&stacks, "main");
-    assert!(whole >= 70.0 && main >= 70.0, "hot_outer {whole:.1} %, main {main:.1} %\n{stacks:?}");
-    let fp = record(target.pid(), &["--duration", "2s", "--freq", "999", "--unwind", "fp"]);
+    assert!(
+        whole >= 70.0 && main >= 70.0,
+        "hot_outer {whole:.1} %, main {main:.1} %\n{stacks:?}"
+    );
+    let fp = record(
+        target.pid(),
+        &["--duration", "2s", "--freq", "999", "--unwind", "fp"],
+    );
     assert!(
         share_with(&fp.stacks, "hot_outer") < 10.0,
         "frame pointers lose hot_outer: {:?}",

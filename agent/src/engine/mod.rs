@@ -714,7 +714,7 @@ impl Engine {
                 continue;
             }
             slot.last_pct = c.overhead_pct;
-            judge_fp(&mut self.sampler, pid, slot, check_delta)?;
+            judge_fp(&mut self.sampler, pid, slot, check_delta);
             let _ = slot.maps.capture(pid);
             if slot.wants_names() {
                 remember_thread_names(slot);
@@ -1019,18 +1019,25 @@ pub fn offcpu_every(every: u64, pct: f64, share: f64) -> u64 {
 /// `--unwind auto`'s check of a frame-pointer target: adds the interval's
 /// comparisons, and switches the target to DWARF (one log line, with the
 /// numbers) when the walks disagree too often.
-fn judge_fp(sampler: &mut Sampler, pid: u32, slot: &mut Slot, delta: FpCheckStats) -> Result<(), SamplingError> {
+fn judge_fp(sampler: &mut Sampler, pid: u32, slot: &mut Slot, delta: FpCheckStats) {
     if !slot.choice.check {
-        return Ok(());
+        return;
     }
     slot.verdict += delta;
     if !slot.verdict.should_switch() {
         slot.verdict.decay();
-        return Ok(());
+        return;
     }
     let v = slot.verdict;
     let pct = v.agreement_pct().unwrap_or(0.0);
-    sampler.set_unwinding(pid, true, false)?;
+    if let Err(e) = sampler.set_unwinding(pid, true, false) {
+        warn!(
+            pid,
+            "cannot switch to DWARF unwinding, staying with frame pointers: {e}"
+        );
+        slot.choice.check = false;
+        return;
+    }
     slot.choice.dwarf = true;
     slot.choice.check = false;
     slot.choice.reason = format!(
@@ -1049,7 +1056,6 @@ fn judge_fp(sampler: &mut Sampler, pid: u32, slot: &mut Slot, delta: FpCheckStat
         v.compared,
         100.0 - unwind::check::MAX_DISAGREE_PCT
     );
-    Ok(())
 }
 
 /// Carries out a governor decision, logging each change of rate.

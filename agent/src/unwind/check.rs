@@ -68,10 +68,7 @@ impl FpCheckStats {
 
     /// Whether the walks disagree too often for frame pointers to stay.
     pub fn should_switch(&self) -> bool {
-        self.compared >= MIN_COMPARED
-            && self
-                .agreement_pct()
-                .is_some_and(|a| 100.0 - a > MAX_DISAGREE_PCT)
+        self.compared >= MIN_COMPARED && self.agreement_pct().is_some_and(|a| 100.0 - a > MAX_DISAGREE_PCT)
     }
 
     /// Halves the counters once past [`DECAY_AT`] (see there).
@@ -131,7 +128,6 @@ impl Checker {
     /// Compares the check copy of one sample of `pid`: `fp` the kernel's
     /// frame-pointer walk, `leaf` its fix-up word, the rest the DWARF copy.
     /// None when the DWARF walk gave no reference.
-    #[allow(clippy::too_many_arguments)]
     pub fn compare(
         &mut self,
         pid: u32,
@@ -153,7 +149,13 @@ impl Checker {
         }
         let same = same_stack(&fixed, &dwarf, ending == Ending::Complete);
         if !same {
-            tracing::trace!(pid, ?fixed, ?dwarf, ?ending, "frame-pointer and DWARF walks differ");
+            tracing::trace!(
+                pid,
+                ?fixed,
+                ?dwarf,
+                ?ending,
+                "frame-pointer and DWARF walks differ"
+            );
         }
         Some(same)
     }

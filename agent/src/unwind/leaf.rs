@@ -138,7 +138,12 @@ impl LeafFixer {
 
     /// Unwinds a DWARF copy of `pid`'s stack (registers `(ip, sp, bp)`,
     /// `stack` the bytes at `sp`) with the tables loaded here.
-    pub fn unwind_copy(&mut self, pid: u32, regs: (u64, u64, u64), stack: &[u8]) -> (Vec<u64>, super::Ending) {
+    pub fn unwind_copy(
+        &mut self,
+        pid: u32,
+        regs: (u64, u64, u64),
+        stack: &[u8],
+    ) -> (Vec<u64>, super::Ending) {
         let proc = self.procs.entry(pid).or_default();
         if !proc.knows(regs.0) {
             proc.refresh(pid, &mut self.files);

@@ -274,9 +274,18 @@ pub fn choose(mode: UnwindMode, pid: u32) -> Choice {
         ),
         (UnwindMode::Auto, None) => (false, "executable unreadable: walking frame pointers".to_owned()),
     };
+    let fp_check = mode == UnwindMode::Auto && !dwarf;
+    let reason = if fp_check {
+        format!(
+            "{reason}; checked against DWARF on 1 sample in {}",
+            flamewatch_common::FP_CHECK_EVERY
+        )
+    } else {
+        reason
+    };
     Choice {
         dwarf,
-        check: mode == UnwindMode::Auto && !dwarf,
+        check: fp_check,
         reason,
         executable: check,
     }
