@@ -160,6 +160,16 @@ impl Checker {
         Some(same)
     }
 
+    /// Loads the unwind tables `pid`'s sample at `ip` needs, unless they
+    /// are: a one-time cost per file. Returns whether it had to.
+    pub fn prepare(&mut self, pid: u32, ip: u64) -> bool {
+        if self.fixer.knows(pid, ip) {
+            return false;
+        }
+        self.fixer.prepare(pid);
+        true
+    }
+
     /// Drops what is kept for `pid`.
     pub fn forget(&mut self, pid: u32) {
         self.fixer.forget(pid);

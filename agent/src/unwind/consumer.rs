@@ -213,6 +213,11 @@ fn run(
             if h.flags & sample_flags::FP_CHECK != 0 {
                 // Counted already (the aggregation map has the sample):
                 // only compared.
+                // Loading a file's tables is a one-time cost, as below.
+                let t0 = crate::governor::cost::thread_cpu_ns();
+                if checker.prepare(h.tgid, h.ip) {
+                    setup_ns += crate::governor::cost::thread_cpu_ns().saturating_sub(t0);
+                }
                 check_one(&mut checker, &h, stack, checks.entry(h.tgid).or_default());
                 continue;
             }

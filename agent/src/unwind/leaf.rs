@@ -136,6 +136,11 @@ impl LeafFixer {
         self.rules.retain(|(p, _), _| *p != pid);
     }
 
+    /// Whether `addr` is in a file of `pid` whose tables are loaded.
+    pub fn knows(&self, pid: u32, addr: u64) -> bool {
+        self.procs.get(&pid).is_some_and(|p| p.knows(addr))
+    }
+
     /// Unwinds a DWARF copy of `pid`'s stack (registers `(ip, sp, bp)`,
     /// `stack` the bytes at `sp`) with the tables loaded here.
     pub fn unwind_copy(
