@@ -321,7 +321,15 @@ impl Engine {
             ceiling_hz: want.hz.max(1),
             min_hz: 1,
         });
-        let hz = governor.start_with_estimate(self.calibration.cost_per_hz_pct());
+        // The calibration walks frame pointers only: a checked target pays
+        // for the check's copies too.
+        let per_hz = self.calibration.cost_per_hz_pct()
+            * if choice.check {
+                unwind::check::COST_FACTOR
+            } else {
+                1.0
+            };
+        let hz = governor.start_with_estimate(per_hz);
         if want.hz > 0 && hz < want.hz {
             info!(
                 pid,
@@ -340,7 +348,7 @@ impl Engine {
         }
         // Reserved in the claim until the first interval measures it.
         let predicted = if want.hz > 0 {
-            (hz as f64 * self.calibration.cost_per_hz_pct()).min(budget)
+            (hz as f64 * per_hz).min(budget)
         } else {
             0.0
         };
