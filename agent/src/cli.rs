@@ -252,6 +252,10 @@ pub struct RecordArgs {
           value_parser = clap::value_parser!(u32).range(512..=flamewatch_common::MAX_STACK_WINDOW as i64),
           default_value_t = RecordConfig::default().stack_window)]
     pub stack_window: u32,
+    /// Do not insert the callers frame-pointer walks skip (a leaf function
+    /// without a frame hides its caller): for measuring the fix-up's cost.
+    #[arg(long)]
+    pub no_leaf_fixup: bool,
     /// `cpu`: where CPU time goes; `offcpu`: where threads wait (blocked
     /// time by stack); `wall`: both, per thread, in one graph.
     #[arg(long, value_enum, default_value_t = RecordConfig::default().mode)]
@@ -391,6 +395,7 @@ impl RecordArgs {
             max_overhead_pct: self.max_overhead,
             unwind: self.unwind,
             stack_window: self.stack_window,
+            leaf_fixup: !self.no_leaf_fixup,
             mode: self.mode,
             min_block: self.min_block.0,
             formats: dedup(&self.formats),
@@ -455,6 +460,7 @@ mod tests {
             "--no-kernel",
             "--max-overhead",
             "2.5%",
+            "--no-leaf-fixup",
         ]);
         assert_eq!(r.targets.processes, ["a", "b"]);
         let c = r.to_config();
@@ -465,6 +471,7 @@ mod tests {
         assert!(c.per_thread);
         assert!(!c.kernel_stacks);
         assert_eq!(c.max_overhead_pct, 2.5);
+        assert!(!c.leaf_fixup);
     }
 
     /// Test that durations accept humantime forms, bare seconds and "until Ctrl-C".

@@ -30,6 +30,9 @@ pub struct RecordConfig {
     pub unwind: UnwindMode,
     /// Bytes of user stack copied per sample in DWARF mode.
     pub stack_window: u32,
+    /// Insert the callers frame-pointer walks skip (`--no-leaf-fixup`
+    /// turns it off, e.g. to measure its cost).
+    pub leaf_fixup: bool,
     /// What to profile: on-CPU samples, off-CPU time, or both (wall).
     pub mode: Mode,
     /// Shortest block recorded off CPU (as bcc offcputime's --min-block-time).
@@ -97,6 +100,7 @@ impl Default for RecordConfig {
             max_overhead_pct: 5.0,
             unwind: UnwindMode::Auto,
             stack_window: flamewatch_common::DEFAULT_STACK_WINDOW as u32,
+            leaf_fixup: true,
             mode: Mode::Cpu,
             min_block: Duration::from_millis(1),
             formats: vec![Format::Svg, Format::Folded, Format::Json],
@@ -181,6 +185,9 @@ pub struct WatchConfig {
     pub targets: Vec<TargetConfig>,
     /// How much of the output folder and alert stream is kept.
     pub retention: RetentionConfig,
+    /// The leaf fix-up of frame-pointer stacks (`leaf_fixup = false` turns
+    /// it off; see `flamewatch record --no-leaf-fixup`).
+    pub leaf_fixup: bool,
 }
 
 impl Default for WatchConfig {
@@ -203,6 +210,7 @@ impl Default for WatchConfig {
             history_max_bytes: 16 << 20,
             targets: Vec::new(),
             retention: RetentionConfig::default(),
+            leaf_fixup: RecordConfig::default().leaf_fixup,
         }
     }
 }
@@ -977,6 +985,17 @@ mod watch_tests {
             assert!(err.contains("retention."), "{bad}: {err}");
         }
         assert!(toml::from_str::<WatchConfig>("[retention]\nmax_session = 1").is_err());
+    }
+
+    /// Test that the leaf fix-up is on by default and `leaf_fixup = false`
+    /// turns it off in TOML.
+    #[test]
+    fn leaf_fixup_key() {
+        assert!(WatchConfig::default().leaf_fixup && RecordConfig::default().leaf_fixup);
+        let c: WatchConfig = toml::from_str("leaf_fixup = false").unwrap();
+        assert!(!c.leaf_fixup);
+        c.validate().unwrap();
+        assert!(toml::from_str::<WatchConfig>("leaf_fixup = 3").is_err());
     }
 
     /// Test that the watch config's `formats` add to the svg, folded and

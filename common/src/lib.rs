@@ -29,7 +29,19 @@ pub mod target_flags {
     /// Copy registers and a window of the user stack to userspace for DWARF
     /// unwinding, instead of walking frame pointers in the kernel.
     pub const DWARF: u32 = 1 << 1;
+    /// Do not keep the leaf fix-up's word (`--no-leaf-fixup`).
+    pub const NO_LEAF_FIXUP: u32 = 1 << 2;
+    /// Frame-pointer target under `--unwind auto`: also send 1 sample in
+    /// [`super::FP_CHECK_EVERY`] as a DWARF copy (flag
+    /// [`super::sample_flags::FP_CHECK`]) for the agent to check the walk.
+    pub const FP_CHECK: u32 = 1 << 3;
 }
+
+/// A frame-pointer target checked by `--unwind auto` sends 1 sample in this
+/// many (per CPU) as a DWARF copy too. Power of two (a mask in the kernel).
+/// Cost: one stack copy (the DWARF window, 16 KiB by default) and one
+/// userspace unwind per 16 samples, ~1/16 of DWARF mode's extra cost.
+pub const FP_CHECK_EVERY: u64 = 16;
 
 /// Index into [`GlobalConfig`]-array entries (`CONFIG` map).
 pub mod config_index {
@@ -60,6 +72,15 @@ pub mod sample_flags {
     /// Not a CPU sample: the stack of a target thread raising a fatal
     /// signal; `_pad` carries the `seq` of its [`super::crash::CrashEvent`].
     pub const CRASH: u32 = 1 << 3;
+    /// Not a sample to aggregate: the copy of a frame-pointer sample (which
+    /// the aggregation map already counted) for `--unwind auto`'s check.
+    /// `kernel_ips` holds the *user* stack as the kernel's frame-pointer
+    /// walk saw it (`kernel_frames` of them, leaf first; no kernel stack),
+    /// `leaf_ret`/`leaf_offset` the leaf fix-up's word.
+    pub const FP_CHECK: u32 = 1 << 4;
+    /// With `FP_CHECK`: the target's leaf fix-up is off, so no leaf word is
+    /// kept (the check compares what the profile gets).
+    pub const NO_LEAF_WORD: u32 = 1 << 5;
 }
 
 /// What a DWARF sample sends to userspace: registers, kernel stack, and the
@@ -87,6 +108,13 @@ pub struct StackSampleHeader {
     pub flags: u32,
     /// Explicit padding.
     pub _pad: u32,
+    /// [`sample_flags::FP_CHECK`] records: the leaf fix-up's word (as
+    /// [`SampleKey::leaf_ret`]); 0 otherwise.
+    pub leaf_ret: u64,
+    /// Where `leaf_ret` was: bytes above `sp`.
+    pub leaf_offset: u32,
+    /// Explicit padding.
+    pub _pad2: u32,
     /// Kernel instruction pointers, leaf first.
     pub kernel_ips: [u64; MAX_STACK_DEPTH],
 }
@@ -183,6 +211,10 @@ pub struct TargetStats {
     pub dwarf_lost: u64,
     /// DWARF samples whose user stack could not be read at all.
     pub dwarf_stack_unreadable: u64,
+    /// Copies of frame-pointer samples sent for `--unwind auto`'s check.
+    pub fp_checks: u64,
+    /// Of those, copies lost: ring buffer full.
+    pub fp_checks_lost: u64,
 }
 
 /// Samples that hit a process inheriting a target's perf event without being
@@ -210,6 +242,6 @@ mod pod {
 const _: () = assert!(core::mem::size_of::<TargetInfo>() == 8);
 const _: () = assert!(core::mem::size_of::<SampleKey>() == 32);
 const _: () = assert!(core::mem::size_of::<SampleValue>() == 16);
-const _: () = assert!(core::mem::size_of::<StackSampleHeader>() == 56 + 8 * MAX_STACK_DEPTH);
+const _: () = assert!(core::mem::size_of::<StackSampleHeader>() == 72 + 8 * MAX_STACK_DEPTH);
 const _: () = assert!(core::mem::size_of::<StackSample>() <= 32 * 1024);
-const _: () = assert!(core::mem::size_of::<TargetStats>() == 80);
+const _: () = assert!(core::mem::size_of::<TargetStats>() == 96);

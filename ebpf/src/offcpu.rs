@@ -177,7 +177,7 @@ fn switch_out(ctx: &TracePointContext, tgid: u32, tid: u32, now: u64) {
             Ok(id) => id as i32,
             Err(e) => e,
         };
-        if start.user_stack_id >= 0 {
+        if start.user_stack_id >= 0 && flags & target_flags::NO_LEAF_FIXUP == 0 {
             // The leaf is a syscall wrapper, which sets up no frame.
             (start.leaf_ret, start.leaf_offset) = crate::leaf::leaf_word(crate::leaf::user_sp(None));
         }

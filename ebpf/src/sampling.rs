@@ -21,7 +21,7 @@ use aya_ebpf::{
 };
 use flamewatch_common::{
     config_index, sample_flags, target_flags, SampleKey, SampleValue, StackSampleHeader, TargetStats,
-    DEFAULT_STACK_WINDOW, MAX_STACK_DEPTH, MAX_STACK_WINDOW, NO_STACK,
+    DEFAULT_STACK_WINDOW, FP_CHECK_EVERY, MAX_STACK_DEPTH, MAX_STACK_WINDOW, NO_STACK,
 };
 
 use crate::maps::{
@@ -61,18 +61,43 @@ pub fn try_sample(ctx: &PerfEventContext) -> Result<(), i64> {
     let period = unsafe { (*ctx.ctx).sample_period };
     stats.samples += 1;
     stats.period_ns += period;
-    if target.flags & target_flags::DWARF != 0 {
-        dwarf_sample(
-            ctx,
-            tgid,
-            tid,
-            period,
-            target.flags & target_flags::KERNEL_STACKS != 0,
-            stats,
-        );
-        return Ok(());
+    let kernel = target.flags & target_flags::KERNEL_STACKS != 0;
+    // One stack copy per sample at most, from one call site (the copy is
+    // inlined: a second site would double the program).
+    let copy = if target.flags & target_flags::DWARF != 0 {
+        Some(0)
+    } else {
+        fp_sample(ctx, target.flags, tgid, tid, period, counts, stacks, stats);
+        // `--unwind auto`'s check of its choice: 1 sample in FP_CHECK_EVERY
+        // (on this CPU) goes as a DWARF copy too.
+        let no_leaf = if target.flags & target_flags::NO_LEAF_FIXUP != 0 {
+            sample_flags::NO_LEAF_WORD
+        } else {
+            0
+        };
+        (target.flags & target_flags::FP_CHECK != 0 && stats.samples & (FP_CHECK_EVERY - 1) == 0)
+            .then_some(sample_flags::FP_CHECK | no_leaf)
+    };
+    if let Some(flags) = copy {
+        dwarf_sample(ctx, tgid, tid, period, kernel && flags == 0, stats, flags);
     }
+    Ok(())
+}
 
+/// Records a frame-pointer sample: its user and kernel stack ids and the
+/// leaf fix-up's word, counted in the generation's aggregation map.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn fp_sample(
+    ctx: &PerfEventContext,
+    flags: u32,
+    tgid: u32,
+    tid: u32,
+    period: u64,
+    counts: &PerCpuHashMap<SampleKey, SampleValue>,
+    stacks: &StackTrace,
+    stats: &mut TargetStats,
+) {
     let user_stack_id = match ctx.get_stackid(stacks, u64::from(BPF_F_USER_STACK)) {
         Ok(id) => id as i32,
         Err(err) => {
@@ -84,7 +109,7 @@ pub fn try_sample(ctx: &PerfEventContext) -> Result<(), i64> {
             err
         }
     };
-    let kernel_stack_id = if target.flags & target_flags::KERNEL_STACKS != 0 {
+    let kernel_stack_id = if flags & target_flags::KERNEL_STACKS != 0 {
         match ctx.get_stackid(stacks, 0) {
             Ok(id) => id as i32,
             Err(err) => {
@@ -105,7 +130,7 @@ pub fn try_sample(ctx: &PerfEventContext) -> Result<(), i64> {
     };
 
     // The leaf fix-up's word, for a user stack that was recorded.
-    let (leaf_ret, leaf_offset) = if user_stack_id >= 0 {
+    let (leaf_ret, leaf_offset) = if user_stack_id >= 0 && flags & target_flags::NO_LEAF_FIXUP == 0 {
         // SAFETY: the interrupted registers, inside the context the kernel passed.
         crate::leaf::leaf_word(crate::leaf::user_sp(Some(unsafe { &(*ctx.ctx).regs })))
     } else {
@@ -144,10 +169,12 @@ pub fn try_sample(ctx: &PerfEventContext) -> Result<(), i64> {
             }
         }
     }
-    Ok(())
 }
 
-/// Sends a DWARF sample of the interrupted thread and counts the outcome.
+/// Sends a DWARF sample of the interrupted thread (`flags`: 0, or
+/// `FP_CHECK` for the check copy of a frame-pointer sample) and counts the
+/// outcome.
+#[inline(always)]
 fn dwarf_sample(
     ctx: &PerfEventContext,
     tgid: u32,
@@ -155,18 +182,47 @@ fn dwarf_sample(
     period: u64,
     kernel: bool,
     stats: &mut TargetStats,
+    flags: u32,
 ) {
     // SAFETY: the interrupted registers, inside the context the kernel passed.
     let regs = unsafe { &(*ctx.ctx).regs };
     // Interrupted in user mode: these are the user registers.
     let user_regs = if regs.cs & 3 == 3 { Some(regs) } else { None };
-    match copy_stack(ctx.ctx.cast(), user_regs, tgid, tid, period, kernel, 0, 0) {
+    let copied = copy_stack(ctx.ctx.cast(), user_regs, tgid, tid, period, kernel, flags, 0);
+    if flags & sample_flags::FP_CHECK != 0 {
+        match copied {
+            Copied::Sent { .. } => stats.fp_checks += 1,
+            Copied::Lost => stats.fp_checks_lost += 1,
+        }
+        return;
+    }
+    match copied {
         Copied::Sent { stack: true } => stats.dwarf_samples += 1,
         Copied::Sent { stack: false } => {
             stats.dwarf_samples += 1;
             stats.dwarf_stack_unreadable += 1;
         }
         Copied::Lost => stats.dwarf_lost += 1,
+    }
+}
+
+/// For `--unwind auto`'s check: the user stack as the frame-pointer walk
+/// sees it (in `kernel_ips`, which a check record does not otherwise use)
+/// and the leaf fix-up's word, as a frame-pointer sample records them.
+#[inline(always)]
+fn fp_walk(ctx: *mut core::ffi::c_void, h: &mut StackSampleHeader, sp: u64, leaf: bool) {
+    // SAFETY: bpf_get_stack writes at most the given size into our buffer.
+    let n = unsafe {
+        bpf_get_stack(
+            ctx,
+            h.kernel_ips.as_mut_ptr().cast(),
+            (MAX_STACK_DEPTH * 8) as u32,
+            u64::from(BPF_F_USER_STACK),
+        )
+    };
+    h.kernel_frames = if n > 0 { (n as u32) / 8 } else { 0 };
+    if leaf {
+        (h.leaf_ret, h.leaf_offset) = crate::leaf::leaf_word(sp);
     }
 }
 
@@ -251,6 +307,12 @@ pub fn copy_stack(
     h.ip = user.0;
     h.sp = user.1;
     h.bp = user.2;
+    h.leaf_ret = 0;
+    h.leaf_offset = 0;
+    h._pad2 = 0;
+    if extra_flags & sample_flags::FP_CHECK != 0 {
+        fp_walk(ctx, h, user.1, extra_flags & sample_flags::NO_LEAF_WORD == 0);
+    }
 
     // The window above sp; halve it until the read stays inside mapped
     // memory (a thread's stack may hold less than the window).

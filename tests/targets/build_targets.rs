@@ -27,6 +27,8 @@ pub const TARGETS: &[TargetSpec] = &[
     TargetSpec { name: "leafcall", sources: &["leafcall.c"], cxx: false, variants: true },
     TargetSpec { name: "memshape", sources: &["memshape.c"], cxx: false, variants: false },
     TargetSpec { name: "manythreads", sources: &["manythreads.c"], cxx: false, variants: false },
+    // Production flags only: its point is framed cold code around a frameless hot path.
+    TargetSpec { name: "fpdecoy", sources: &["fpdecoy.c"], cxx: false, variants: false },
     TargetSpec { name: "logcaster", sources: &["logcaster/logcaster.c"], cxx: false, variants: true },
     TargetSpec { name: "logcaster-load", sources: &["logcaster/logcaster-load.c"], cxx: false, variants: false },
     TargetSpec { name: "game-server", sources: &["game-server/game-server.cpp"], cxx: true, variants: true },

@@ -167,3 +167,112 @@ fn game_server_full_stacks() {
     });
     assert!(inlined, "serialize_snapshot;…;put_varint in the stacks");
 }
+
+/// `flamewatch record --pid PID ARGS` into a temporary folder: its summary,
+/// folded stacks and stderr (the log).
+fn record_with_log(pid: u32, args: &[&str]) -> (serde_json::Value, Vec<(Vec<String>, u64)>, String) {
+    let dir = output_dir();
+    let pid = pid.to_string();
+    let mut all = vec!["record", "--pid", &pid, "--output", dir.path().to_str().unwrap()];
+    all.extend_from_slice(args);
+    let out = flamewatch(&all);
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{log}");
+    let summary = read_json(&printed_files(&out.stdout, "json")[0]);
+    let stacks = read_folded(&printed_files(&out.stdout, "folded")[0]);
+    (summary, stacks, log)
+}
+
+/// The switch's log lines.
+fn switch_lines(log: &str) -> Vec<&str> {
+    log.lines()
+        .filter(|l| l.contains("unwinding with DWARF from now on"))
+        .collect()
+}
+
+/// Test that `--unwind auto` on a frame-pointer build checks its choice on
+/// 1 sample in 16, finds frame pointers (with the leaf fix-up) agreeing
+/// with DWARF, and keeps them.
+#[test]
+fn auto_check_keeps_agreeing_frame_pointers() {
+    if !privileged("auto_check_keeps_agreeing_frame_pointers") {
+        return;
+    }
+    let _turn = cpu_bound_turn();
+    let mut cmd = Command::new(target_bin("leafcall-fp"));
+    cmd.args(["--mode", "own", "--seconds", "60"]);
+    let target = TestProcess::spawn_ready(cmd);
+    let (summary, _, log) = record_with_log(target.pid(), &["--duration", "4s", "--freq", "999"]);
+    let u = &summary["sampling"]["unwind"];
+    assert_eq!(u["mode"], "fp", "{u:#}");
+    let compared = u["fp_compared"].as_f64().unwrap();
+    let samples = summary["sampling"]["samples"].as_f64().unwrap();
+    assert!(compared >= 50.0, "{u:#}");
+    // 1 in 16 per CPU (a sample without a user stack is not compared).
+    assert!(
+        (samples / 24.0..=samples / 12.0).contains(&compared),
+        "{compared} compared of {samples} samples"
+    );
+    let pct = u["fp_agreement_pct"].as_f64().unwrap();
+    assert!(pct >= 90.0, "agreement {pct} %\n{u:#}");
+    assert!(switch_lines(&log).is_empty(), "{log}");
+}
+
+/// Test that a binary whose framed cold functions fool `auto`'s prologue
+/// count, but whose hot path keeps no frames, is found out by the check:
+/// the walks disagree, the target switches to DWARF (one log line with the
+/// numbers), and the profile then has the whole hot path.
+#[test]
+fn auto_check_switches_a_decoy_to_dwarf() {
+    if !privileged("auto_check_switches_a_decoy_to_dwarf") {
+        return;
+    }
+    let _turn = cpu_bound_turn();
+    let mut cmd = Command::new(target_bin("fpdecoy"));
+    cmd.args(["--seconds", "60"]);
+    let target = TestProcess::spawn_ready(cmd);
+    let (summary, stacks, log) = record_with_log(target.pid(), &["--duration", "10s", "--freq", "999"]);
+    let u = &summary["sampling"]["unwind"];
+    assert_eq!(
+        u["executable"]["frame_pointers"], true,
+        "the decoy fools the count: {u:#}"
+    );
+    assert_eq!(u["mode"], "dwarf", "{u:#}");
+    assert!(
+        u["reason"].as_str().unwrap().starts_with("switched to DWARF"),
+        "{u:#}"
+    );
+    let pct = u["fp_agreement_pct"].as_f64().unwrap();
+    assert!(pct < 50.0 && u["fp_compared"].as_u64() >= Some(50), "{u:#}");
+    let lines = switch_lines(&log);
+    assert_eq!(lines.len(), 1, "{log}");
+    assert!(lines[0].contains("checked samples"), "{}", lines[0]);
+    assert!(u["dwarf_samples"].as_u64() > Some(0), "{u:#}");
+    // Frame pointers never reach hot_outer here (see `--unwind fp` below):
+    // what does comes from DWARF, after the switch. It needs 50 compared
+    // samples, 1 in 16 (800 samples); it must come within twice that.
+    let before_switch: u64 = stacks
+        .iter()
+        .filter(|(s, _)| s.iter().any(|f| f == "hot_inner") && !s.iter().any(|f| f == "hot_outer"))
+        .map(|(_, n)| n)
+        .sum();
+    assert!(
+        before_switch <= 1600,
+        "{before_switch} frame-pointer samples\n{stacks:?}"
+    );
+    let whole = share_with(&stacks, "hot_outer");
+    let main = share_with(&stacks, "main");
+    assert!(
+        whole >= 50.0 && main >= 50.0,
+        "hot_outer {whole:.1} %, main {main:.1} %\n{stacks:?}"
+    );
+    let fp = record(
+        target.pid(),
+        &["--duration", "2s", "--freq", "999", "--unwind", "fp"],
+    );
+    assert!(
+        share_with(&fp.stacks, "hot_outer") < 10.0,
+        "frame pointers lose hot_outer: {:?}",
+        fp.stacks
+    );
+}

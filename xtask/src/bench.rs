@@ -29,6 +29,8 @@ enum Profiler {
         budget: Option<f64>,
         unwind: &'static str,
         mode: &'static str,
+        /// The leaf fix-up on (off: `--no-leaf-fixup`).
+        leaf: bool,
     },
     /// `perf record -e sched:sched_switch -g`: perf's way to see off-CPU stacks.
     PerfSched,
@@ -40,6 +42,14 @@ enum Profiler {
 
 impl Profiler {
     fn label(self) -> String {
+        let base = self.base_label();
+        match self {
+            Self::Flamewatch { leaf: false, .. } => format!("{base}, --no-leaf-fixup"),
+            _ => base,
+        }
+    }
+
+    fn base_label(self) -> String {
         let unwind = |u: &str| {
             if u == "auto" {
                 String::new()
@@ -115,8 +125,17 @@ pub fn run(which: &str, rounds: usize, seconds: f64, agent: &Path, targets: &Pat
                 budget,
                 unwind: "auto",
                 mode: "cpu",
+                leaf: true,
             };
-            compare(
+            // The leaf fix-up's cost: frame pointers with and without it.
+            let fp = |leaf| Profiler::Flamewatch {
+                hz: 999,
+                budget: None,
+                unwind: "fp",
+                mode: "cpu",
+                leaf,
+            };
+            let results = compare(
                 "overhead",
                 &targets.join("throughput-fp"),
                 &[],
@@ -124,6 +143,8 @@ pub fn run(which: &str, rounds: usize, seconds: f64, agent: &Path, targets: &Pat
                     fw(99, None),
                     Profiler::Perf { hz: 99, dwarf: false },
                     fw(999, None),
+                    fp(true),
+                    fp(false),
                     Profiler::Perf {
                         hz: 999,
                         dwarf: false,
@@ -137,7 +158,20 @@ pub fn run(which: &str, rounds: usize, seconds: f64, agent: &Path, targets: &Pat
                 rounds,
                 seconds,
                 agent,
-            )
+            )?;
+            side_by_side(
+                &results,
+                fp(true),
+                fp(false),
+                "leaf fix-up at 999 Hz (--unwind fp)",
+            );
+            side_by_side(
+                &results,
+                fw(999, None),
+                fp(true),
+                "--unwind auto's check at 999 Hz (1 sample in 16 also copied and unwound with DWARF)",
+            );
+            Ok(())
         }
         "unwind" => {
             let fw = |hz, unwind| Profiler::Flamewatch {
@@ -145,6 +179,7 @@ pub fn run(which: &str, rounds: usize, seconds: f64, agent: &Path, targets: &Pat
                 budget: Some(100.0),
                 unwind,
                 mode: "cpu",
+                leaf: true,
             };
             compare(
                 "unwind (production build, no frame pointers; budget lifted to 100 % to measure the raw cost)",
@@ -162,6 +197,7 @@ pub fn run(which: &str, rounds: usize, seconds: f64, agent: &Path, targets: &Pat
                 seconds,
                 agent,
             )
+            .map(drop)
         }
         "tcp" => tcp::run(seconds, agent, targets),
         "offcpu" => {
@@ -170,6 +206,7 @@ pub fn run(which: &str, rounds: usize, seconds: f64, agent: &Path, targets: &Pat
                 budget,
                 unwind: "auto",
                 mode,
+                leaf: true,
             };
             compare(
                 "off-CPU (sleepspin: ~50 µs of work / 50 µs sleep, thousands of context switches/s)",
@@ -185,6 +222,7 @@ pub fn run(which: &str, rounds: usize, seconds: f64, agent: &Path, targets: &Pat
                 seconds,
                 agent,
             )
+            .map(drop)
         }
         other => {
             bail!("unknown benchmark '{other}' (available: overhead, unwind, offcpu, tcp, attach, soak)")
@@ -318,8 +356,53 @@ impl Drop for Target {
     }
 }
 
+/// The throughput ratios of one configuration over the rounds.
+#[derive(Clone, Debug)]
+struct Ratios {
+    label: String,
+    median: f64,
+    p25: f64,
+    p75: f64,
+    /// Median of the ratios of operations per CPU-second.
+    cpu: f64,
+    /// Median of the governor's overhead estimate, percent.
+    estimate: Option<f64>,
+}
+
+/// Prints `a` beside `b` (both measured in the same run): their median
+/// ratios to the baseline, the difference, and whether it is within the
+/// noise (the wider of their p25-p75 spreads).
+fn side_by_side(results: &[Ratios], a: Profiler, b: Profiler, what: &str) {
+    let find = |p: Profiler| results.iter().find(|r| r.label == p.label());
+    let (Some(a), Some(b)) = (find(a), find(b)) else {
+        return;
+    };
+    let cost = (b.median - a.median) * 100.0;
+    let noise = (a.p75 - a.p25).max(b.p75 - b.p25) * 100.0;
+    println!(
+        "  {what}: ratio {:.4} ({}) vs {:.4} ({}): costs {cost:.2} points of throughput \
+         ({:.2} per CPU-second: ratio/CPU {:.4} vs {:.4}; governor's estimate {} vs {}), \
+         noise (wider p25-p75) {noise:.2} points: {}",
+        a.median,
+        a.label,
+        b.median,
+        b.label,
+        (b.cpu - a.cpu) * 100.0,
+        a.cpu,
+        b.cpu,
+        a.estimate.map_or("-".into(), |e| format!("{e:.2} %")),
+        b.estimate.map_or("-".into(), |e| format!("{e:.2} %")),
+        if cost.abs() <= noise {
+            "within noise"
+        } else {
+            "OUTSIDE the noise"
+        }
+    );
+}
+
 /// Measures `profiled` configurations against paired baseline windows of
-/// one long-lived `target` process and prints the table.
+/// one long-lived `target` process and prints the table. Returns each
+/// configuration's ratios.
 fn compare(
     title: &str,
     target: &Path,
@@ -328,7 +411,7 @@ fn compare(
     rounds: usize,
     seconds: f64,
     agent: &Path,
-) -> Result<()> {
+) -> Result<Vec<Ratios>> {
     let configs: Vec<Profiler> = std::iter::once(Profiler::None)
         .chain(profiled.iter().copied())
         .collect();
@@ -395,6 +478,7 @@ fn compare(
         "unwound/s/core"
     );
     let mut verdicts = Vec::new();
+    let mut ratios = Vec::new();
     for (config, runs) in configs.iter().zip(&results) {
         let ops = median(runs.iter().map(|r| r.ops_per_s).collect());
         let ratio = median(runs.iter().map(|r| r.ratio).collect());
@@ -406,6 +490,17 @@ fn compare(
             quantile(runs.iter().map(|r| r.ratio).collect(), 0.25),
             quantile(runs.iter().map(|r| r.ratio).collect(), 0.75)
         );
+        ratios.push(Ratios {
+            label: config.label(),
+            median: ratio,
+            p25: quantile(runs.iter().map(|r| r.ratio).collect(), 0.25),
+            p75: quantile(runs.iter().map(|r| r.ratio).collect(), 0.75),
+            cpu: cpu_ratio,
+            estimate: {
+                let e: Vec<f64> = runs.iter().filter_map(|r| r.estimate_pct).collect();
+                (!e.is_empty()).then(|| median(e))
+            },
+        });
         let slowdown = (1.0 - ratio) * 100.0;
         let est = runs.iter().filter_map(|r| r.estimate_pct).collect::<Vec<_>>();
         let est = (!est.is_empty()).then(|| median(est));
@@ -474,7 +569,7 @@ fn compare(
     for v in verdicts {
         println!("  {v}");
     }
-    Ok(())
+    Ok(ratios)
 }
 
 /// One window of the running target under `config`: the profiler is
@@ -490,6 +585,7 @@ fn measure(config: Profiler, target: &Target, agent: &Path, work: &Path, seconds
             budget,
             unwind,
             mode,
+            leaf,
         } => {
             let mut cmd = Command::new(agent);
             cmd.args([
@@ -512,6 +608,9 @@ fn measure(config: Profiler, target: &Target, agent: &Path, work: &Path, seconds
             .stderr(Stdio::piped());
             if let Some(b) = budget {
                 cmd.args(["--max-overhead", &b.to_string()]);
+            }
+            if !leaf {
+                cmd.arg("--no-leaf-fixup");
             }
             let mut agent = cmd.spawn().context("starting flamewatch")?;
             // Logged once every target is attached, in every mode.

@@ -277,6 +277,7 @@ impl Daemon {
             budget_pct: self.config.max_overhead_pct,
             // Targets come later: any of them may need stack copies.
             dwarf_ring: true,
+            leaf_fixup: self.config.leaf_fixup,
             // A stuck target's emergency profile is an off-CPU one.
             off_cpu: true,
             // Triggers may ask for any rate.

@@ -161,6 +161,7 @@ impl Daemon {
             label: Some(label.to_owned()),
             max_overhead_pct: self.config.max_overhead_pct,
             formats: self.config.session_formats(),
+            leaf_fixup: self.config.leaf_fixup,
             ..RecordConfig::default()
         }
     }

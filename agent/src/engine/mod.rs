@@ -41,7 +41,7 @@ use crate::{
     symbolize::MapsCache,
     target::{self, Target},
     tcp::{summary::TcpSummary, TcpOptions, TcpTracker},
-    unwind::{self, consumer::Consumer, UnwindMode, UnwindStats},
+    unwind::{self, check::FpCheckStats, consumer::Consumer, UnwindMode, UnwindStats},
 };
 
 /// Name of the sampling program (for its run-time statistics).
@@ -86,8 +86,11 @@ pub struct EngineOptions {
     pub unwind: UnwindMode,
     /// Overhead budget per target, percent of its CPU time.
     pub budget_pct: f64,
-    /// Size the stack-copy ring for DWARF targets (8 MiB; a page otherwise).
+    /// Size the stack-copy ring for DWARF targets and `--unwind auto`'s
+    /// check (8 MiB; a page otherwise).
     pub dwarf_ring: bool,
+    /// Insert the callers frame-pointer walks skip (see `unwind::leaf`).
+    pub leaf_fixup: bool,
     /// Off-CPU tracing may be asked for (its tables are allocated).
     pub off_cpu: bool,
     /// The highest rate any session will ask for, when known (the
@@ -148,6 +151,10 @@ pub struct Slot {
     last_unwind: UnwindStats,
     last_off: OffStats,
     last_leaf: crate::unwind::leaf::LeafStats,
+    /// The check's counters as last read (cumulative).
+    last_check: FpCheckStats,
+    /// The check's counters behind the switch decision (decayed).
+    verdict: FpCheckStats,
     last_tcp_events: u64,
 }
 
@@ -216,6 +223,7 @@ impl Engine {
         debug!("object loaded in {:?}", t0.elapsed());
         let mut sampler = Sampler::new(&mut ebpf)?;
         sampler.set_stack_window(options.stack_window)?;
+        sampler.set_leaf_fixup(options.leaf_fixup);
         debug!("sampling program loaded at {:?}", t0.elapsed());
         let consumer = start_consumer(&mut ebpf, options.min_block_ns)?;
         let calibration = tokio::task::block_in_place(|| {
@@ -319,7 +327,15 @@ impl Engine {
             ceiling_hz: want.hz.max(1),
             min_hz: 1,
         });
-        let hz = governor.start_with_estimate(self.calibration.cost_per_hz_pct());
+        // The calibration walks frame pointers only: a checked target pays
+        // for the check's copies too.
+        let per_hz = self.calibration.cost_per_hz_pct()
+            * if choice.check {
+                unwind::check::COST_FACTOR
+            } else {
+                1.0
+            };
+        let hz = governor.start_with_estimate(per_hz);
         if want.hz > 0 && hz < want.hz {
             info!(
                 pid,
@@ -330,12 +346,15 @@ impl Engine {
         let threads = self
             .sampler
             .add_target(&target, self.options.kernel_stacks, choice.dwarf, period)?;
+        if choice.check {
+            self.sampler.set_unwinding(pid, false, true)?;
+        }
         if let Some(Err(e)) = self.tcp.as_mut().map(|tcp| tcp.add_target(pid)) {
             warn!(pid, "TCP tracking of this target failed: {e}");
         }
         // Reserved in the claim until the first interval measures it.
         let predicted = if want.hz > 0 {
-            (hz as f64 * self.calibration.cost_per_hz_pct()).min(budget)
+            (hz as f64 * per_hz).min(budget)
         } else {
             0.0
         };
@@ -360,6 +379,8 @@ impl Engine {
             last_unwind: UnwindStats::default(),
             last_off: OffStats::default(),
             last_leaf: crate::unwind::leaf::LeafStats::default(),
+            last_check: FpCheckStats::default(),
+            verdict: FpCheckStats::default(),
             last_tcp_events: 0,
         };
         self.slots.insert(pid, slot);
@@ -592,6 +613,13 @@ impl Engine {
             .lock()
             .map(|s| s.clone())
             .unwrap_or_default();
+        let check_now = self
+            .consumer
+            .shared()
+            .checks
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default();
         // Samples of each target this interval (for attributing shared costs).
         let pids: Vec<u32> = self.slots.keys().copied().collect();
         let mut per: HashMap<u32, (TargetStats, UnwindStats)> = HashMap::new();
@@ -608,7 +636,9 @@ impl Engine {
             );
         }
         let all_samples = per.values().map(|(s, _)| s.samples).sum::<u64>().max(1);
-        let all_dwarf = per.values().map(|(s, _)| s.dwarf_samples).sum::<u64>().max(1);
+        // Stack copies: DWARF samples and the check's copies.
+        let copies = |s: &TargetStats| s.dwarf_samples + s.fp_checks;
+        let all_dwarf = per.values().map(|(s, _)| copies(s)).sum::<u64>().max(1);
         let all_tcp = shared.tcp_events.values().sum::<u64>().max(1);
         let mut gone = Vec::new();
         let mut worst_off_pct = 0.0f64;
@@ -650,6 +680,9 @@ impl Engine {
             slot.last_off = off_now;
             let leaf_delta = leaf_now.since(slot.last_leaf);
             slot.last_leaf = leaf_now;
+            let check = check_now.get(&pid).copied().unwrap_or_default();
+            let check_delta = check.since(slot.last_check);
+            slot.last_check = check;
             slot.samples += stats.samples;
             let tcp_delta = shared.tcp_events.get(&pid).copied().unwrap_or(0);
             let c = cost::overhead(
@@ -660,7 +693,7 @@ impl Engine {
                         + (tcp_delta as f64 * shared.tcp_mean_ns) as u64
                         + off_delta.prog_ns,
                     processing_ns: processing_ns * stats.samples / all_samples
-                        + shared.unwind_ns * stats.dwarf_samples / all_dwarf
+                        + shared.unwind_ns * copies(&stats) / all_dwarf
                         + shared.tcp_processing_ns * tcp_delta / all_tcp,
                 },
                 self.calibration.interrupt_ns,
@@ -682,8 +715,10 @@ impl Engine {
                 off_machine_ns: shared.off_machine_ns,
                 housekeeping_ns: shared.housekeeping_ns,
                 bpf_run: shared.prog,
-                unwinder_ns: shared.unwind_ns * unwind_delta.samples / shared.all_unwound.max(1),
+                unwinder_ns: shared.unwind_ns * (unwind_delta.samples + check_delta.received)
+                    / shared.all_unwound.max(1),
                 leaf: leaf_delta,
+                fp_check: check_delta,
                 tail: !govern,
                 bytes: 0,
             };
@@ -695,6 +730,7 @@ impl Engine {
                 continue;
             }
             slot.last_pct = c.overhead_pct;
+            judge_fp(&mut self.sampler, pid, slot, check_delta);
             let _ = slot.maps.capture(pid);
             if slot.wants_names() {
                 remember_thread_names(slot);
@@ -808,13 +844,24 @@ impl Engine {
             .stats
             .lock()
             .map(|s| s.values().map(|u| u.samples).sum::<u64>())
-            .unwrap_or(0);
+            .unwrap_or(0)
+            + self
+                .consumer
+                .shared()
+                .checks
+                .lock()
+                .map(|s| s.values().map(|c| c.received).sum::<u64>())
+                .unwrap_or(0);
         SharedCosts {
             prog: prog_delta,
             off_machine_ns: off_ns.saturating_sub(off_targets_ns),
             unwind_ns,
-            all_unwound: all_unwound
-                .saturating_sub(self.slots.values().map(|s| s.last_unwind.samples).sum::<u64>()),
+            all_unwound: all_unwound.saturating_sub(
+                self.slots
+                    .values()
+                    .map(|s| s.last_unwind.samples + s.last_check.received)
+                    .sum::<u64>(),
+            ),
             tcp_mean_ns,
             tcp_processing_ns,
             tcp_events,
@@ -918,6 +965,8 @@ impl Slot {
         s.dwarf_samples += d.dwarf_samples;
         s.dwarf_lost += d.dwarf_lost;
         s.dwarf_stack_unreadable += d.dwarf_stack_unreadable;
+        s.fp_checks += d.fp_checks;
+        s.fp_checks_lost += d.fp_checks_lost;
         s
     }
 }
@@ -984,6 +1033,48 @@ pub fn offcpu_every(every: u64, pct: f64, share: f64) -> u64 {
     } else {
         every
     }
+}
+
+/// `--unwind auto`'s check of a frame-pointer target: adds the interval's
+/// comparisons, and switches the target to DWARF (one log line, with the
+/// numbers) when the walks disagree too often.
+fn judge_fp(sampler: &mut Sampler, pid: u32, slot: &mut Slot, delta: FpCheckStats) {
+    if !slot.choice.check {
+        return;
+    }
+    slot.verdict += delta;
+    if !slot.verdict.should_switch() {
+        slot.verdict.decay();
+        return;
+    }
+    let v = slot.verdict;
+    let pct = v.agreement_pct().unwrap_or(0.0);
+    if let Err(e) = sampler.set_unwinding(pid, true, false) {
+        warn!(
+            pid,
+            "cannot switch to DWARF unwinding, staying with frame pointers: {e}"
+        );
+        slot.choice.check = false;
+        return;
+    }
+    slot.choice.dwarf = true;
+    slot.choice.check = false;
+    slot.choice.reason = format!(
+        "switched to DWARF: frame pointers gave the same stack as DWARF in only {} of {} checked samples \
+         ({pct:.0} %, under {:.0} %); first: {}",
+        v.agreed,
+        v.compared,
+        100.0 - unwind::check::MAX_DISAGREE_PCT,
+        slot.choice.reason
+    );
+    warn!(
+        pid,
+        "unwinding with DWARF from now on: frame-pointer walks matched DWARF in {} of {} checked samples \
+         ({pct:.0} %, under {:.0} %)",
+        v.agreed,
+        v.compared,
+        100.0 - unwind::check::MAX_DISAGREE_PCT
+    );
 }
 
 /// Carries out a governor decision, logging each change of rate.

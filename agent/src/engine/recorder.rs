@@ -16,7 +16,7 @@ use crate::{
     aggregate::{RawProfile, RawSampleKey, StackSlot, Weight},
     governor::cost::ProgStats,
     render::summary::TimelinePoint,
-    unwind::{leaf::LeafStats, UnwindStats},
+    unwind::{check::FpCheckStats, leaf::LeafStats, UnwindStats},
 };
 
 /// What one drain interval recorded of one target.
@@ -59,6 +59,8 @@ pub struct Interval {
     pub unwinder_ns: u64,
     /// What the leaf fix-up did to the interval's frame-pointer stacks.
     pub leaf: LeafStats,
+    /// `--unwind auto`'s check of frame-pointer stacks in the interval.
+    pub fp_check: FpCheckStats,
     /// A short interval recorded between two ticks (a window closing):
     /// its data counts, its rate and overhead are not a timeline point.
     pub tail: bool,
@@ -87,6 +89,7 @@ impl Default for Interval {
             bpf_run: ProgStats::default(),
             unwinder_ns: 0,
             leaf: LeafStats::default(),
+            fp_check: FpCheckStats::default(),
             tail: true,
             bytes: 0,
         }
@@ -234,6 +237,8 @@ pub struct Collected {
     pub unwinder_ns: u64,
     /// Leaf fix-ups.
     pub leaf: LeafStats,
+    /// `--unwind auto`'s check.
+    pub fp_check: FpCheckStats,
     /// Latest rate.
     pub last_hz: u64,
 }
@@ -275,6 +280,7 @@ impl Collected {
             c.bpf_run.run_ns += i.bpf_run.run_ns;
             c.unwinder_ns += i.unwinder_ns;
             c.leaf += i.leaf;
+            c.fp_check += i.fp_check;
             c.last_hz = i.hz;
         }
         c
@@ -309,6 +315,8 @@ pub fn stats_since(a: &TargetStats, b: &TargetStats) -> TargetStats {
         dwarf_samples: a.dwarf_samples.saturating_sub(b.dwarf_samples),
         dwarf_lost: a.dwarf_lost.saturating_sub(b.dwarf_lost),
         dwarf_stack_unreadable: a.dwarf_stack_unreadable.saturating_sub(b.dwarf_stack_unreadable),
+        fp_checks: a.fp_checks.saturating_sub(b.fp_checks),
+        fp_checks_lost: a.fp_checks_lost.saturating_sub(b.fp_checks_lost),
     }
 }
 
@@ -323,6 +331,8 @@ fn add_stats(a: &mut TargetStats, b: &TargetStats) {
     a.dwarf_samples += b.dwarf_samples;
     a.dwarf_lost += b.dwarf_lost;
     a.dwarf_stack_unreadable += b.dwarf_stack_unreadable;
+    a.fp_checks += b.fp_checks;
+    a.fp_checks_lost += b.fp_checks_lost;
 }
 
 /// `a - b` of cumulative unwinding counters.

@@ -144,6 +144,18 @@ pub struct UnwindInfo {
     /// select()): beyond the leaf's caller they are lost (`[truncated
     /// stack]`), a known gap.
     pub leaf_rbp_reused: u64,
+    /// The leaf fix-up was on (`--no-leaf-fixup` turns it off).
+    pub leaf_fixup: bool,
+    /// `--unwind auto` on a frame-pointer target: samples whose
+    /// frame-pointer walk (after the leaf fix-up) was compared with a DWARF
+    /// walk of the same sample (1 in 16; see `fp_agreement_pct`).
+    pub fp_compared: u64,
+    /// Of those, the same stack both ways.
+    pub fp_agreed: u64,
+    /// `fp_agreed` in percent of `fp_compared` (null when none were
+    /// compared). Under 80 % (over at least 50 samples) switches the target
+    /// to DWARF: `mode` then says `dwarf` and `reason` why.
+    pub fp_agreement_pct: Option<f64>,
 }
 
 /// Whether an executable's functions set up frame pointers.

@@ -214,6 +214,8 @@ pub struct Sampler {
     ncpus: usize,
     /// Inserts the callers frame-pointer walks skip (see `unwind::leaf`).
     leaf: LeafFixer,
+    /// The leaf fix-up is on (`--no-leaf-fixup` turns it off).
+    leaf_fixup: bool,
 }
 
 impl Sampler {
@@ -247,6 +249,7 @@ impl Sampler {
             generation: 0,
             ncpus,
             leaf: LeafFixer::default(),
+            leaf_fixup: true,
         };
         sampler.set_generation(0)?;
         Ok(sampler)
@@ -258,6 +261,12 @@ impl Sampler {
             .map_err(map_err("CONFIG"))?;
         self.generation = generation;
         Ok(())
+    }
+
+    /// Turns the leaf fix-up on or off for the targets added from now on
+    /// (off: the kernel keeps no leaf word, the agent inserts nothing).
+    pub fn set_leaf_fixup(&mut self, on: bool) {
+        self.leaf_fixup = on;
     }
 
     /// Bytes of user stack copied per DWARF sample.
@@ -301,10 +310,13 @@ impl Sampler {
         if dwarf {
             flags |= target_flags::DWARF;
         }
+        if !self.leaf_fixup {
+            flags |= target_flags::NO_LEAF_FIXUP;
+        }
         self.target_map
             .insert(pid, TargetInfo { slot, flags }, 0)
             .map_err(map_err("TARGETS"))?;
-        if !dwarf {
+        if !dwarf && self.leaf_fixup {
             self.leaf.prepare(pid);
         }
 
@@ -364,6 +376,22 @@ impl Sampler {
             let _ = self.drain_all(&mut RawProfile::default());
         }
         out
+    }
+
+    /// Changes how `pid`'s user stacks are taken: `dwarf` (stack copies) or
+    /// frame pointers, then with `fp_check` the check copies of
+    /// `--unwind auto` (see `unwind::check`). Its other flags stay.
+    pub fn set_unwinding(&mut self, pid: u32, dwarf: bool, fp_check: bool) -> Result<(), SamplingError> {
+        let Ok(mut info) = self.target_map.get(&pid, 0) else {
+            return Ok(());
+        };
+        info.flags &= !(target_flags::DWARF | target_flags::FP_CHECK);
+        if dwarf {
+            info.flags |= target_flags::DWARF;
+        } else if fp_check {
+            info.flags |= target_flags::FP_CHECK;
+        }
+        self.target_map.insert(pid, info, 0).map_err(map_err("TARGETS"))
     }
 
     /// The target's slot in the kernel's per-target tables.
@@ -507,6 +535,8 @@ impl Sampler {
             acc.dwarf_samples += s.dwarf_samples;
             acc.dwarf_lost += s.dwarf_lost;
             acc.dwarf_stack_unreadable += s.dwarf_stack_unreadable;
+            acc.fp_checks += s.fp_checks;
+            acc.fp_checks_lost += s.fp_checks_lost;
             acc
         }))
     }
@@ -557,7 +587,7 @@ impl Sampler {
     fn drain_generation(&mut self, g: usize, profile: &mut RawProfile) -> Result<DrainStats, SamplingError> {
         let counts = &mut self.counts[g];
         let stacks = &mut self.stacks[g];
-        let (leaf, targets) = (&mut self.leaf, &self.targets);
+        let (leaf, targets, fixup) = (&mut self.leaf, &self.targets, self.leaf_fixup);
         let entries: Vec<(SampleKey, Weight)> = counts
             .iter()
             .filter_map(|r| match r {
@@ -600,7 +630,7 @@ impl Sampler {
         for (key, weight) in &entries {
             let mut user = read_stack(key.user_stack_id);
             // Not the calibration's own samples: they are discarded.
-            if targets.contains_key(&key.tgid) {
+            if targets.contains_key(&key.tgid) && fixup {
                 user = leaf.fix(key.tgid, user, key.leaf_ret, key.leaf_offset, weight.samples);
             }
             let raw = RawSampleKey {

@@ -324,6 +324,10 @@ fn unwind_info(window: &Window, c: &Collected, config: &RecordConfig) -> summary
         leaf_fixups: c.leaf.fixups,
         mid_stack_gaps: c.leaf.mid_stack_gaps,
         leaf_rbp_reused: c.leaf.rbp_reused,
+        leaf_fixup: config.leaf_fixup,
+        fp_compared: c.fp_check.compared,
+        fp_agreed: c.fp_check.agreed,
+        fp_agreement_pct: c.fp_check.agreement_pct().map(|p| (p * 10.0).round() / 10.0),
     }
 }
 

@@ -30,6 +30,7 @@ pub fn engine_options(config: &RecordConfig, dwarf_ring: bool) -> EngineOptions 
         unwind: config.unwind,
         budget_pct: config.max_overhead_pct,
         dwarf_ring,
+        leaf_fixup: config.leaf_fixup,
         off_cpu: config.mode.off_cpu(),
         max_hz: Some(config.freq_hz),
         tcp: true,
@@ -61,7 +62,9 @@ pub async fn record(
         source,
     })?;
     let started_at = SystemTime::now();
-    let any_dwarf = targets.iter().any(|t| unwind::choose(config.unwind, t.pid).dwarf);
+    // `auto` checks the frame-pointer targets it picks with stack copies.
+    let any_dwarf = config.unwind == unwind::UnwindMode::Auto
+        || targets.iter().any(|t| unwind::choose(config.unwind, t.pid).dwarf);
     let mut engine = Engine::start(engine_options(config, any_dwarf))?;
     attach(&mut engine, config, targets.clone()).await?;
     collect(&mut engine, config, stop).await?;

@@ -19,11 +19,17 @@ use aya::maps::{MapData, RingBuf};
 use flamewatch_common::{offcpu::OffEnd, sample_flags, StackSampleHeader};
 use framehop::x86_64::CacheX86_64;
 
-use super::{Ending, FileCache, ProcessUnwinder, UnwindStats};
+use super::{
+    check::{Checker, FpCheckStats},
+    Ending, FileCache, ProcessUnwinder, UnwindStats,
+};
 use crate::aggregate::{LostReason, RawProfile, RawSampleKey, StackSlot, Weight};
 
 /// How often the ring buffer is drained while samples arrive.
 pub const POLL: Duration = Duration::from_millis(20);
+/// How often it is drained while only `--unwind auto`'s check copies
+/// arrive (see `unwind::check`).
+pub const CHECK_POLL: Duration = Duration::from_millis(100);
 /// How often it is drained while none do (continuous profiling at a low
 /// rate, or only frame-pointer targets): a wakeup costs tens of µs in a VM,
 /// and 8 MiB hold over half a second even at 999 Hz of 16 KiB samples.
@@ -56,6 +62,8 @@ pub struct Shared {
     pub setup_ns: AtomicU64,
     /// Per-target unwinding counters.
     pub stats: Mutex<HashMap<u32, UnwindStats>>,
+    /// Per-target counters of `--unwind auto`'s check (see `unwind::check`).
+    pub checks: Mutex<HashMap<u32, FpCheckStats>>,
     /// Off-CPU begins known to userspace (threads already blocked when the
     /// tracer attached), joined with their ends like the kernel's.
     pub seeded: Mutex<Begins>,
@@ -179,6 +187,20 @@ impl Consumer {
     }
 }
 
+/// Compares one check copy's two walks into `st`.
+fn check_one(checker: &mut Checker, h: &StackSampleHeader, stack: &[u8], st: &mut FpCheckStats) {
+    st.received += 1;
+    if h.flags & sample_flags::NO_USER_REGS != 0 || stack.is_empty() {
+        return;
+    }
+    let n = (h.kernel_frames as usize).min(h.kernel_ips.len());
+    let fp = &h.kernel_ips[..n];
+    if let Some(same) = checker.compare(h.tgid, fp, (h.leaf_ret, h.leaf_offset), (h.ip, h.sp, h.bp), stack) {
+        st.compared += 1;
+        st.agreed += u64::from(same);
+    }
+}
+
 fn run(
     mut ring: RingBuf<MapData>,
     mut ends: Option<RingBuf<MapData>>,
@@ -193,10 +215,12 @@ fn run(
     let mut files = FileCache::default();
     let mut procs: HashMap<u32, ProcessUnwinder> = HashMap::new();
     let mut cache = CacheX86_64::new();
+    let mut checker = Checker::default();
     let mut setup_ns = 0;
     let mut poll = POLL;
     loop {
         let mut records = 0usize;
+        let mut checks_seen = false;
         // Stop only after a last full drain.
         let stopping = stop.load(Ordering::SeqCst);
         if let Ok(mut seeded) = shared.seeded.lock() {
@@ -213,11 +237,26 @@ fn run(
             setup_ns += crate::governor::cost::thread_cpu_ns().saturating_sub(t0);
         }
         let mut stats: HashMap<u32, UnwindStats> = HashMap::new();
+        let mut checks: HashMap<u32, FpCheckStats> = HashMap::new();
         while let Some(item) = ring.next() {
             records += 1;
             let Some((h, stack)) = decode_sample(&item) else {
                 continue;
             };
+            if h.flags & sample_flags::FP_CHECK != 0 {
+                // Not urgent: a check copy needs no fast polling (below).
+                records -= 1;
+                checks_seen = true;
+                // Counted already (the aggregation map has the sample):
+                // only compared.
+                // Loading a file's tables is a one-time cost, as below.
+                let t0 = crate::governor::cost::thread_cpu_ns();
+                if checker.prepare(h.tgid, h.ip) {
+                    setup_ns += crate::governor::cost::thread_cpu_ns().saturating_sub(t0);
+                }
+                check_one(&mut checker, &h, stack, checks.entry(h.tgid).or_default());
+                continue;
+            }
             let st = stats.entry(h.tgid).or_default();
             st.samples += 1;
             let user = if h.flags & sample_flags::NO_USER_REGS != 0 || stack.is_empty() {
@@ -324,9 +363,18 @@ fn run(
                 t.no_user_stack += s.no_user_stack;
             }
         }
+        if let Ok(mut all) = shared.checks.lock() {
+            for (pid, c) in checks {
+                *all.entry(pid).or_default() += c;
+            }
+        }
         if let Ok(mut forget) = shared.forget.lock() {
             for pid in forget.drain(..) {
                 procs.remove(&pid);
+                checker.forget(pid);
+                if let Ok(mut all) = shared.checks.lock() {
+                    all.remove(&pid);
+                }
                 out.begins.retain(|_, (tgid, _, _)| *tgid != pid);
                 if let Ok(mut all) = shared.stats.lock() {
                     all.remove(&pid);
@@ -350,8 +398,13 @@ fn run(
             return out;
         }
         // Back off while nothing arrives; fast again as soon as it does.
+        // Check copies alone back off to CHECK_POLL: 1 sample in 16 of
+        // frame-pointer targets, of which 100 ms fill a quarter of the ring
+        // even at 20 kHz, and fast wakeups would cost more than the check.
         poll = if records > 0 {
             POLL
+        } else if checks_seen {
+            (poll * 2).min(CHECK_POLL)
         } else {
             (poll * 2).min(IDLE_POLL)
         };

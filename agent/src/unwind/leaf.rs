@@ -136,6 +136,26 @@ impl LeafFixer {
         self.rules.retain(|(p, _), _| *p != pid);
     }
 
+    /// Whether `addr` is in a file of `pid` whose tables are loaded.
+    pub fn knows(&self, pid: u32, addr: u64) -> bool {
+        self.procs.get(&pid).is_some_and(|p| p.knows(addr))
+    }
+
+    /// Unwinds a DWARF copy of `pid`'s stack (registers `(ip, sp, bp)`,
+    /// `stack` the bytes at `sp`) with the tables loaded here.
+    pub fn unwind_copy(
+        &mut self,
+        pid: u32,
+        regs: (u64, u64, u64),
+        stack: &[u8],
+    ) -> (Vec<u64>, super::Ending) {
+        let proc = self.procs.entry(pid).or_default();
+        if !proc.knows(regs.0) {
+            proc.refresh(pid, &mut self.files);
+        }
+        proc.unwind(&mut self.cache, regs.0, regs.1, regs.2, stack)
+    }
+
     /// Counters of `pid` so far.
     pub fn stats(&self, pid: u32) -> LeafStats {
         self.stats.get(&pid).copied().unwrap_or_default()

@@ -6,6 +6,7 @@
 //! falls back to frame pointers where a binary has none). Unwind data is
 //! read once per file and shared by every process mapping it.
 
+pub mod check;
 pub mod consumer;
 pub mod elf;
 pub mod leaf;
@@ -229,6 +230,9 @@ impl ProcessUnwinder {
 pub struct Choice {
     /// Unwind from stack copies with DWARF CFI.
     pub dwarf: bool,
+    /// Frame pointers picked by `auto`: check them against DWARF copies of
+    /// some samples (see [`check`]), and switch if they disagree.
+    pub check: bool,
     /// Why, for the summary.
     pub reason: String,
     /// The executable's frame pointer check, when made.
@@ -238,7 +242,9 @@ pub struct Choice {
 /// Picks the unwinding for process `pid` under `mode`: in `auto`, DWARF
 /// when its executable does not keep frame pointers (the code where most
 /// samples land decides; a library without them still loses at most the
-/// caller of its own leaf functions in fp mode).
+/// caller of its own leaf functions in fp mode). The prologue count can be
+/// fooled (framed cold code, frameless hot code): when `auto` picks frame
+/// pointers, the choice is checked while sampling ([`check`]).
 pub fn choose(mode: UnwindMode, pid: u32) -> Choice {
     let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
     let check = UnwindData::read(std::path::Path::new(&format!("/proc/{pid}/exe")))
@@ -268,8 +274,18 @@ pub fn choose(mode: UnwindMode, pid: u32) -> Choice {
         ),
         (UnwindMode::Auto, None) => (false, "executable unreadable: walking frame pointers".to_owned()),
     };
+    let fp_check = mode == UnwindMode::Auto && !dwarf;
+    let reason = if fp_check {
+        format!(
+            "{reason}; checked against DWARF on 1 sample in {}",
+            flamewatch_common::FP_CHECK_EVERY
+        )
+    } else {
+        reason
+    };
     Choice {
         dwarf,
+        check: fp_check,
         reason,
         executable: check,
     }
