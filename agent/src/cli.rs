@@ -246,7 +246,10 @@ pub struct RecordArgs {
           default_value_t = RecordConfig::default().stack_window)]
     pub stack_window: u32,
     /// `cpu`: where CPU time goes; `offcpu`: where threads wait (blocked
-    /// time by stack); `wall`: both, per thread, in one graph.
+    /// time by stack); `wall`: both, per thread, in one graph; `memory`:
+    /// resident-memory growth by stack (new anonymous pages, in bytes);
+    /// `heap`: live allocations by allocating stack (allocator uprobes on
+    /// the target only, sampled by bytes).
     #[arg(long, value_enum, default_value_t = RecordConfig::default().mode)]
     pub mode: Mode,
     /// Shortest off-CPU block recorded (offcpu and wall modes).
@@ -259,6 +262,42 @@ pub struct RecordArgs {
     #[arg(long = "format", value_name = "FORMATS", value_enum, value_delimiter = ',',
           default_values_t = RecordConfig::default().formats)]
     pub formats: Vec<Format>,
+    /// Heap mode: mean bytes allocated between two sampled allocations (a
+    /// Poisson process, as tcmalloc's and ddprof's).
+    #[arg(long, value_name = "BYTES", value_parser = parse_heap_sample_bytes,
+          default_value_t = RecordConfig::default().heap_sample_bytes)]
+    pub heap_sample_bytes: u64,
+    /// Heap mode: live allocations older than this are "probably leaked".
+    #[arg(long, value_name = "DURATION", value_parser = parse_leak_age,
+          default_value_t = MinBlock(RecordConfig::default().leak_age))]
+    pub leak_age: MinBlock,
+}
+
+/// `--heap-sample-bytes`: bytes, with an optional KiB/MiB suffix.
+fn parse_heap_sample_bytes(text: &str) -> Result<u64, ConfigError> {
+    let t = text.trim();
+    let (num, mult) = if let Some(n) = t.strip_suffix("KiB").or_else(|| t.strip_suffix('K')) {
+        (n, 1024)
+    } else if let Some(n) = t.strip_suffix("MiB").or_else(|| t.strip_suffix('M')) {
+        (n, 1024 * 1024)
+    } else {
+        (t, 1)
+    };
+    let v: u64 = num.trim().parse().map_err(|_| {
+        invalid(
+            "heap-sample-bytes",
+            text,
+            "not a size; examples: 524288, 512KiB, 1MiB",
+        )
+    })?;
+    crate::config::check_heap_sample_bytes(v.saturating_mul(mult))
+}
+
+/// `--leak-age`: a positive duration.
+fn parse_leak_age(text: &str) -> Result<MinBlock, ConfigError> {
+    let d = humantime::parse_duration(text.trim())
+        .map_err(|e| invalid("leak-age", text, format!("{e}; examples: 30s, 5m")))?;
+    check_duration("leak-age", d, false).map(MinBlock)
 }
 
 /// A `--min-block` duration, possibly zero.
@@ -387,6 +426,8 @@ impl RecordArgs {
             mode: self.mode,
             min_block: self.min_block.0,
             formats: dedup(&self.formats),
+            heap_sample_bytes: self.heap_sample_bytes,
+            leak_age: self.leak_age.0,
             ..RecordConfig::default()
         }
     }

@@ -86,6 +86,9 @@ fn without(feature: Feature) -> &'static str {
         Feature::TcpResetsReceived => "resets received not counted",
         Feature::TcpResetsSent => "resets sent not counted; a TIME_WAIT entry ended by a RST stays counted",
         Feature::OffCpu => "--mode offcpu and wall exit with an error; CPU profiles work",
+        Feature::MemoryFaults => "--mode memory exits with an error; heap and CPU profiles work",
+        Feature::MemoryMmap => "memory profiles lack the mmap view of heap extensions",
+        Feature::MemoryBrk => "memory profiles lack the brk view of heap extensions",
     }
 }
 

@@ -13,7 +13,10 @@ use std::{
     sync::{Mutex, OnceLock},
 };
 
-use flamewatch_common::tcp::{send_reset_form, SchedLayout, TcpLayout, ABSENT};
+use flamewatch_common::{
+    memory::MemLayout,
+    tcp::{send_reset_form, SchedLayout, TcpLayout, ABSENT},
+};
 use tracing::warn;
 
 use crate::tcp::attach::{ensure_tracefs, parse_format, Format};
@@ -29,15 +32,24 @@ pub enum Feature {
     TcpResetsSent,
     /// Off-CPU and wall profiles (`sched/sched_switch`).
     OffCpu,
+    /// Memory growth profiles (`exceptions/page_fault_user`).
+    MemoryFaults,
+    /// Anonymous mmap in memory growth profiles (`syscalls/sys_enter_mmap`).
+    MemoryMmap,
+    /// brk in memory growth profiles (`syscalls/sys_enter_brk`).
+    MemoryBrk,
 }
 
 impl Feature {
     /// Every feature, in report order.
-    pub const ALL: [Feature; 4] = [
+    pub const ALL: [Feature; 7] = [
         Feature::TcpStates,
         Feature::TcpResetsReceived,
         Feature::TcpResetsSent,
         Feature::OffCpu,
+        Feature::MemoryFaults,
+        Feature::MemoryMmap,
+        Feature::MemoryBrk,
     ];
 
     /// The tracepoint, `category/name`.
@@ -47,6 +59,9 @@ impl Feature {
             Feature::TcpResetsReceived => "tcp/tcp_receive_reset",
             Feature::TcpResetsSent => "tcp/tcp_send_reset",
             Feature::OffCpu => "sched/sched_switch",
+            Feature::MemoryFaults => "exceptions/page_fault_user",
+            Feature::MemoryMmap => "syscalls/sys_enter_mmap",
+            Feature::MemoryBrk => "syscalls/sys_enter_brk",
         }
     }
 
@@ -57,6 +72,9 @@ impl Feature {
             Feature::TcpResetsReceived => "TCP resets received",
             Feature::TcpResetsSent => "TCP resets sent",
             Feature::OffCpu => "off-CPU profiles",
+            Feature::MemoryFaults => "memory growth profiles",
+            Feature::MemoryMmap => "mmap in memory growth profiles",
+            Feature::MemoryBrk => "brk in memory growth profiles",
         }
     }
 }
@@ -68,6 +86,8 @@ pub struct Layouts {
     pub tcp: TcpLayout,
     /// For `SCHED_LAYOUT`.
     pub sched: SchedLayout,
+    /// For `MEM_LAYOUT`.
+    pub memory: MemLayout,
     /// Features this kernel's records cannot serve, with why.
     pub missing: Vec<(Feature, String)>,
 }
@@ -118,8 +138,12 @@ pub fn warn_missing_once(feature: Feature, why: &str) {
 pub fn resolve(tracefs: &Path) -> Layouts {
     let mut layouts = Layouts::default();
     for feature in Feature::ALL {
-        let result = read_format(tracefs, feature.tracepoint())
-            .and_then(|format| apply(feature, &format, &mut layouts.tcp, &mut layouts.sched));
+        let result = read_format(tracefs, feature.tracepoint()).and_then(|format| {
+            if apply_memory(feature, &format, &mut layouts.memory)? {
+                return Ok(());
+            }
+            apply(feature, &format, &mut layouts.tcp, &mut layouts.sched)
+        });
         if let Err(why) = result {
             layouts
                 .missing
@@ -182,8 +206,27 @@ fn apply(feature: Feature, f: &Format, tcp: &mut TcpLayout, sched: &mut SchedLay
             sched.prev_state = required(f, "prev_state", 8)?;
             sched.next_pid = required(f, "next_pid", 4)?;
         }
+        // Filled by `apply_memory`.
+        Feature::MemoryFaults | Feature::MemoryMmap | Feature::MemoryBrk => {}
     }
     Ok(())
+}
+
+/// Fills the memory features' part of the layouts; false for other features.
+fn apply_memory(feature: Feature, f: &Format, memory: &mut MemLayout) -> Result<bool, String> {
+    match feature {
+        Feature::MemoryFaults => {
+            memory.pf_address = required(f, "address", 8)?;
+            memory.pf_error_code = required(f, "error_code", 8)?;
+        }
+        Feature::MemoryMmap => {
+            memory.mmap_len = required(f, "len", 8)?;
+            memory.mmap_flags = required(f, "flags", 8)?;
+        }
+        Feature::MemoryBrk => memory.brk_brk = required(f, "brk", 8)?,
+        _ => return Ok(false),
+    }
+    Ok(true)
 }
 
 /// `tcp_send_reset` has two forms: `sockaddr` addresses (6.10+), or ports,
@@ -285,5 +328,6 @@ format:
         assert!(layouts.missing.is_empty(), "{:?}", layouts.missing);
         assert_eq!(layouts.tcp, TcpLayout::DEFAULT);
         assert_eq!(layouts.sched, SchedLayout::DEFAULT);
+        assert_eq!(layouts.memory, MemLayout::DEFAULT);
     }
 }

@@ -8,6 +8,8 @@
 
 pub mod offcpu;
 
+pub mod memory;
+
 pub mod tcp;
 
 /// Maximum frames of one stack (the kernel's `PERF_MAX_STACK_DEPTH`).

@@ -25,6 +25,8 @@ pub const TARGETS: &[TargetSpec] = &[
     TargetSpec { name: "throughput", sources: &["throughput.c"], cxx: false, variants: true },
     TargetSpec { name: "sleepspin", sources: &["sleepspin.c"], cxx: false, variants: true },
     TargetSpec { name: "leafcall", sources: &["leafcall.c"], cxx: false, variants: true },
+    TargetSpec { name: "memleak", sources: &["memleak.c"], cxx: false, variants: true },
+    TargetSpec { name: "mallocloop", sources: &["mallocloop.c"], cxx: false, variants: true },
     TargetSpec { name: "logcaster", sources: &["logcaster/logcaster.c"], cxx: false, variants: true },
     TargetSpec { name: "logcaster-load", sources: &["logcaster/logcaster-load.c"], cxx: false, variants: false },
     TargetSpec { name: "game-server", sources: &["game-server/game-server.cpp"], cxx: true, variants: true },

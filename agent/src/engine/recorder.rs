@@ -64,6 +64,8 @@ pub struct Interval {
     pub tail: bool,
     /// Estimated heap bytes of this record.
     pub bytes: usize,
+    /// Memory records (memory and heap profiles).
+    pub mem: crate::memory::MemDrain,
 }
 
 impl Default for Interval {
@@ -89,6 +91,7 @@ impl Default for Interval {
             leaf: LeafStats::default(),
             tail: true,
             bytes: 0,
+            mem: crate::memory::MemDrain::default(),
         }
     }
 }
@@ -110,7 +113,12 @@ impl Interval {
                 .map(|k| key_bytes(k) + std::mem::size_of::<(RawSampleKey, Weight)>() + 16)
                 .sum()
         };
-        self.bytes = std::mem::size_of::<Self>() + per(&self.cpu) + per(&self.off);
+        self.bytes = std::mem::size_of::<Self>()
+            + per(&self.cpu)
+            + per(&self.off)
+            + per(&self.mem.faults)
+            + per(&self.mem.extends)
+            + per(&self.mem.allocs);
     }
 }
 
@@ -236,6 +244,8 @@ pub struct Collected {
     pub leaf: LeafStats,
     /// Latest rate.
     pub last_hz: u64,
+    /// Memory records of the window.
+    pub mem: crate::memory::MemCollected,
 }
 
 impl Collected {
@@ -276,6 +286,7 @@ impl Collected {
             c.unwinder_ns += i.unwinder_ns;
             c.leaf += i.leaf;
             c.last_hz = i.hz;
+            c.mem.add(i);
         }
         c
     }
