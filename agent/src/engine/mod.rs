@@ -786,7 +786,7 @@ impl Engine {
             let budget_pct = slot.governor.budget_pct();
             if let Some(m) = self.memory.as_mut() {
                 match m.kind(pid) {
-                    Some(MemKind::Heap) => m.govern_heap(&mut self.ebpf, pid, mem_pct, budget_pct),
+                    Some(MemKind::Heap) => m.govern_heap(&mut self.ebpf, pid, mem_pct, cpu_delta, budget_pct),
                     Some(MemKind::Growth) if mem_pct >= worst_growth.0 => {
                         worst_growth = (mem_pct, budget_pct);
                     }

@@ -186,6 +186,9 @@ pub struct MemDrain {
     /// Whether the heap probes were attached during the interval (heap
     /// targets; false while duty-cycled off).
     pub heap_observed: bool,
+    /// free() was detached at some point: allocations may be counted in
+    /// use although freed.
+    pub free_missed: bool,
     /// 1-in-N page sampling in force.
     pub fault_every: u64,
 }
@@ -219,6 +222,8 @@ pub struct MemCollected {
     pub unobserved: Vec<(std::time::SystemTime, std::time::SystemTime)>,
     /// Latest 1-in-N page sampling.
     pub fault_every: u64,
+    /// See [`MemDrain::free_missed`].
+    pub free_missed: bool,
 }
 
 impl MemCollected {
@@ -231,9 +236,10 @@ impl MemCollected {
         add_stats(&mut self.stats, &m.stats);
         self.cost_ns += m.cost_ns;
         self.fault_every = self.fault_every.max(m.fault_every);
+        self.free_missed |= m.free_missed;
         if m.heap_observed {
             self.observed_s += i.seconds();
-        } else if m.stats.calls == 0 && self.observed_s > 0.0 {
+        } else if self.observed_s > 0.0 {
             self.unobserved_s += i.seconds();
             match self.unobserved.last_mut() {
                 Some(last) if last.1 == i.from => last.1 = i.to,
@@ -278,6 +284,11 @@ struct MemPid {
     off_for: u32,
     /// Intervals they stayed attached since the last pause.
     observed_in_row: u32,
+    /// The latest interval's counters (for the governor).
+    last_delta: MemStats,
+    /// free() was detached for a while: some sampled allocations may have
+    /// been freed unseen.
+    free_missed: bool,
 }
 
 /// The attached memory programs.
@@ -386,6 +397,8 @@ impl MemTracer {
             links: Vec::new(),
             off_for: 0,
             observed_in_row: 0,
+            last_delta: MemStats::default(),
+            free_missed: false,
         };
         match kind {
             MemKind::Growth => {
@@ -422,7 +435,7 @@ impl MemTracer {
         let Some(mut state) = self.pids.remove(&pid) else {
             return Ok(());
         };
-        detach_heap(ebpf, &mut state);
+        detach_heap(ebpf, &mut state, true);
         let _ = self.targets.remove(&pid);
         let _ = self.brk.remove(&pid);
         let stale: Vec<HeapPtr> = self
@@ -616,9 +629,10 @@ impl MemTracer {
         for pid in pids {
             let slot = self.pids[&pid].slot;
             let now = self.stats(slot);
-            let st = &mut self.pids.get_mut(&pid).expect("listed").last;
-            let delta = since(&now, st);
-            *st = now;
+            let state = self.pids.get_mut(&pid).expect("listed");
+            let delta = since(&now, &state.last);
+            state.last = now;
+            state.last_delta = delta;
             let state = &self.pids[&pid];
             let d = out.entry(pid).or_default();
             d.cost_ns = delta.prog_ns as f64
@@ -626,7 +640,8 @@ impl MemTracer {
                 + delta.returns as f64 * costs.return_ns
                 + delta.heap_prog_ns as f64;
             d.stats = delta;
-            d.heap_observed = state.kind == MemKind::Heap && !state.links.is_empty();
+            d.heap_observed = state.kind == MemKind::Heap && state.off_for == 0 && !state.links.is_empty();
+            d.free_missed = state.free_missed;
             d.fault_every = self.fault_every;
             if state.kind == MemKind::Growth {
                 let _ = self.refresh_shared(pid, slot);
@@ -666,11 +681,16 @@ impl MemTracer {
             .collect()
     }
 
-    /// Keeps each heap target inside `budget_pct` of its CPU: over it, the
-    /// probes are detached for as many intervals as it takes the average to
-    /// come back under (a duty cycle the summary reports), then attached
-    /// again. `pct` is the interval's cost of `pid`'s memory programs.
-    pub fn govern_heap(&mut self, ebpf: &mut Ebpf, pid: u32, pct: f64, budget_pct: f64) {
+    /// Keeps each heap target inside `budget_pct` of its CPU. Over it, the
+    /// allocation probes are detached for as many intervals as it takes the
+    /// average to come back under (a duty cycle the summary reports), then
+    /// attached again. The free probe stays, so that what was sampled is
+    /// still removed when freed (`inuse` stays exact for the sampled
+    /// allocations); when free alone costs more than half the budget it
+    /// goes too. `pct` is the interval's cost of `pid`'s memory programs,
+    /// `cpu_ns` the target's CPU time in it.
+    pub fn govern_heap(&mut self, ebpf: &mut Ebpf, pid: u32, pct: f64, cpu_ns: u64, budget_pct: f64) {
+        let costs = self.costs.unwrap_or_default();
         let Some(state) = self.pids.get_mut(&pid).filter(|s| s.kind == MemKind::Heap) else {
             return;
         };
@@ -686,13 +706,19 @@ impl MemTracer {
         }
         state.observed_in_row += 1;
         if pct > budget_pct && budget_pct > 0.0 {
+            let free_pct = 100.0 * state.last_delta.frees as f64 * costs.entry_ns / cpu_ns.max(1) as f64;
+            let all = free_pct > 0.5 * budget_pct;
+            if all {
+                state.free_missed = true;
+            }
             // Observing one interval in k costs pct / k on average.
-            let k = (pct / (0.8 * budget_pct)).ceil().clamp(2.0, 60.0) as u32;
+            let k = (pct / (0.8 * budget_pct)).ceil().clamp(2.0, 600.0) as u32;
             info!(
                 pid,
-                "heap probes cost {pct:.2} % (budget {budget_pct:.1} %): observing 1 interval in {k}"
+                "heap probes cost {pct:.2} % (budget {budget_pct:.1} %): observing 1 interval in {k}{}",
+                if all { ", free() too" } else { "" }
             );
-            detach_heap(ebpf, state);
+            detach_heap(ebpf, state, all);
             state.off_for = k - 1;
         }
     }
@@ -722,7 +748,8 @@ where
         .map_err(prog_err(name))
 }
 
-/// Attaches the allocator probes of `state` to `pid` only.
+/// Attaches the allocator probes of `state` to `pid` only (free()'s only
+/// when it is not attached already: the duty cycle may have kept it).
 fn attach_heap(ebpf: &mut Ebpf, pid: u32, state: &mut MemPid) -> Result<(), MemError> {
     let Some(a) = state.allocator.clone() else {
         return Ok(());
@@ -732,6 +759,10 @@ fn attach_heap(ebpf: &mut Ebpf, pid: u32, state: &mut MemPid) -> Result<(), MemE
     };
     for (function, prog, returns) in heap::FUNCTIONS {
         if !a.functions.contains(function) {
+            continue;
+        }
+        let attached = state.links.iter().any(|(p, _)| *p == FREE_PROG);
+        if *prog == FREE_PROG && attached {
             continue;
         }
         let mut targets = vec![(*prog, *function)];
@@ -747,8 +778,13 @@ fn attach_heap(ebpf: &mut Ebpf, pid: u32, state: &mut MemPid) -> Result<(), MemE
     Ok(())
 }
 
-fn detach_heap(ebpf: &mut Ebpf, state: &mut MemPid) {
-    for (prog, link) in state.links.drain(..) {
+const FREE_PROG: &str = "flamewatch_heap_free";
+
+/// Detaches the allocation probes of `state`, and free()'s with `all`.
+fn detach_heap(ebpf: &mut Ebpf, state: &mut MemPid, all: bool) {
+    let (gone, kept): (Vec<_>, Vec<_>) = state.links.drain(..).partition(|(p, _)| all || *p != FREE_PROG);
+    state.links = kept;
+    for (prog, link) in gone {
         if let Ok(p) = program::<UProbe>(ebpf, prog) {
             if let Err(e) = p.detach(link) {
                 debug!("detaching {prog}: {e}");

@@ -365,12 +365,17 @@ fn observation(m: &crate::memory::MemCollected) -> crate::memory::report::Observ
         observed_s: round3(m.observed_s),
         unobserved_s: round3(m.unobserved_s),
         unobserved: m.unobserved.iter().map(|(a, b)| (rfc(*a), rfc(*b))).collect(),
-        note: if m.unobserved.is_empty() {
+        note: if m.free_missed {
+            "the probes, free() included, were detached to stay inside the budget during the listed spans: \
+             allocations made then are missing, and frees made then were missed, so some allocations \
+             sampled before a span may be counted in use although freed"
+                .into()
+        } else if m.unobserved.is_empty() {
             "the probes were attached for the whole window: every allocation and free could be sampled".into()
         } else {
-            "the probes were detached to stay inside the budget during the listed spans: allocations made \
-             then are missing from alloc_* and inuse_*, and frees made then were missed, so allocations \
-             sampled before a span may be counted in use although freed"
+            "the allocation probes were detached to stay inside the budget during the listed spans: \
+             allocations made then are missing from alloc_* and inuse_* (the estimates cover the observed \
+             time); free() stayed attached, so what was sampled and freed is not counted in use"
                 .into()
         },
     }
