@@ -636,6 +636,51 @@ mod tests {
         assert!(parse(&["watch", "--pid", "1", "--format", "png"]).is_err());
     }
 
+    /// Test that the memory modes and their settings parse, with sizes in
+    /// bytes or KiB/MiB and a positive leak age, and bad values refused.
+    #[test]
+    fn memory_mode_flags() {
+        let record = |args: &[&str]| match parse(args).expect("parses").command {
+            Command::Record(r) => r.to_config(),
+            other => panic!("not record: {other:?}"),
+        };
+        let d = record(&["record", "--pid", "1", "--mode", "heap"]);
+        assert_eq!(d.mode, Mode::Heap);
+        assert_eq!(d.mode.memory(), Some(crate::memory::MemKind::Heap));
+        assert!(!d.mode.on_cpu() && !d.mode.off_cpu());
+        assert_eq!(d.heap_sample_bytes, 512 * 1024);
+        assert_eq!(d.leak_age, Duration::from_secs(30));
+        let c = record(&[
+            "record",
+            "--pid",
+            "1",
+            "--mode",
+            "memory",
+            "--heap-sample-bytes",
+            "1MiB",
+            "--leak-age",
+            "5m",
+        ]);
+        assert_eq!(c.mode.memory(), Some(crate::memory::MemKind::Growth));
+        assert_eq!(
+            (c.heap_sample_bytes, c.leak_age),
+            (1 << 20, Duration::from_secs(300))
+        );
+        assert_eq!(
+            record(&["record", "--pid", "1", "--heap-sample-bytes", "64K"]).heap_sample_bytes,
+            65536
+        );
+        for bad in [
+            ["--heap-sample-bytes", "0"],
+            ["--heap-sample-bytes", "lots"],
+            ["--leak-age", "0s"],
+        ] {
+            let mut args = vec!["record", "--pid", "1"];
+            args.extend(bad);
+            assert!(parse(&args).is_err(), "{bad:?}");
+        }
+    }
+
     fn tcp(args: &[&str]) -> TcpArgs {
         match parse(args).expect("parses").command {
             Command::Tcp(t) => t,

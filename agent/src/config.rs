@@ -101,7 +101,8 @@ impl Mode {
 }
 
 /// Smallest and largest `--heap-sample-bytes`.
-pub const HEAP_SAMPLE_BYTES: std::ops::RangeInclusive<u64> = 1024..=(1 << 30);
+/// 1 samples every allocation (what bcc's memleak traces).
+pub const HEAP_SAMPLE_BYTES: std::ops::RangeInclusive<u64> = 1..=(1 << 30);
 
 /// Checks a heap sampling mean (`--heap-sample-bytes`).
 pub fn check_heap_sample_bytes(v: u64) -> Result<u64, ConfigError> {

@@ -487,7 +487,13 @@ impl Engine {
             return Ok(());
         };
         match kind {
-            Some(k) if m.kind(pid) != Some(k) => m.add(&mut self.ebpf, pid, slot, k)?,
+            Some(k) if m.kind(pid) != Some(k) => {
+                let budget = self
+                    .slots
+                    .get(&pid)
+                    .map_or(self.options.budget_pct, |s| s.governor.budget_pct());
+                m.add(&mut self.ebpf, pid, slot, k, budget)?;
+            }
             Some(_) => {}
             None => m.remove(&mut self.ebpf, pid)?,
         }

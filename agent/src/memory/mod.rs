@@ -381,7 +381,17 @@ impl MemTracer {
 
     /// Starts profiling `pid`'s memory (`slot`: its sampler slot, which
     /// indexes the counters).
-    pub fn add(&mut self, ebpf: &mut Ebpf, pid: u32, slot: u32, kind: MemKind) -> Result<(), MemError> {
+    /// Heap targets get a 50 ms trial first: when the probes would cost
+    /// more than `budget_pct` of a CPU, the duty cycle starts at once
+    /// rather than after a whole interval at that cost.
+    pub fn add(
+        &mut self,
+        ebpf: &mut Ebpf,
+        pid: u32,
+        slot: u32,
+        kind: MemKind,
+        budget_pct: f64,
+    ) -> Result<(), MemError> {
         if self.pids.contains_key(&pid) {
             self.remove(ebpf, pid)?;
         }
@@ -426,6 +436,9 @@ impl MemTracer {
             attach_heap(ebpf, pid, &mut state)?;
         }
         self.pids.insert(pid, state);
+        if kind == MemKind::Heap {
+            self.trial(ebpf, pid, budget_pct);
+        }
         Ok(())
     }
 
@@ -723,6 +736,32 @@ impl MemTracer {
         }
     }
 
+    /// Runs the probes of `pid` for 50 ms and starts the duty cycle when
+    /// that cost more than the budget (of one CPU: the target's CPU time is
+    /// not known yet; a busy allocator runs a CPU).
+    fn trial(&mut self, ebpf: &mut Ebpf, pid: u32, budget_pct: f64) {
+        const TRIAL: std::time::Duration = std::time::Duration::from_millis(50);
+        let Some(slot) = self.pids.get(&pid).map(|p| p.slot) else {
+            return;
+        };
+        let before = self.stats(slot);
+        tokio::task::block_in_place(|| std::thread::sleep(TRIAL));
+        let d = since(&self.stats(slot), &before);
+        let c = self.costs.unwrap_or_default();
+        let cost_ns = (d.calls + d.frees) as f64 * c.entry_ns + d.returns as f64 * c.return_ns;
+        let pct = 100.0 * cost_ns / TRIAL.as_nanos() as f64;
+        if let Some(state) = self.pids.get_mut(&pid) {
+            state.last_delta = d;
+        }
+        debug!(
+            pid,
+            "heap probe trial: {} calls, {} frees in 50 ms, {pct:.1} %", d.calls, d.frees
+        );
+        if pct > budget_pct {
+            self.govern_heap(ebpf, pid, pct, TRIAL.as_nanos() as u64, budget_pct);
+        }
+    }
+
     /// Whether the heap probes of `pid` are attached now.
     pub fn heap_attached(&self, pid: u32) -> bool {
         self.pids.get(&pid).is_some_and(|s| !s.links.is_empty())
@@ -797,18 +836,23 @@ fn detach_heap(ebpf: &mut Ebpf, state: &mut MemPid, all: bool) {
 /// machine: a libc function called in a loop in this process, with and
 /// without the probe (the program's path for a non-target).
 fn calibrate(ebpf: &mut Ebpf) -> ProbeCosts {
-    const N: u32 = 20_000;
+    // Each measurement runs ~10 ms: a trap can cost tens of µs on a VM.
+    const SLICE: std::time::Duration = std::time::Duration::from_millis(10);
     let libc = match heap::find_allocator(std::process::id()) {
         Some(a) => a.open_path,
         None => return ProbeCosts::default(),
     };
     let run = || {
         let t = Instant::now();
-        for _ in 0..N {
-            // SAFETY: getppid has no preconditions.
-            std::hint::black_box(unsafe { libc::getppid() });
+        let mut n = 0u64;
+        while t.elapsed() < SLICE {
+            for _ in 0..16 {
+                // SAFETY: getppid has no preconditions.
+                std::hint::black_box(unsafe { libc::getppid() });
+            }
+            n += 16;
         }
-        t.elapsed().as_nanos() as f64 / f64::from(N)
+        t.elapsed().as_nanos() as f64 / n as f64
     };
     let base = (0..3).map(|_| run()).fold(f64::MAX, f64::min);
     let mut probe = |prog: &'static str| -> f64 {

@@ -503,6 +503,19 @@ fn warnings(window: &Window, c: &Collected, config: &RecordConfig) -> Vec<String
         ));
     }
     warnings.extend(c.leaf.warning());
+    if config.mode.memory().is_some() && window.choice.dwarf {
+        warnings.push(
+            "memory and heap stacks are frame-pointer walks (their DWARF unwinding is not implemented yet): \
+             this target has no frame pointers, so its stacks may stop short"
+                .into(),
+        );
+    }
+    let lost = c.mem.stats.lost + c.mem.stats.live_full;
+    if lost > 0 {
+        warnings.push(format!(
+            "{lost} memory records lost: a memory table was full (counted in memory.lost)"
+        ));
+    }
     if c.paused_s > 0.0 {
         warnings.push(format!(
             "sampling was paused for {:.0} s: even 1 Hz cost more than the {:.1} % budget",
