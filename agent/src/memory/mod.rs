@@ -539,7 +539,7 @@ impl MemTracer {
     pub fn stats(&self, slot: u32) -> MemStats {
         self.stats.get(&slot, 0).map_or_else(
             |_| MemStats::default(),
-            |v| v.iter().fold(MemStats::default(), |a, s| add(a, s)),
+            |v| v.iter().fold(MemStats::default(), add),
         )
     }
 
