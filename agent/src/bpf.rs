@@ -49,6 +49,17 @@ pub fn load(dwarf: bool) -> Result<Ebpf, BpfError> {
 /// false, and the aggregation maps sized for `max_hz` when it is known:
 /// preallocating a 16384-entry per-CPU hash costs ~30 ms of start-up here.
 pub fn load_for(dwarf: bool, off_cpu: bool, max_hz: Option<u64>) -> Result<Ebpf, BpfError> {
+    load_with(dwarf, off_cpu, max_hz, None)
+}
+
+/// [`load_for`], with the memory maps sized for `memory` (one entry each
+/// when `None`: see [`crate::memory::size_maps`]).
+pub fn load_with(
+    dwarf: bool,
+    off_cpu: bool,
+    max_hz: Option<u64>,
+    memory: Option<&crate::memory::MemoryOptions>,
+) -> Result<Ebpf, BpfError> {
     raise_memlock();
     let ring = if dwarf { STACK_RING_BYTES } else { 4096 };
     let layouts = crate::layout::layouts();
@@ -72,6 +83,7 @@ pub fn load_for(dwarf: bool, off_cpu: bool, max_hz: Option<u64>) -> Result<Ebpf,
         loader.map_max_entries("COUNTS_0", entries);
         loader.map_max_entries("COUNTS_1", entries);
     }
+    crate::memory::size_maps(&mut loader, memory);
     let mut ebpf = loader.load(OBJECT)?;
     // The programs, loaded later, refer to the log map by its descriptor:
     // the logger that owns it must live as long as they do, so it is only
@@ -105,6 +117,7 @@ pub fn load_with_aggregation_entries(entries: u32) -> Result<Ebpf, BpfError> {
         .override_global("TCP_LAYOUT", &layouts.tcp, true)
         .override_global("SCHED_LAYOUT", &layouts.sched, true)
         .override_global("CRASH_LAYOUT", &layouts.crash, true)
+        .override_global("MEM_LAYOUT", &layouts.memory, true)
         .map_max_entries("COUNTS_0", entries)
         .map_max_entries("COUNTS_1", entries)
         .load(OBJECT)?)

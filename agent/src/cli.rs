@@ -257,7 +257,10 @@ pub struct RecordArgs {
     #[arg(long)]
     pub no_leaf_fixup: bool,
     /// `cpu`: where CPU time goes; `offcpu`: where threads wait (blocked
-    /// time by stack); `wall`: both, per thread, in one graph.
+    /// time by stack); `wall`: both, per thread, in one graph; `memory`:
+    /// resident-memory growth by stack (new anonymous pages, in bytes);
+    /// `heap`: live allocations by allocating stack (allocator uprobes on
+    /// the target only, sampled by bytes).
     #[arg(long, value_enum, default_value_t = RecordConfig::default().mode)]
     pub mode: Mode,
     /// Shortest off-CPU block recorded (offcpu and wall modes).
@@ -270,6 +273,42 @@ pub struct RecordArgs {
     #[arg(long = "format", value_name = "FORMATS", value_enum, value_delimiter = ',',
           default_values_t = RecordConfig::default().formats)]
     pub formats: Vec<Format>,
+    /// Heap mode: mean bytes allocated between two sampled allocations (a
+    /// Poisson process, as tcmalloc's and ddprof's).
+    #[arg(long, value_name = "BYTES", value_parser = parse_heap_sample_bytes,
+          default_value_t = RecordConfig::default().heap_sample_bytes)]
+    pub heap_sample_bytes: u64,
+    /// Heap mode: live allocations older than this are "probably leaked".
+    #[arg(long, value_name = "DURATION", value_parser = parse_leak_age,
+          default_value_t = MinBlock(RecordConfig::default().leak_age))]
+    pub leak_age: MinBlock,
+}
+
+/// `--heap-sample-bytes`: bytes, with an optional KiB/MiB suffix.
+fn parse_heap_sample_bytes(text: &str) -> Result<u64, ConfigError> {
+    let t = text.trim();
+    let (num, mult) = if let Some(n) = t.strip_suffix("KiB").or_else(|| t.strip_suffix('K')) {
+        (n, 1024)
+    } else if let Some(n) = t.strip_suffix("MiB").or_else(|| t.strip_suffix('M')) {
+        (n, 1024 * 1024)
+    } else {
+        (t, 1)
+    };
+    let v: u64 = num.trim().parse().map_err(|_| {
+        invalid(
+            "heap-sample-bytes",
+            text,
+            "not a size; examples: 524288, 512KiB, 1MiB",
+        )
+    })?;
+    crate::config::check_heap_sample_bytes(v.saturating_mul(mult))
+}
+
+/// `--leak-age`: a positive duration.
+fn parse_leak_age(text: &str) -> Result<MinBlock, ConfigError> {
+    let d = humantime::parse_duration(text.trim())
+        .map_err(|e| invalid("leak-age", text, format!("{e}; examples: 30s, 5m")))?;
+    check_duration("leak-age", d, false).map(MinBlock)
 }
 
 /// A `--min-block` duration, possibly zero.
@@ -399,6 +438,8 @@ impl RecordArgs {
             mode: self.mode,
             min_block: self.min_block.0,
             formats: dedup(&self.formats),
+            heap_sample_bytes: self.heap_sample_bytes,
+            leak_age: self.leak_age.0,
             ..RecordConfig::default()
         }
     }
@@ -607,6 +648,51 @@ mod tests {
         let with = watch(&["watch", "--pid", "1", "--format", "pprof"]);
         assert_eq!(with.session_formats(), [Svg, Folded, Json, Pprof]);
         assert!(parse(&["watch", "--pid", "1", "--format", "png"]).is_err());
+    }
+
+    /// Test that the memory modes and their settings parse, with sizes in
+    /// bytes or KiB/MiB and a positive leak age, and bad values refused.
+    #[test]
+    fn memory_mode_flags() {
+        let record = |args: &[&str]| match parse(args).expect("parses").command {
+            Command::Record(r) => r.to_config(),
+            other => panic!("not record: {other:?}"),
+        };
+        let d = record(&["record", "--pid", "1", "--mode", "heap"]);
+        assert_eq!(d.mode, Mode::Heap);
+        assert_eq!(d.mode.memory(), Some(crate::memory::MemKind::Heap));
+        assert!(!d.mode.on_cpu() && !d.mode.off_cpu());
+        assert_eq!(d.heap_sample_bytes, 512 * 1024);
+        assert_eq!(d.leak_age, Duration::from_secs(30));
+        let c = record(&[
+            "record",
+            "--pid",
+            "1",
+            "--mode",
+            "memory",
+            "--heap-sample-bytes",
+            "1MiB",
+            "--leak-age",
+            "5m",
+        ]);
+        assert_eq!(c.mode.memory(), Some(crate::memory::MemKind::Growth));
+        assert_eq!(
+            (c.heap_sample_bytes, c.leak_age),
+            (1 << 20, Duration::from_secs(300))
+        );
+        assert_eq!(
+            record(&["record", "--pid", "1", "--heap-sample-bytes", "64K"]).heap_sample_bytes,
+            65536
+        );
+        for bad in [
+            ["--heap-sample-bytes", "0"],
+            ["--heap-sample-bytes", "lots"],
+            ["--leak-age", "0s"],
+        ] {
+            let mut args = vec!["record", "--pid", "1"];
+            args.extend(bad);
+            assert!(parse(&args).is_err(), "{bad:?}");
+        }
     }
 
     fn tcp(args: &[&str]) -> TcpArgs {

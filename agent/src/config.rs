@@ -39,6 +39,10 @@ pub struct RecordConfig {
     pub min_block: Duration,
     /// Files written per target (`--format`), in the order given.
     pub formats: Vec<Format>,
+    /// Heap mode: mean bytes between two sampled allocations.
+    pub heap_sample_bytes: u64,
+    /// Heap mode: live allocations older than this are "probably leaked".
+    pub leak_age: Duration,
 }
 
 impl RecordConfig {
@@ -72,17 +76,51 @@ pub enum Mode {
     Offcpu,
     /// Both, per thread: what each thread spent its wall-clock time on.
     Wall,
+    /// Resident-memory growth by stack (new anonymous pages; brk/mmap).
+    Memory,
+    /// Live heap allocations by allocating stack (allocator uprobes).
+    Heap,
 }
 
 impl Mode {
     /// Samples on-CPU stacks.
     pub fn on_cpu(self) -> bool {
-        self != Self::Offcpu
+        matches!(self, Self::Cpu | Self::Wall)
     }
 
     /// Traces off-CPU time.
     pub fn off_cpu(self) -> bool {
-        self != Self::Cpu
+        matches!(self, Self::Offcpu | Self::Wall)
+    }
+
+    /// The memory profile it records, if any.
+    pub fn memory(self) -> Option<crate::memory::MemKind> {
+        match self {
+            Self::Memory => Some(crate::memory::MemKind::Growth),
+            Self::Heap => Some(crate::memory::MemKind::Heap),
+            _ => None,
+        }
+    }
+}
+
+/// Smallest and largest `--heap-sample-bytes`.
+/// 1 samples every allocation (what bcc's memleak traces).
+pub const HEAP_SAMPLE_BYTES: std::ops::RangeInclusive<u64> = 1..=(1 << 30);
+
+/// Checks a heap sampling mean (`--heap-sample-bytes`).
+pub fn check_heap_sample_bytes(v: u64) -> Result<u64, ConfigError> {
+    if HEAP_SAMPLE_BYTES.contains(&v) {
+        Ok(v)
+    } else {
+        Err(ConfigError::Invalid {
+            what: "heap-sample-bytes".into(),
+            value: v.to_string(),
+            why: format!(
+                "must be between {} and {} bytes",
+                HEAP_SAMPLE_BYTES.start(),
+                HEAP_SAMPLE_BYTES.end()
+            ),
+        })
     }
 }
 
@@ -104,6 +142,8 @@ impl Default for RecordConfig {
             mode: Mode::Cpu,
             min_block: Duration::from_millis(1),
             formats: vec![Format::Svg, Format::Folded, Format::Json],
+            heap_sample_bytes: 512 * 1024,
+            leak_age: Duration::from_secs(30),
         }
     }
 }

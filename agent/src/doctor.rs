@@ -90,6 +90,9 @@ fn without(feature: Feature) -> &'static str {
         Feature::FaultAddresses => "crash reports carry no fault address",
         Feature::OomKills => "OOM kills are not captured (no `oom_killed` alert)",
         Feature::ExitCodes | Feature::ProcessExits => "failed exits are not captured (no `exited` alert)",
+        Feature::MemoryFaults => "--mode memory exits with an error; heap and CPU profiles work",
+        Feature::MemoryMmap => "memory profiles lack the mmap view of heap extensions",
+        Feature::MemoryBrk => "memory profiles lack the brk view of heap extensions",
     }
 }
 
@@ -142,6 +145,7 @@ fn program_rows() -> Vec<Row> {
         let result = match program {
             Program::PerfEvent(p) => PerfEvent::load(p).map_err(|e| e.to_string()),
             Program::TracePoint(p) => TracePoint::load(p).map_err(|e| e.to_string()),
+            Program::UProbe(p) => aya::programs::UProbe::load(p).map_err(|e| e.to_string()),
             _ => Err("unexpected program type".to_owned()),
         };
         let name = format!("program {name} verifies");

@@ -16,6 +16,7 @@ use std::{
 
 use flamewatch_common::{
     crash::CrashLayout,
+    memory::MemLayout,
     tcp::{send_reset_form, SchedLayout, TcpLayout, ABSENT},
 };
 use tracing::warn;
@@ -43,11 +44,17 @@ pub enum Feature {
     ExitCodes,
     /// Process exits (`sched/sched_process_exit`).
     ProcessExits,
+    /// Memory growth profiles (`exceptions/page_fault_user`).
+    MemoryFaults,
+    /// Anonymous mmap in memory growth profiles (`syscalls/sys_enter_mmap`).
+    MemoryMmap,
+    /// brk in memory growth profiles (`syscalls/sys_enter_brk`).
+    MemoryBrk,
 }
 
 impl Feature {
     /// Every feature, in report order.
-    pub const ALL: [Feature; 9] = [
+    pub const ALL: [Feature; 12] = [
         Feature::TcpStates,
         Feature::TcpResetsReceived,
         Feature::TcpResetsSent,
@@ -57,6 +64,9 @@ impl Feature {
         Feature::OomKills,
         Feature::ExitCodes,
         Feature::ProcessExits,
+        Feature::MemoryFaults,
+        Feature::MemoryMmap,
+        Feature::MemoryBrk,
     ];
 
     /// The tracepoint, `category/name`.
@@ -71,6 +81,9 @@ impl Feature {
             Feature::OomKills => "oom/mark_victim",
             Feature::ExitCodes => "syscalls/sys_enter_exit_group",
             Feature::ProcessExits => "sched/sched_process_exit",
+            Feature::MemoryFaults => "exceptions/page_fault_user",
+            Feature::MemoryMmap => "syscalls/sys_enter_mmap",
+            Feature::MemoryBrk => "syscalls/sys_enter_brk",
         }
     }
 
@@ -86,6 +99,9 @@ impl Feature {
             Feature::OomKills => "OOM kill capture",
             Feature::ExitCodes => "exit status capture",
             Feature::ProcessExits => "process exit capture",
+            Feature::MemoryFaults => "memory growth profiles",
+            Feature::MemoryMmap => "mmap in memory growth profiles",
+            Feature::MemoryBrk => "brk in memory growth profiles",
         }
     }
 }
@@ -99,6 +115,8 @@ pub struct Layouts {
     pub sched: SchedLayout,
     /// For `CRASH_LAYOUT`.
     pub crash: CrashLayout,
+    /// For `MEM_LAYOUT`.
+    pub memory: MemLayout,
     /// Features this kernel's records cannot serve, with why.
     pub missing: Vec<(Feature, String)>,
 }
@@ -155,7 +173,12 @@ pub fn resolve(tracefs: &Path) -> Layouts {
             | Feature::OomKills
             | Feature::ExitCodes
             | Feature::ProcessExits => apply_crash(feature, &format, &mut layouts.crash),
-            _ => apply(feature, &format, &mut layouts.tcp, &mut layouts.sched),
+            _ => {
+                if apply_memory(feature, &format, &mut layouts.memory)? {
+                    return Ok(());
+                }
+                apply(feature, &format, &mut layouts.tcp, &mut layouts.sched)
+            }
         });
         if let Err(why) = result {
             layouts
@@ -253,6 +276,23 @@ fn apply_crash(feature: Feature, f: &Format, crash: &mut CrashLayout) -> Result<
         _ => {}
     }
     Ok(())
+}
+
+/// Fills the memory features' part of the layouts; false for other features.
+fn apply_memory(feature: Feature, f: &Format, memory: &mut MemLayout) -> Result<bool, String> {
+    match feature {
+        Feature::MemoryFaults => {
+            memory.pf_address = required(f, "address", 8)?;
+            memory.pf_error_code = required(f, "error_code", 8)?;
+        }
+        Feature::MemoryMmap => {
+            memory.mmap_len = required(f, "len", 8)?;
+            memory.mmap_flags = required(f, "flags", 8)?;
+        }
+        Feature::MemoryBrk => memory.brk_brk = required(f, "brk", 8)?,
+        _ => return Ok(false),
+    }
+    Ok(true)
 }
 
 /// `tcp_send_reset` has two forms: `sockaddr` addresses (6.10+), or ports,
@@ -354,6 +394,7 @@ format:
         assert!(layouts.missing.is_empty(), "{:?}", layouts.missing);
         assert_eq!(layouts.tcp, TcpLayout::DEFAULT);
         assert_eq!(layouts.sched, SchedLayout::DEFAULT);
+        assert_eq!(layouts.memory, MemLayout::DEFAULT);
         assert_eq!(layouts.crash, CrashLayout::DEFAULT);
     }
 

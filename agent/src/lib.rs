@@ -23,6 +23,7 @@ pub mod fsafe;
 pub mod governor;
 pub mod http;
 pub mod layout;
+pub mod memory;
 pub mod metrics;
 pub mod offcpu;
 pub mod render;

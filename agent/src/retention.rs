@@ -3,7 +3,8 @@
 //!
 //! A session is the set of files sharing a stem `<label>-<pid>-<timestamp>`
 //! (`.svg`, `.folded`, `.json`, `.pb.gz`, `.diff.svg`, and an emergency's
-//! `.before-after.svg` and `.baseline.folded`): it is kept or removed
+//! `.before-after.svg` and `.baseline.folded`; a memory profile's
+//! `.alloc.*`, `.leaked.*`, `.extend.*`): it is kept or removed
 //! whole. The newest are kept while every limit holds; once one does not,
 //! every older session goes, except the protected ones (the profiles of
 //! alerts that still fire, the daemon's baselines), which are always kept.
@@ -30,6 +31,13 @@ const EXTENSIONS: &[&str] = &[
     ".crash.json",
     ".crash.txt",
     ".diff.svg",
+    // Memory and heap profiles' extra views (`memory::report`).
+    ".extend.folded",
+    ".leaked.folded",
+    ".alloc.folded",
+    ".extend.svg",
+    ".leaked.svg",
+    ".alloc.svg",
     ".pb.gz",
     ".folded",
     ".json",
@@ -336,6 +344,9 @@ mod tests {
             "baseline.folded",
             "crash.json",
             "crash.txt",
+            "alloc.svg",
+            "leaked.folded",
+            "extend.svg",
         ] {
             assert_eq!(stem_of(&format!("{s}.{ext}")), Some(s), "{ext}");
         }

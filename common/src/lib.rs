@@ -10,6 +10,8 @@ pub mod crash;
 
 pub mod offcpu;
 
+pub mod memory;
+
 pub mod tcp;
 
 /// Maximum frames of one stack (the kernel's `PERF_MAX_STACK_DEPTH`).

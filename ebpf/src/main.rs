@@ -4,8 +4,10 @@
 #![no_main]
 
 mod crash;
+mod heap;
 mod leaf;
 mod maps;
+mod memory;
 mod offcpu;
 mod sampling;
 mod tcp;
@@ -83,6 +85,88 @@ pub fn flamewatch_crash_exit_group(ctx: aya_ebpf::programs::TracePointContext) -
 #[aya_ebpf::macros::tracepoint]
 pub fn flamewatch_crash_exit(ctx: aya_ebpf::programs::TracePointContext) -> u32 {
     let _ = crash::try_process_exit(&ctx);
+    0
+}
+
+// ---- Memory profiles (ebpf/src/memory.rs, ebpf/src/heap.rs) ----
+
+/// New anonymous pages (`exceptions/page_fault_user`), memory mode.
+#[aya_ebpf::macros::tracepoint]
+pub fn flamewatch_mem_fault(ctx: aya_ebpf::programs::TracePointContext) -> u32 {
+    let _ = memory::try_page_fault(&ctx);
+    0
+}
+
+/// Anonymous mmap (`syscalls/sys_enter_mmap`), memory mode.
+#[aya_ebpf::macros::tracepoint]
+pub fn flamewatch_mem_mmap(ctx: aya_ebpf::programs::TracePointContext) -> u32 {
+    let _ = memory::try_mmap(&ctx);
+    0
+}
+
+/// Heap extension (`syscalls/sys_enter_brk`), memory mode.
+#[aya_ebpf::macros::tracepoint]
+pub fn flamewatch_mem_brk(ctx: aya_ebpf::programs::TracePointContext) -> u32 {
+    let _ = memory::try_brk(&ctx);
+    0
+}
+
+/// malloc(size), and jemalloc's/tcmalloc's; also valloc, pvalloc.
+#[aya_ebpf::macros::uprobe]
+pub fn flamewatch_heap_malloc(ctx: aya_ebpf::programs::ProbeContext) -> u32 {
+    let size: u64 = ctx.arg(0).unwrap_or(0);
+    let _ = heap::on_alloc(&ctx, size, 0);
+    0
+}
+
+/// calloc(n, size).
+#[aya_ebpf::macros::uprobe]
+pub fn flamewatch_heap_calloc(ctx: aya_ebpf::programs::ProbeContext) -> u32 {
+    let n: u64 = ctx.arg(0).unwrap_or(0);
+    let size: u64 = ctx.arg(1).unwrap_or(0);
+    let _ = heap::on_alloc(&ctx, n.wrapping_mul(size), 0);
+    0
+}
+
+/// realloc(ptr, size): a free of `ptr` and an allocation of `size`.
+#[aya_ebpf::macros::uprobe]
+pub fn flamewatch_heap_realloc(ctx: aya_ebpf::programs::ProbeContext) -> u32 {
+    let ptr: u64 = ctx.arg(0).unwrap_or(0);
+    let size: u64 = ctx.arg(1).unwrap_or(0);
+    let _ = heap::on_free(ptr);
+    let _ = heap::on_alloc(&ctx, size, 0);
+    0
+}
+
+/// memalign(align, size) and aligned_alloc(align, size).
+#[aya_ebpf::macros::uprobe]
+pub fn flamewatch_heap_memalign(ctx: aya_ebpf::programs::ProbeContext) -> u32 {
+    let size: u64 = ctx.arg(1).unwrap_or(0);
+    let _ = heap::on_alloc(&ctx, size, 0);
+    0
+}
+
+/// posix_memalign(memptr, align, size): the pointer is written to *memptr.
+#[aya_ebpf::macros::uprobe]
+pub fn flamewatch_heap_posix_memalign(ctx: aya_ebpf::programs::ProbeContext) -> u32 {
+    let memptr: u64 = ctx.arg(0).unwrap_or(0);
+    let size: u64 = ctx.arg(2).unwrap_or(0);
+    let _ = heap::on_alloc(&ctx, size, memptr);
+    0
+}
+
+/// free(ptr).
+#[aya_ebpf::macros::uprobe]
+pub fn flamewatch_heap_free(ctx: aya_ebpf::programs::ProbeContext) -> u32 {
+    let ptr: u64 = ctx.arg(0).unwrap_or(0);
+    let _ = heap::on_free(ptr);
+    0
+}
+
+/// Return of every allocating function above.
+#[aya_ebpf::macros::uretprobe]
+pub fn flamewatch_heap_ret(ctx: aya_ebpf::programs::RetProbeContext) -> u32 {
+    let _ = heap::on_return(&ctx);
     0
 }
 

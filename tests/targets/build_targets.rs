@@ -29,6 +29,8 @@ pub const TARGETS: &[TargetSpec] = &[
     TargetSpec { name: "manythreads", sources: &["manythreads.c"], cxx: false, variants: false },
     // Production flags only: its point is framed cold code around a frameless hot path.
     TargetSpec { name: "fpdecoy", sources: &["fpdecoy.c"], cxx: false, variants: false },
+    TargetSpec { name: "memleak", sources: &["memleak.c"], cxx: false, variants: true },
+    TargetSpec { name: "mallocloop", sources: &["mallocloop.c"], cxx: false, variants: true },
     TargetSpec { name: "logcaster", sources: &["logcaster/logcaster.c"], cxx: false, variants: true },
     TargetSpec { name: "logcaster-load", sources: &["logcaster/logcaster-load.c"], cxx: false, variants: false },
     TargetSpec { name: "game-server", sources: &["game-server/game-server.cpp"], cxx: true, variants: true },

@@ -45,8 +45,10 @@ enum Task {
         /// frame pointers vs perf --call-graph dwarf), `offcpu` (vs perf
         /// sched_switch), `tcp` (connection churn), `attach` (trigger and
         /// record latency, the idle daemon's cost), `soak` (a daemon with
-        /// sessions every 10 s for `--seconds`, 30 min by default: flat?).
-        #[arg(value_parser = ["overhead", "unwind", "offcpu", "tcp", "attach", "soak"])]
+        /// sessions every 10 s for `--seconds`, 30 min by default: flat?),
+        /// `heap` (a malloc loop under heap mode vs every-call tracing, and a
+        /// non-target beside it).
+        #[arg(value_parser = ["overhead", "unwind", "offcpu", "tcp", "attach", "soak", "heap"])]
         which: String,
         /// Interleaved rounds (medians are reported).
         #[arg(long, default_value_t = 5)]

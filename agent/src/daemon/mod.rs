@@ -285,6 +285,8 @@ impl Daemon {
             tcp: true,
             history: self.config.history,
             history_bytes: usize::try_from(self.config.history_max_bytes).unwrap_or(usize::MAX),
+            // Emergency memory profiles (issue 16, part 3) size these.
+            memory: None,
         }
     }
 

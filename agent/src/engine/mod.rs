@@ -36,6 +36,7 @@ use crate::{
         cost::{self, BpfStats, IntervalInput, ProgStats},
         Decision, Governor, GovernorConfig, Observation,
     },
+    memory::{self, LiveAlloc, MemDrain, MemKind, MemTracer},
     offcpu::{self, OffCpuTracer, StillBlocked},
     sampling::{period_for, Sampler, SamplingError},
     symbolize::MapsCache,
@@ -68,6 +69,9 @@ pub enum EngineError {
     /// Other sessions use the target's overhead budget.
     #[error(transparent)]
     Budget(#[from] budget::BudgetError),
+    /// Memory profiling failed.
+    #[error(transparent)]
+    Memory(#[from] memory::MemError),
     /// The unwinder thread could not start.
     #[error("cannot start the unwinder thread: {0}")]
     Unwinder(std::io::Error),
@@ -102,6 +106,9 @@ pub struct EngineOptions {
     pub history: Duration,
     /// Byte limit of each target's recorder.
     pub history_bytes: usize,
+    /// Memory profiles may be asked for (their tables are sized so);
+    /// `None`: one-entry tables, [`Engine::want_memory`] refuses.
+    pub memory: Option<memory::MemoryOptions>,
 }
 
 /// A session's wish for a target: a sampling rate and whether off-CPU time
@@ -200,6 +207,7 @@ pub struct Engine {
     sampler: Sampler,
     tcp: Option<TcpTracker>,
     offcpu: Option<OffCpuTracer>,
+    memory: Option<MemTracer>,
     consumer: Consumer,
     calibration: Calibration,
     registry: Registry,
@@ -219,7 +227,12 @@ impl Engine {
     pub fn start(options: EngineOptions) -> Result<Self, EngineError> {
         let t0 = Instant::now();
         let stats = BpfStats::enable();
-        let mut ebpf = bpf::load_for(options.dwarf_ring, options.off_cpu, options.max_hz)?;
+        let mut ebpf = bpf::load_with(
+            options.dwarf_ring,
+            options.off_cpu,
+            options.max_hz,
+            options.memory.as_ref(),
+        )?;
         debug!("object loaded in {:?}", t0.elapsed());
         let mut sampler = Sampler::new(&mut ebpf)?;
         sampler.set_stack_window(options.stack_window)?;
@@ -234,6 +247,7 @@ impl Engine {
             sampler,
             tcp: None,
             offcpu: None,
+            memory: None,
             consumer,
             calibration,
             registry: Registry::system(),
@@ -485,10 +499,51 @@ impl Engine {
         Ok(())
     }
 
+    /// Starts (`Some`) or stops (`None`) a memory profile of `pid`, a
+    /// target already added. Its intervals carry the memory records from
+    /// the next drain on.
+    pub fn want_memory(&mut self, pid: u32, kind: Option<MemKind>) -> Result<(), EngineError> {
+        let Some(slot) = self.sampler.slot(pid) else {
+            return Ok(());
+        };
+        if kind.is_some() && self.memory.is_none() {
+            let options = self.options.memory.ok_or(memory::MemError::NotEnabled)?;
+            self.memory = Some(MemTracer::new(&mut self.ebpf, &options)?);
+        }
+        let Some(m) = self.memory.as_mut() else {
+            return Ok(());
+        };
+        match kind {
+            Some(k) if m.kind(pid) != Some(k) => {
+                let budget = self
+                    .slots
+                    .get(&pid)
+                    .map_or(self.options.budget_pct, |s| s.governor.budget_pct());
+                m.add(&mut self.ebpf, pid, slot, k, budget)?;
+            }
+            Some(_) => {}
+            None => m.remove(&mut self.ebpf, pid)?,
+        }
+        Ok(())
+    }
+
+    /// The memory tracer, once a memory profile was asked for.
+    pub fn memory(&self) -> Option<&MemTracer> {
+        self.memory.as_ref()
+    }
+
+    /// The sampled allocations of `pid` still live (heap profiles).
+    pub fn live_allocations(&self, pid: u32) -> Vec<LiveAlloc> {
+        self.memory.as_ref().map_or_else(Vec::new, |m| m.live(pid))
+    }
+
     /// Removes `pid` (its process went away, or nobody watches it).
     pub fn remove_target(&mut self, pid: u32) -> Option<Slot> {
         // Its crash, if that is why it went, needs the slot's mappings.
         self.collect_crashes();
+        if let Some(m) = self.memory.as_mut() {
+            let _ = m.remove(&mut self.ebpf, pid);
+        }
         let mut slot = self.slots.remove(&pid)?;
         self.sampler.forget(pid);
         if slot.off_on {
@@ -585,10 +640,14 @@ impl Engine {
         if how != Drain::Tick {
             self.consumer.sync();
         }
+        let mut mem = HashMap::new();
+        if let Some(m) = self.memory.as_mut() {
+            cost::timed(&mut processing_ns, || mem = m.drain());
+        }
         let fresh = self.consumer.take();
         raw.merge(fresh.cpu);
         off_raw.merge(fresh.off);
-        self.record(raw, off_raw, processing_ns, how == Drain::Tick)
+        self.record(raw, off_raw, mem, processing_ns, how == Drain::Tick)
     }
 
     /// Splits a drain into one interval per target, measures what it cost
@@ -598,6 +657,7 @@ impl Engine {
         &mut self,
         raw: RawProfile,
         off_raw: RawProfile,
+        mut mem_by_pid: HashMap<u32, MemDrain>,
         processing_ns: u64,
         govern: bool,
     ) -> Result<Vec<u32>, EngineError> {
@@ -642,6 +702,8 @@ impl Engine {
         let all_tcp = shared.tcp_events.values().sum::<u64>().max(1);
         let mut gone = Vec::new();
         let mut worst_off_pct = 0.0f64;
+        // (cost, budget) of the growth target paying the most.
+        let mut worst_growth = (0.0f64, 0.0f64);
         for pid in pids {
             let (stats, unwind_delta) = per[&pid];
             let hz = self.slots[&pid].hz();
@@ -661,12 +723,14 @@ impl Engine {
                 // exited) belongs to its report.
                 let cpu = cpu_by_pid.remove(&pid).unwrap_or_default();
                 let off = off_by_pid.remove(&pid).unwrap_or_default();
-                if !cpu.samples.is_empty() || !off.samples.is_empty() {
+                let mem = mem_by_pid.remove(&pid).unwrap_or_default();
+                if !cpu.samples.is_empty() || !off.samples.is_empty() || !mem.is_empty() {
                     slot.recorder.push(Interval {
                         from,
                         to: now,
                         cpu,
                         off,
+                        mem,
                         ..Interval::default()
                     });
                 }
@@ -685,13 +749,16 @@ impl Engine {
             slot.last_check = check;
             slot.samples += stats.samples;
             let tcp_delta = shared.tcp_events.get(&pid).copied().unwrap_or(0);
+            let mem = mem_by_pid.remove(&pid).unwrap_or_default();
+            let mem_cost_ns = mem.cost_ns;
             let c = cost::overhead(
                 IntervalInput {
                     target_cpu_ns: cpu_delta,
                     samples: stats.samples,
                     bpf_ns: (stats.samples as f64 * shared.prog.mean_ns()) as u64
                         + (tcp_delta as f64 * shared.tcp_mean_ns) as u64
-                        + off_delta.prog_ns,
+                        + off_delta.prog_ns
+                        + mem.cost_ns as u64,
                     processing_ns: processing_ns * stats.samples / all_samples
                         + shared.unwind_ns * copies(&stats) / all_dwarf
                         + shared.tcp_processing_ns * tcp_delta / all_tcp,
@@ -721,6 +788,7 @@ impl Engine {
                 fp_check: check_delta,
                 tail: !govern,
                 bytes: 0,
+                mem,
             };
             if !slot.target.is_alive() {
                 warn!(pid, "target exited; reporting what was collected");
@@ -742,6 +810,7 @@ impl Engine {
             if cpu_delta >= crate::governor::MIN_SIGNAL_CPU_NS {
                 worst_off_pct = worst_off_pct.max(100.0 * off_delta.prog_ns as f64 / cpu_delta as f64);
             }
+            let mem_pct = 100.0 * mem_cost_ns / cpu_delta.max(1) as f64;
             // Other agents' sessions on this target may have started or ended.
             let budget = self
                 .registry
@@ -764,6 +833,17 @@ impl Engine {
             }
             slot.claim
                 .update((c.overhead_pct * 1000.0).round() / 1000.0, slot.governor.hz());
+            let budget_pct = slot.governor.budget_pct();
+            if let Some(m) = self.memory.as_mut() {
+                match m.kind(pid) {
+                    Some(MemKind::Heap) => m.govern_heap(&mut self.ebpf, pid, mem_pct, cpu_delta, budget_pct),
+                    Some(MemKind::Growth) if mem_pct >= worst_growth.0 => {
+                        worst_growth = (mem_pct, budget_pct);
+                    }
+                    Some(MemKind::Growth) => {}
+                    None => {}
+                }
+            }
         }
         // With the last interval of a crashed target in its recorder, and
         // its slot (mappings, leaf fix-up tables) still there.
@@ -777,6 +857,7 @@ impl Engine {
         }
         if govern {
             self.govern_off_cpu(worst_off_pct)?;
+            self.govern_growth(worst_growth)?;
         }
         Ok(gone)
     }
@@ -901,6 +982,24 @@ impl Engine {
         Ok(())
     }
 
+    /// Page-fault cost grows with the fault rate: record 1 new page in N
+    /// (each weighing N), as off-CPU records 1 switch-out in N.
+    fn govern_growth(&mut self, (pct, budget): (f64, f64)) -> Result<(), EngineError> {
+        let Some(m) = self.memory.as_mut() else {
+            return Ok(());
+        };
+        if budget <= 0.0 {
+            return Ok(());
+        }
+        let every = m.fault_every();
+        let next = offcpu_every(every, pct, budget);
+        if next != every {
+            info!("memory growth tracing costs {pct:.2} % (budget {budget:.1} %): recording 1 new page in {next}");
+            m.set_fault_every(next)?;
+        }
+        Ok(())
+    }
+
     /// The intervals of `pid` overlapping `[from, to]`.
     pub fn window(&self, pid: u32, from: SystemTime, to: SystemTime) -> Vec<Interval> {
         self.slots
@@ -938,10 +1037,14 @@ impl Engine {
             sampler,
             tcp,
             offcpu,
+            memory,
             consumer,
             mut ebpf,
             ..
         } = self;
+        if let Some(mut m) = memory {
+            m.shutdown(&mut ebpf);
+        }
         drop(sampler);
         if let Some(tcp) = tcp {
             tcp.detach(&mut ebpf);

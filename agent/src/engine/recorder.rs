@@ -66,6 +66,8 @@ pub struct Interval {
     pub tail: bool,
     /// Estimated heap bytes of this record.
     pub bytes: usize,
+    /// Memory records (memory and heap profiles).
+    pub mem: crate::memory::MemDrain,
 }
 
 impl Default for Interval {
@@ -92,6 +94,7 @@ impl Default for Interval {
             fp_check: FpCheckStats::default(),
             tail: true,
             bytes: 0,
+            mem: crate::memory::MemDrain::default(),
         }
     }
 }
@@ -113,7 +116,12 @@ impl Interval {
                 .map(|k| key_bytes(k) + std::mem::size_of::<(RawSampleKey, Weight)>() + 16)
                 .sum()
         };
-        self.bytes = std::mem::size_of::<Self>() + per(&self.cpu) + per(&self.off);
+        self.bytes = std::mem::size_of::<Self>()
+            + per(&self.cpu)
+            + per(&self.off)
+            + per(&self.mem.faults)
+            + per(&self.mem.extends)
+            + per(&self.mem.allocs);
     }
 }
 
@@ -241,6 +249,8 @@ pub struct Collected {
     pub fp_check: FpCheckStats,
     /// Latest rate.
     pub last_hz: u64,
+    /// Memory records of the window.
+    pub mem: crate::memory::MemCollected,
 }
 
 impl Collected {
@@ -282,6 +292,7 @@ impl Collected {
             c.leaf += i.leaf;
             c.fp_check += i.fp_check;
             c.last_hz = i.hz;
+            c.mem.add(i);
         }
         c
     }

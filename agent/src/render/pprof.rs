@@ -81,6 +81,15 @@ fn sample_types(mode: Mode) -> &'static [(&'static str, &'static str)] {
             ("off-cpu", "nanoseconds"),
             ("wall", "nanoseconds"),
         ],
+        // New anonymous pages and their bytes.
+        Mode::Memory => &[("pages", "count"), ("space", "bytes")],
+        // As Go's heap profiles: in-use space is the default.
+        Mode::Heap => &[
+            ("alloc_objects", "count"),
+            ("alloc_space", "bytes"),
+            ("inuse_objects", "count"),
+            ("inuse_space", "bytes"),
+        ],
     }
 }
 
@@ -98,6 +107,10 @@ fn values(mode: Mode, source: Source, w: Weight) -> Vec<i64> {
     match (mode, source) {
         (Mode::Wall, Source::OnCpu) => vec![n, ns, 0, ns],
         (Mode::Wall, Source::OffCpu) => vec![n, 0, ns, ns],
+        // Heap weights count thousandths of objects (see `memory::MemDrain`);
+        // `cpu` holds allocations, `off_cpu` the live ones.
+        (Mode::Heap, Source::OnCpu) => vec![(n + 500) / 1000, ns, 0, 0],
+        (Mode::Heap, Source::OffCpu) => vec![0, 0, (n + 500) / 1000, ns],
         _ => vec![n, ns],
     }
 }
@@ -506,10 +519,12 @@ impl<'a> Builder<'a> {
 /// The pprof profile of `input.pid`.
 pub fn build(input: &Input<'_>) -> proto::Profile {
     let mut b = Builder::new(input);
-    if input.mode.on_cpu() {
+    // Memory profiles: `cpu` holds page faults (memory) or allocations
+    // (heap), `off_cpu` the live allocations (heap).
+    if input.mode.on_cpu() || input.mode.memory().is_some() {
         b.add(input.cpu, Source::OnCpu);
     }
-    if input.mode.off_cpu() {
+    if input.mode.off_cpu() || input.mode == Mode::Heap {
         b.add(input.off_cpu, Source::OffCpu);
     }
     b.finish()

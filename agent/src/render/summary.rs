@@ -24,6 +24,9 @@ pub struct Summary {
     /// Off-CPU time (offcpu and wall modes).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub off_cpu: Option<OffCpuInfo>,
+    /// Memory growth or live heap (memory and heap modes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory: Option<crate::memory::report::MemoryInfo>,
     /// What the profiling cost the target, and how the governor steered.
     pub overhead: OverheadInfo,
     /// Functions with the most self time.
@@ -362,6 +365,7 @@ mod tests {
             },
             mode: "cpu".into(),
             off_cpu: None,
+            memory: None,
             overhead: OverheadInfo {
                 budget_pct: 5.0,
                 measured_pct: 0.31,

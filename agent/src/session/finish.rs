@@ -60,6 +60,12 @@ pub struct Window {
     /// Whether it is shown as a window of the recorder in the summary
     /// (daemon sessions; `record` covers its own run).
     pub show_window: bool,
+    /// Sampled allocations still live at the end (heap windows).
+    pub live: Vec<crate::memory::LiveAlloc>,
+    /// The allocator probed (heap windows): name and file.
+    pub allocator: Option<(String, String)>,
+    /// Per-hit probe costs (heap windows).
+    pub probe_costs: Option<crate::memory::ProbeCosts>,
 }
 
 impl Window {
@@ -94,6 +100,12 @@ impl Window {
             interrupt_ns: engine.calibration().interrupt_ns,
             child_process_samples: engine.foreign_samples(),
             show_window: false,
+            live: engine.live_allocations(pid),
+            allocator: engine
+                .memory()
+                .and_then(|m| m.allocator(pid))
+                .map(|a| (a.name.clone(), a.path.clone())),
+            probe_costs: engine.memory().and_then(|m| m.probe_costs()),
         })
     }
 }
@@ -113,11 +125,23 @@ pub fn finish(window: Window, spec: &Spec<'_>) -> Result<Report, SessionError> {
     let config = spec.config;
     let pid = window.target.pid;
     let collected = Collected::merge(&window.intervals, window.from);
+    let views = config.mode.memory().map(|kind| {
+        crate::memory::report::Views::of(kind, &collected.mem, &window.live, config.leak_age.as_secs_f64())
+    });
     let mut off_raw = collected.off.clone();
     off_raw.merge(window.still_blocked_off.clone());
-    let raw = collected.cpu.clone();
+    let mut raw = collected.cpu.clone();
+    if let Some(v) = &views {
+        // pprof's `cpu` input carries pages or allocations, `off_cpu` the
+        // live allocations (see `render::pprof::build`).
+        raw = v.primary.clone();
+        off_raw = v.inuse.clone();
+    }
     let mut all_raw = raw.clone();
     all_raw.merge(off_raw.clone());
+    if let Some(v) = &views {
+        all_raw.merge(v.secondary.clone());
+    }
     let symbols = symbolize::symbolize(&all_raw, &window.maps, &[pid]);
     let opts = build_options(&window, config);
     let profile = build_profile(config.mode, &raw, &off_raw, pid, &symbols, &opts);
@@ -195,6 +219,9 @@ pub fn finish(window: Window, spec: &Spec<'_>) -> Result<Report, SessionError> {
         mode: config.mode,
         cpu_weight: Profile::build(&raw, pid, &symbols, &opts).total(),
         off_cpu,
+        memory: views
+            .as_ref()
+            .map(|v| memory_info(v, &window, &collected, config)),
         top_n: config.top_functions,
         warnings: warnings(&window, &collected, config),
         tcp: window.tcp.clone(),
@@ -205,6 +232,24 @@ pub fn finish(window: Window, spec: &Spec<'_>) -> Result<Report, SessionError> {
             .then(|| window_info(&window, before_after.as_ref())),
     };
     let mut report = write_report(&config.output, &stem, &window.target, &profile, meta)?;
+    if let (Some(v), Some(info)) = (&views, report.summary.memory.as_mut()) {
+        let ctx = crate::memory::report::Context {
+            pid,
+            symbols: &symbols,
+            opts: &opts,
+            dir: &config.output,
+            stem: &stem,
+            svg: config.writes(Format::Svg),
+            folded: config.writes(Format::Folded),
+            top_n: config.top_functions,
+            who: format!("{} (pid {pid})", window.target.comm),
+        };
+        crate::memory::report::write_views(v, &ctx, info);
+        if config.writes(Format::Json) {
+            let json = report.summary.to_json().map_err(render::RenderError::from)?;
+            render::write_file(std::path::Path::new(&report.summary.files.json), json.as_bytes())?;
+        }
+    }
     report.baseline = baseline(&window, &stem, config, &opts);
     if let Some(ba) = before_after {
         report.summary.files.before_after_svg = ba.svg;
@@ -242,6 +287,9 @@ fn build_profile(
     match mode {
         Mode::Cpu => Profile::build(raw, pid, symbols, opts),
         Mode::Offcpu => Profile::build(off_raw, pid, symbols, opts),
+        // New pages (in `raw`), or live allocations (in `off_raw`).
+        Mode::Memory => Profile::build(raw, pid, symbols, opts),
+        Mode::Heap => Profile::build(off_raw, pid, symbols, opts),
         Mode::Wall => {
             let mut p = Profile::build(raw, pid, symbols, opts);
             let marked = BuildOptions {
@@ -251,6 +299,85 @@ fn build_profile(
             p.add_raw(off_raw, pid, symbols, &marked);
             p
         }
+    }
+}
+
+/// The summary's memory section (its top lists are filled as the extra
+/// views are written).
+fn memory_info(
+    v: &crate::memory::report::Views,
+    window: &Window,
+    c: &Collected,
+    config: &RecordConfig,
+) -> crate::memory::report::MemoryInfo {
+    use crate::memory::{report::MemoryInfo, MemKind};
+    let m = &c.mem;
+    let sum = |r: &RawProfile| {
+        r.samples
+            .iter()
+            .filter(|(k, _)| k.tgid == window.target.pid)
+            .fold((0u64, 0u64), |a, (_, w)| (a.0 + w.samples, a.1 + w.period_ns))
+    };
+    let (shown_n, shown_bytes) = sum(v.shown());
+    let mut info = MemoryInfo {
+        kind: match v.kind {
+            MemKind::Growth => "growth",
+            MemKind::Heap => "heap",
+        }
+        .into(),
+        bytes: shown_bytes,
+        lost: m.stats.lost + m.stats.live_full,
+        ..MemoryInfo::default()
+    };
+    match v.kind {
+        MemKind::Growth => {
+            info.new_pages = Some(shown_n);
+            info.page_size = Some(shown_bytes.checked_div(shown_n).unwrap_or(4096));
+            info.sample_every = Some(m.fault_every.max(1));
+            info.faults_seen = Some(m.stats.faults);
+            info.shared_faults = Some(m.stats.shared);
+            info.extend_bytes = Some(sum(&v.secondary).1);
+        }
+        MemKind::Heap => {
+            let (alloc_milli, alloc_bytes) = sum(&v.primary);
+            info.allocator = window.allocator.as_ref().map(|a| a.0.clone());
+            info.allocator_path = window.allocator.as_ref().map(|a| a.1.clone());
+            info.sample_mean_bytes = Some(config.heap_sample_bytes);
+            info.calls = Some(m.stats.calls);
+            info.sampled = Some(m.stats.sampled);
+            info.frees = Some(m.stats.frees);
+            info.inuse_bytes = Some(shown_bytes);
+            info.inuse_objects = Some(shown_n / 1000);
+            info.alloc_bytes = Some(alloc_bytes);
+            info.alloc_objects = Some(alloc_milli / 1000);
+            info.leak_age_s = Some(config.leak_age.as_secs_f64());
+            info.leaked_bytes = Some(sum(&v.secondary).1);
+            info.probe_costs = window.probe_costs;
+            info.observation = Some(observation(m));
+        }
+    }
+    info
+}
+
+fn observation(m: &crate::memory::MemCollected) -> crate::memory::report::Observation {
+    let rfc = |t: SystemTime| humantime::format_rfc3339_seconds(t).to_string();
+    crate::memory::report::Observation {
+        observed_s: round3(m.observed_s),
+        unobserved_s: round3(m.unobserved_s),
+        unobserved: m.unobserved.iter().map(|(a, b)| (rfc(*a), rfc(*b))).collect(),
+        note: if m.free_missed {
+            "the probes, free() included, were detached to stay inside the budget during the listed spans: \
+             allocations made then are missing, and frees made then were missed, so some allocations \
+             sampled before a span may be counted in use although freed"
+                .into()
+        } else if m.unobserved.is_empty() {
+            "the probes were attached for the whole window: every allocation and free could be sampled".into()
+        } else {
+            "the allocation probes were detached to stay inside the budget during the listed spans: \
+             allocations made then are missing from alloc_* and inuse_* (the estimates cover the observed \
+             time); free() stayed attached, so what was sampled and freed is not counted in use"
+                .into()
+        },
     }
 }
 
@@ -380,6 +507,19 @@ fn warnings(window: &Window, c: &Collected, config: &RecordConfig) -> Vec<String
         ));
     }
     warnings.extend(c.leaf.warning());
+    if config.mode.memory().is_some() && window.choice.dwarf {
+        warnings.push(
+            "memory and heap stacks are frame-pointer walks (their DWARF unwinding is not implemented yet): \
+             this target has no frame pointers, so its stacks may stop short"
+                .into(),
+        );
+    }
+    let lost = c.mem.stats.lost + c.mem.stats.live_full;
+    if lost > 0 {
+        warnings.push(format!(
+            "{lost} memory records lost: a memory table was full (counted in memory.lost)"
+        ));
+    }
     if c.paused_s > 0.0 {
         warnings.push(format!(
             "sampling was paused for {:.0} s: even 1 Hz cost more than the {:.1} % budget",

@@ -153,6 +153,8 @@ pub struct ReportMeta {
     pub cpu_weight: crate::aggregate::Weight,
     /// Off-CPU summary.
     pub off_cpu: Option<summary::OffCpuInfo>,
+    /// Memory summary (memory and heap modes).
+    pub memory: Option<crate::memory::report::MemoryInfo>,
     /// Length of `top_functions`.
     pub top_n: usize,
     /// Warnings for the summary.
@@ -184,6 +186,8 @@ pub fn write_report(
         Mode::Cpu => ("on-CPU", "samples", meta.base_period_ns),
         Mode::Offcpu => ("off-CPU (time blocked)", "µs", 1_000),
         Mode::Wall => ("wall clock (on- and off-CPU, per thread)", "µs", 1_000),
+        Mode::Memory => ("resident memory growth (new anonymous pages)", "bytes", 1),
+        Mode::Heap => ("live heap (sampled allocations still allocated)", "bytes", 1),
     };
     let folded_text = folded::render(profile, base);
     let rate = if meta.mode.on_cpu() {
@@ -196,7 +200,10 @@ pub fn write_report(
     };
     let blocked = meta.off_cpu.as_ref().map_or_else(String::new, |o| {
         format!(", {:.1} s blocked in {} blocks", o.blocked_s, o.blocks)
-    });
+    }) + &meta
+        .memory
+        .as_ref()
+        .map_or_else(String::new, crate::memory::report::subtitle);
     let title = flamegraph::Title {
         title: format!("{} (pid {}): {what}", target.comm, target.pid),
         subtitle: format!(
@@ -252,6 +259,7 @@ pub fn write_report(
         },
         mode: format!("{:?}", meta.mode).to_lowercase(),
         off_cpu: meta.off_cpu,
+        memory: meta.memory,
         overhead: meta.overhead,
         top_functions: profile.top_functions(meta.top_n),
         tcp: meta.tcp,

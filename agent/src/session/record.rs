@@ -37,6 +37,10 @@ pub fn engine_options(config: &RecordConfig, dwarf_ring: bool) -> EngineOptions 
         // The whole session is one window: keep all of it.
         history: config.duration.unwrap_or(Duration::MAX / 4) + Duration::from_secs(60),
         history_bytes: usize::MAX,
+        memory: config.mode.memory().map(|_| crate::memory::MemoryOptions {
+            heap_mean: config.heap_sample_bytes,
+            ..crate::memory::MemoryOptions::default()
+        }),
     }
 }
 
@@ -109,7 +113,11 @@ async fn attach(
     let want = want_of(config);
     let pids: Vec<u32> = targets.iter().map(|t| t.pid).collect();
     for t in targets {
+        let pid = t.pid;
         engine.add_target(t, want)?;
+        if let Some(kind) = config.mode.memory() {
+            engine.want_memory(pid, Some(kind))?;
+        }
     }
     drop(admission);
     engine.start_tcp();
