@@ -293,6 +293,31 @@ pub struct EmergencyConfig {
     /// flight recorder.
     #[serde(with = "humantime_serde_opt")]
     pub pre: Duration,
+    /// What a `memory_growth` alert's emergency profile is: `growth` (new
+    /// resident pages by stack, cheap) or `heap` (live allocations by
+    /// allocating stack, allocator uprobes).
+    pub memory_mode: MemoryMode,
+}
+
+/// The memory profile of a `memory_growth` emergency.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MemoryMode {
+    /// `record --mode memory`.
+    #[default]
+    Growth,
+    /// `record --mode heap`.
+    Heap,
+}
+
+impl MemoryMode {
+    /// The record mode it runs.
+    pub fn mode(self) -> Mode {
+        match self {
+            Self::Growth => Mode::Memory,
+            Self::Heap => Mode::Heap,
+        }
+    }
 }
 
 impl Default for EmergencyConfig {
@@ -302,6 +327,7 @@ impl Default for EmergencyConfig {
             freq_hz: 499,
             cooldown: Duration::from_secs(600),
             pre: Duration::from_secs(60),
+            memory_mode: MemoryMode::Growth,
         }
     }
 }

@@ -286,7 +286,9 @@ impl Daemon {
             history: self.config.history,
             history_bytes: usize::try_from(self.config.history_max_bytes).unwrap_or(usize::MAX),
             // Emergency memory profiles (issue 16, part 3) size these.
-            memory: None,
+            // A memory_growth alert's emergency is a memory profile (the
+            // tables are sized for it at load).
+            memory: Some(crate::memory::MemoryOptions::default()),
         }
     }
 

@@ -185,6 +185,17 @@ impl Daemon {
             refuse(s.reply, "the engine is not running".into());
             return false;
         };
+        if let Some(kind) = s.config.mode.memory() {
+            if let Err(e) = engine.want_memory(process.pid, Some(kind)) {
+                warn!(
+                    pid = process.pid,
+                    "{} memory profile not started: {e}",
+                    s.kind.as_str()
+                );
+                refuse(s.reply, e.to_string());
+                return false;
+            }
+        }
         info!(
             pid = process.pid,
             "{} profile of {}: starting",
@@ -281,6 +292,11 @@ impl Daemon {
             if let Some(id) = a.want {
                 engine.unwant(a.pid, id);
             }
+            if a.config.mode.memory().is_some() {
+                if let Err(e) = engine.want_memory(a.pid, None) {
+                    warn!(pid = a.pid, "ending the memory profile: {e}");
+                }
+            }
             if let (Some(w), Some(bf)) = (window.as_mut(), a.baseline_from) {
                 w.baseline = engine.window(a.pid, bf, a.from);
             }
@@ -342,14 +358,22 @@ impl Daemon {
             return;
         }
         let stuck = matches!(rule.check, Check::Stuck { .. });
+        let leak = matches!(rule.check, Check::MemoryGrowth { .. });
+        // Stuck threads do not run: their off-CPU stacks are the story. A
+        // leak's story is where its memory comes from.
+        let mode = match (stuck, leak) {
+            (true, _) => Mode::Offcpu,
+            (_, true) => self.config.emergency.memory_mode.mode(),
+            _ => Mode::Cpu,
+        };
         let config = RecordConfig {
             freq_hz: self.config.emergency.freq_hz,
             duration: Some(self.config.emergency.duration),
-            // Stuck threads do not run: their off-CPU stacks are the story.
-            mode: if stuck { Mode::Offcpu } else { Mode::Cpu },
+            mode,
             ..self.session_config(&format!("{}-emergency", sanitize(&process.comm)))
         };
-        // Off-CPU time is traced from now; CPU samples reach back.
+        let stuck = stuck || leak;
+        // Off-CPU time and memory are traced from now; CPU samples reach back.
         let from = if stuck {
             SystemTime::now()
         } else {
