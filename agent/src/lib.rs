@@ -23,6 +23,7 @@ pub mod http;
 pub mod layout;
 pub mod metrics;
 pub mod offcpu;
+pub mod probes;
 pub mod render;
 pub mod retention;
 pub mod sampling;

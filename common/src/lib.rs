@@ -10,6 +10,8 @@ pub mod offcpu;
 
 pub mod tcp;
 
+pub mod probe;
+
 /// Maximum frames of one stack (the kernel's `PERF_MAX_STACK_DEPTH`).
 pub const MAX_STACK_DEPTH: usize = 127;
 
@@ -27,6 +29,10 @@ pub mod target_flags {
     /// Copy registers and a window of the user stack to userspace for DWARF
     /// unwinding, instead of walking frame pointers in the kernel.
     pub const DWARF: u32 = 1 << 1;
+    /// A latency probe of this target has a budget: the sampler looks up
+    /// the thread's in-flight call (`SLOW_CALLS`) to find slow-call samples.
+    /// A high bit, to stay clear of flags added alongside.
+    pub const SLOW_CALLS: u32 = 1 << 8;
 }
 
 /// Index into [`GlobalConfig`]-array entries (`CONFIG` map).
@@ -55,6 +61,9 @@ pub mod sample_flags {
     /// header's `_pad` carries the sequence number of the block, and an
     /// [`super::offcpu::OffEnd`] with that number follows when it ends.
     pub const OFFCPU_BEGIN: u32 = 1 << 2;
+    /// Taken while the thread's probed call had run past its budget (a
+    /// slow-call sample: it counts in the slow-call profile too).
+    pub const SLOW: u32 = 1 << 8;
 }
 
 /// What a DWARF sample sends to userspace: registers, kernel stack, and the

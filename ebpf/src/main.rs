@@ -6,6 +6,7 @@
 mod leaf;
 mod maps;
 mod offcpu;
+mod probe;
 mod sampling;
 mod tcp;
 
@@ -47,6 +48,20 @@ pub fn flamewatch_tcp_rst_out(ctx: aya_ebpf::programs::TracePointContext) -> u32
 #[aya_ebpf::macros::tracepoint]
 pub fn flamewatch_offcpu(ctx: aya_ebpf::programs::TracePointContext) -> u32 {
     let _ = offcpu::try_sched_switch(&ctx);
+    0
+}
+
+/// Function entry of a latency probe (the cookie is its slot).
+#[aya_ebpf::macros::uprobe]
+pub fn flamewatch_probe_entry(ctx: aya_ebpf::programs::ProbeContext) -> u32 {
+    let _ = probe::try_enter(&ctx);
+    0
+}
+
+/// Function return of a latency probe.
+#[aya_ebpf::macros::uretprobe]
+pub fn flamewatch_probe_return(ctx: aya_ebpf::programs::RetProbeContext) -> u32 {
+    let _ = probe::try_return(&ctx);
     0
 }
 

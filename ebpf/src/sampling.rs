@@ -61,6 +61,8 @@ pub fn try_sample(ctx: &PerfEventContext) -> Result<(), i64> {
     let period = unsafe { (*ctx.ctx).sample_period };
     stats.samples += 1;
     stats.period_ns += period;
+    // Past the budget of the thread's probed call: a slow-call sample too.
+    let slow = target.flags & target_flags::SLOW_CALLS != 0 && crate::probe::in_slow_call(tid);
     if target.flags & target_flags::DWARF != 0 {
         dwarf_sample(
             ctx,
@@ -68,6 +70,7 @@ pub fn try_sample(ctx: &PerfEventContext) -> Result<(), i64> {
             tid,
             period,
             target.flags & target_flags::KERNEL_STACKS != 0,
+            if slow { sample_flags::SLOW } else { 0 },
             stats,
         );
         return Ok(());
@@ -120,7 +123,29 @@ pub fn try_sample(ctx: &PerfEventContext) -> Result<(), i64> {
         leaf_offset,
         _pad: 0,
     };
-    if let Some(value) = counts.get_ptr_mut(&key) {
+    if slow {
+        let slow_counts = if generation == 0 {
+            &crate::probe::SLOW_COUNTS_0
+        } else {
+            &crate::probe::SLOW_COUNTS_1
+        };
+        add_sample(ctx, slow_counts, &key, period, stats);
+    }
+    add_sample(ctx, counts, &key, period, stats);
+    Ok(())
+}
+
+/// Adds one sample of `period` ns to `key` of `counts`.
+#[inline(always)]
+fn add_sample(
+    ctx: &PerfEventContext,
+    counts: &PerCpuHashMap<SampleKey, SampleValue>,
+    key: &SampleKey,
+    period: u64,
+    stats: &mut TargetStats,
+) {
+    let tgid = key.tgid;
+    if let Some(value) = counts.get_ptr_mut(key) {
         // SAFETY: per-CPU value, no concurrent writer on this CPU.
         unsafe {
             (*value).count += 1;
@@ -133,7 +158,7 @@ pub fn try_sample(ctx: &PerfEventContext) -> Result<(), i64> {
         };
         // BPF_ANY: a key inserted meanwhile by another CPU only sets this
         // CPU's slot (per-CPU hash), which is still what we want.
-        if counts.insert(&key, &value, 0).is_err() {
+        if counts.insert(key, &value, 0).is_err() {
             stats.map_full += 1;
             if may_log() {
                 aya_log_ebpf::warn!(
@@ -144,23 +169,25 @@ pub fn try_sample(ctx: &PerfEventContext) -> Result<(), i64> {
             }
         }
     }
-    Ok(())
 }
 
 /// Sends a DWARF sample of the interrupted thread and counts the outcome.
+// Inlined: a BPF function takes at most five arguments in registers.
+#[inline(always)]
 fn dwarf_sample(
     ctx: &PerfEventContext,
     tgid: u32,
     tid: u32,
     period: u64,
     kernel: bool,
+    flags: u32,
     stats: &mut TargetStats,
 ) {
     // SAFETY: the interrupted registers, inside the context the kernel passed.
     let regs = unsafe { &(*ctx.ctx).regs };
     // Interrupted in user mode: these are the user registers.
     let user_regs = if regs.cs & 3 == 3 { Some(regs) } else { None };
-    match copy_stack(ctx.ctx.cast(), user_regs, tgid, tid, period, kernel, 0, 0) {
+    match copy_stack(ctx.ctx.cast(), user_regs, tgid, tid, period, kernel, flags, 0) {
         Copied::Sent { stack: true } => stats.dwarf_samples += 1,
         Copied::Sent { stack: false } => {
             stats.dwarf_samples += 1;

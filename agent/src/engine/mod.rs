@@ -36,6 +36,7 @@ use crate::{
         Decision, Governor, GovernorConfig, Observation,
     },
     offcpu::{self, OffCpuTracer, StillBlocked},
+    probes::{Latency, Location, ProbeId, Probes},
     sampling::{period_for, Sampler, SamplingError},
     symbolize::MapsCache,
     target::{self, Target},
@@ -70,6 +71,9 @@ pub enum EngineError {
     /// The unwinder thread could not start.
     #[error("cannot start the unwinder thread: {0}")]
     Unwinder(std::io::Error),
+    /// A latency probe failed.
+    #[error(transparent)]
+    Probe(#[from] crate::probes::ProbeError),
 }
 
 /// How the engine samples, for all its targets.
@@ -199,6 +203,10 @@ pub struct Engine {
     next_want: WantId,
     off_every: u64,
     last: Last,
+    /// Latency probes (loaded at the first one).
+    probes: Option<Probes>,
+    /// Calibrated cost of an entry+return probe pair per call, ns.
+    probe_cost_ns: Option<f64>,
     _stats: BpfStats,
     // Last: everything above holds descriptors of maps and programs of it.
     ebpf: Ebpf,
@@ -231,6 +239,8 @@ impl Engine {
             next_want: 1,
             off_every: 1,
             last: Last::default(),
+            probes: None,
+            probe_cost_ns: None,
             _stats: stats,
             ebpf,
         };
@@ -559,7 +569,9 @@ impl Engine {
         let fresh = self.consumer.take();
         raw.merge(fresh.cpu);
         off_raw.merge(fresh.off);
-        self.record(raw, off_raw, processing_ns, how == Drain::Tick)
+        let mut slow_raw = self.sampler.take_slow();
+        slow_raw.merge(fresh.slow);
+        self.record([raw, off_raw, slow_raw], processing_ns, how == Drain::Tick)
     }
 
     /// Splits a drain into one interval per target, measures what it cost
@@ -567,8 +579,7 @@ impl Engine {
     #[allow(clippy::too_many_lines)]
     fn record(
         &mut self,
-        raw: RawProfile,
-        off_raw: RawProfile,
+        [raw, off_raw, slow_raw]: [RawProfile; 3],
         processing_ns: u64,
         govern: bool,
     ) -> Result<Vec<u32>, EngineError> {
@@ -577,6 +588,7 @@ impl Engine {
         let shared = self.shared_costs(processing_ns);
         let mut cpu_by_pid = split(raw);
         let mut off_by_pid = split(off_raw);
+        let mut slow_by_pid = split(slow_raw);
         let unwind_now = self
             .consumer
             .shared()
@@ -623,12 +635,14 @@ impl Engine {
                 // exited) belongs to its report.
                 let cpu = cpu_by_pid.remove(&pid).unwrap_or_default();
                 let off = off_by_pid.remove(&pid).unwrap_or_default();
+                let slow = slow_by_pid.remove(&pid).unwrap_or_default();
                 if !cpu.samples.is_empty() || !off.samples.is_empty() {
                     slot.recorder.push(Interval {
                         from,
                         to: now,
                         cpu,
                         off,
+                        slow,
                         ..Interval::default()
                     });
                 }
@@ -662,6 +676,7 @@ impl Engine {
                 to: now,
                 cpu: cpu_by_pid.remove(&pid).unwrap_or_default(),
                 off: off_by_pid.remove(&pid).unwrap_or_default(),
+                slow: slow_by_pid.remove(&pid).unwrap_or_default(),
                 hz,
                 cpu_wanted: slot.wanted_hz() > 0,
                 cpu_ns: cpu_delta,
@@ -874,6 +889,60 @@ impl Engine {
         })
     }
 
+    fn probes(&mut self) -> Result<&mut Probes, EngineError> {
+        if self.probes.is_none() {
+            self.probes = Some(Probes::new(&mut self.ebpf)?);
+        }
+        Ok(self.probes.as_mut().expect("set above"))
+    }
+
+    /// Attaches a latency probe on `location` of target `pid` (added
+    /// before). With a budget, samples of its threads taken while their
+    /// call has run past it also go to the slow-call profile
+    /// ([`Interval::slow`]).
+    pub fn add_probe(
+        &mut self,
+        pid: u32,
+        location: &Location,
+        budget_ns: u64,
+    ) -> Result<ProbeId, EngineError> {
+        let t0 = Instant::now();
+        self.probes()?;
+        let probes = self.probes.as_mut().expect("loaded above");
+        let id = probes.add(&mut self.ebpf, pid, location, budget_ns)?;
+        debug!("probe on {} attached in {:?}", location.spec, t0.elapsed());
+        if budget_ns > 0 {
+            self.sampler
+                .set_target_flag(pid, flamewatch_common::target_flags::SLOW_CALLS, true)?;
+        }
+        Ok(id)
+    }
+
+    /// Detaches probe `id`.
+    pub fn remove_probe(&mut self, id: ProbeId) {
+        if let Some(p) = self.probes.as_mut() {
+            p.remove(&mut self.ebpf, id);
+        }
+    }
+
+    /// Probe `id`'s histogram and counters so far.
+    pub fn probe_latency(&self, id: ProbeId) -> Option<Latency> {
+        self.probes.as_ref()?.read(id).ok()
+    }
+
+    /// What an entry+return probe pair costs a call here, ns (calibrated
+    /// once, cached per boot).
+    pub fn probe_cost_ns(&mut self) -> Result<f64, EngineError> {
+        if let Some(c) = self.probe_cost_ns {
+            return Ok(c);
+        }
+        self.probes()?;
+        let probes = self.probes.as_mut().expect("loaded above");
+        let c = tokio::task::block_in_place(|| crate::probes::calibrate::per_call_ns(probes, &mut self.ebpf));
+        self.probe_cost_ns = Some(c);
+        Ok(c)
+    }
+
     /// Stops the unwinder and detaches everything (dropping does too).
     pub fn shutdown(self) {
         let Self {
@@ -881,9 +950,14 @@ impl Engine {
             tcp,
             offcpu,
             consumer,
+            mut probes,
             mut ebpf,
             ..
         } = self;
+        if let Some(p) = probes.as_mut() {
+            p.remove_all(&mut ebpf);
+        }
+        drop(probes);
         drop(sampler);
         if let Some(tcp) = tcp {
             tcp.detach(&mut ebpf);
