@@ -18,6 +18,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 
 mod attach;
+mod probes;
 mod tcp;
 
 /// One way of running the target.
@@ -98,6 +99,7 @@ struct Run {
 pub fn run(which: &str, rounds: usize, seconds: f64, agent: &Path, targets: &Path) -> Result<()> {
     match which {
         "attach" => return attach::run(rounds, agent, targets),
+        "probes" => return probes::run(rounds, seconds, agent, targets),
         // `--seconds` is the soak's length here (30 min by default).
         "soak" => return attach::soak(if seconds > 60.0 { seconds / 60.0 } else { 30.0 }, agent, targets),
         _ => {}

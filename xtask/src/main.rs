@@ -45,8 +45,10 @@ enum Task {
         /// frame pointers vs perf --call-graph dwarf), `offcpu` (vs perf
         /// sched_switch), `tcp` (connection churn), `attach` (trigger and
         /// record latency, the idle daemon's cost), `soak` (a daemon with
-        /// sessions every 10 s for `--seconds`, 30 min by default: flat?).
-        #[arg(value_parser = ["overhead", "unwind", "offcpu", "tcp", "attach", "soak"])]
+        /// sessions every 10 s for `--seconds`, 30 min by default: flat?),
+        /// `probes` (latency uprobes: per-call cost, throughput at 1 000 and
+        /// 100 000 calls/s with the governor's decision, other processes untouched).
+        #[arg(value_parser = ["overhead", "unwind", "offcpu", "tcp", "attach", "soak", "probes"])]
         which: String,
         /// Interleaved rounds (medians are reported).
         #[arg(long, default_value_t = 5)]
