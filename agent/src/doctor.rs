@@ -138,6 +138,7 @@ fn program_rows() -> Vec<Row> {
         let result = match program {
             Program::PerfEvent(p) => PerfEvent::load(p).map_err(|e| e.to_string()),
             Program::TracePoint(p) => TracePoint::load(p).map_err(|e| e.to_string()),
+            Program::UProbe(p) => aya::programs::UProbe::load(p).map_err(|e| e.to_string()),
             _ => Err("unexpected program type".to_owned()),
         };
         let name = format!("program {name} verifies");

@@ -139,6 +139,10 @@ mod tests {
     /// whose bytes are the function's code, and an unknown one names itself.
     #[test]
     fn own_symbol_resolves() {
+        // Referenced, so the test binary keeps it.
+        std::hint::black_box(
+            crate::probes::calibrate::flamewatch_probe_calibration as extern "C" fn(u64) -> u64,
+        );
         let exe = std::fs::read_link("/proc/self/exe").unwrap();
         let off = symbol_offset(&exe, "flamewatch_probe_calibration").unwrap();
         assert!(off > 0);
