@@ -5,6 +5,10 @@ use std::{path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 
+pub mod latency;
+
+pub use latency::LatencyArgs;
+
 use crate::{
     config::{
         check_duration, check_pct, ConfigError, Format, LoadError, Mode, RecordConfig, TargetConfig,
@@ -39,6 +43,10 @@ pub enum Command {
     /// uprobes, the tracepoints, each program through the verifier) and
     /// what flamewatch does without what it lacks.
     Doctor,
+    /// Time every call of one function of a running process (uprobes at
+    /// entry and return): histogram, quantiles, calls over a budget, and a
+    /// flamegraph of what the calls did once they were late.
+    Latency(LatencyArgs),
 }
 
 /// `flamewatch watch`.

@@ -5,6 +5,10 @@ use std::{path::PathBuf, time::Duration};
 
 use crate::unwind::UnwindMode;
 
+pub mod latency;
+
+pub use latency::LatencyConfig;
+
 /// Settings of one profiling session (`flamewatch record`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct RecordConfig {

@@ -26,6 +26,7 @@ pub mod layout;
 pub mod memory;
 pub mod metrics;
 pub mod offcpu;
+pub mod probes;
 pub mod render;
 pub mod retention;
 pub mod sampling;

@@ -151,6 +151,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Tcp(args) => tcp_live(args).await,
         Command::Watch(args) => watch(args).await,
         Command::Trigger(args) => trigger(args).await,
+        Command::Latency(args) => latency(args).await,
         Command::Doctor => {
             print!("{}", doctor::run());
             Ok(())
@@ -245,6 +246,39 @@ async fn tcp_live(args: cli::TcpArgs) -> Result<(), Failure> {
         Err(e @ tcp::TcpError::Unsupported { .. }) => Err(Failure::usage(e)),
         result => Ok(result?),
     }
+}
+
+async fn latency(args: cli::LatencyArgs) -> Result<(), Failure> {
+    let stop = stop_on_signals()?;
+    let config = args.to_config();
+    let mut targets = target::resolve(&args.targets.pids, &args.targets.processes).map_err(Failure::usage)?;
+    if targets.len() != 1 {
+        let pids: Vec<String> = targets.iter().map(|t| t.pid.to_string()).collect();
+        return Err(Failure::usage(anyhow::anyhow!(
+            "latency probes one process; {} match (pids {}): choose one with --pid",
+            targets.len(),
+            pids.join(", ")
+        )));
+    }
+    let target = targets.remove(0);
+    if let Some(missing) = target::missing_privileges() {
+        return Err(Failure::usage(anyhow::anyhow!(missing)));
+    }
+    // An unknown function or library is bad input: refused before anything loads.
+    let location = flamewatch::probes::resolve(target.pid, &config.function).map_err(Failure::usage)?;
+    fsafe::create_dir(&config.output).map_err(Failure::usage)?;
+    let outcome = match session::latency::latency(&config, target, location, stop).await {
+        Ok(o) => o,
+        Err(e @ (session::SessionError::Budget(_) | session::SessionError::Refused(_))) => {
+            return Err(Failure::usage(e))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    print!("{}", outcome.text);
+    for f in &outcome.files {
+        println!("{f}");
+    }
+    Ok(())
 }
 
 async fn record(args: RecordArgs) -> Result<(), Failure> {

@@ -14,6 +14,8 @@ pub mod memory;
 
 pub mod tcp;
 
+pub mod probe;
+
 /// Maximum frames of one stack (the kernel's `PERF_MAX_STACK_DEPTH`).
 pub const MAX_STACK_DEPTH: usize = 127;
 
@@ -37,6 +39,10 @@ pub mod target_flags {
     /// [`super::FP_CHECK_EVERY`] as a DWARF copy (flag
     /// [`super::sample_flags::FP_CHECK`]) for the agent to check the walk.
     pub const FP_CHECK: u32 = 1 << 3;
+    /// A latency probe of this target has a budget: the sampler looks up
+    /// the thread's in-flight call (`SLOW_CALLS`) to find slow-call samples.
+    /// A high bit, to stay clear of flags added alongside.
+    pub const SLOW_CALLS: u32 = 1 << 8;
 }
 
 /// A frame-pointer target checked by `--unwind auto` sends 1 sample in this
@@ -83,6 +89,9 @@ pub mod sample_flags {
     /// With `FP_CHECK`: the target's leaf fix-up is off, so no leaf word is
     /// kept (the check compares what the profile gets).
     pub const NO_LEAF_WORD: u32 = 1 << 5;
+    /// Taken while the thread's probed call had run past its budget (a
+    /// slow-call sample: it counts in the slow-call profile too).
+    pub const SLOW: u32 = 1 << 8;
 }
 
 /// What a DWARF sample sends to userspace: registers, kernel stack, and the

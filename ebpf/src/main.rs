@@ -9,6 +9,7 @@ mod leaf;
 mod maps;
 mod memory;
 mod offcpu;
+mod probe;
 mod sampling;
 mod tcp;
 
@@ -167,6 +168,20 @@ pub fn flamewatch_heap_free(ctx: aya_ebpf::programs::ProbeContext) -> u32 {
 #[aya_ebpf::macros::uretprobe]
 pub fn flamewatch_heap_ret(ctx: aya_ebpf::programs::RetProbeContext) -> u32 {
     let _ = heap::on_return(&ctx);
+    0
+}
+
+/// Function entry of a latency probe (the cookie is its slot).
+#[aya_ebpf::macros::uprobe]
+pub fn flamewatch_probe_entry(ctx: aya_ebpf::programs::ProbeContext) -> u32 {
+    let _ = probe::try_enter(&ctx);
+    0
+}
+
+/// Function return of a latency probe.
+#[aya_ebpf::macros::uretprobe]
+pub fn flamewatch_probe_return(ctx: aya_ebpf::programs::RetProbeContext) -> u32 {
+    let _ = probe::try_return(&ctx);
     0
 }
 

@@ -62,12 +62,28 @@ pub fn try_sample(ctx: &PerfEventContext) -> Result<(), i64> {
     stats.samples += 1;
     stats.period_ns += period;
     let kernel = target.flags & target_flags::KERNEL_STACKS != 0;
+    // Past the budget of the thread's probed call: a slow-call sample too.
+    let slow = target.flags & target_flags::SLOW_CALLS != 0 && crate::probe::in_slow_call(tid);
     // One stack copy per sample at most, from one call site (the copy is
     // inlined: a second site would double the program).
     let copy = if target.flags & target_flags::DWARF != 0 {
-        Some(0)
+        Some(if slow { sample_flags::SLOW } else { 0 })
     } else {
-        fp_sample(ctx, target.flags, tgid, tid, period, counts, stacks, stats);
+        let slow_counts = slow.then_some(if generation == 0 {
+            &crate::probe::SLOW_COUNTS_0
+        } else {
+            &crate::probe::SLOW_COUNTS_1
+        });
+        fp_sample(
+            ctx,
+            target.flags,
+            tgid,
+            tid,
+            period,
+            (counts, slow_counts),
+            stacks,
+            stats,
+        );
         // `--unwind auto`'s check of its choice: 1 sample in FP_CHECK_EVERY
         // (on this CPU) goes as a DWARF copy too.
         let no_leaf = if target.flags & target_flags::NO_LEAF_FIXUP != 0 {
@@ -79,13 +95,15 @@ pub fn try_sample(ctx: &PerfEventContext) -> Result<(), i64> {
             .then_some(sample_flags::FP_CHECK | no_leaf)
     };
     if let Some(flags) = copy {
-        dwarf_sample(ctx, tgid, tid, period, kernel && flags == 0, stats, flags);
+        let kernel = kernel && flags & sample_flags::FP_CHECK == 0;
+        dwarf_sample(ctx, tgid, tid, period, kernel, stats, flags);
     }
     Ok(())
 }
 
 /// Records a frame-pointer sample: its user and kernel stack ids and the
-/// leaf fix-up's word, counted in the generation's aggregation map.
+/// leaf fix-up's word, counted in the generation's aggregation map (and in
+/// its slow-call map, for a sample of a call past its budget).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn fp_sample(
@@ -94,7 +112,10 @@ fn fp_sample(
     tgid: u32,
     tid: u32,
     period: u64,
-    counts: &PerCpuHashMap<SampleKey, SampleValue>,
+    (counts, slow_counts): (
+        &PerCpuHashMap<SampleKey, SampleValue>,
+        Option<&PerCpuHashMap<SampleKey, SampleValue>>,
+    ),
     stacks: &StackTrace,
     stats: &mut TargetStats,
 ) {
@@ -145,7 +166,23 @@ fn fp_sample(
         leaf_offset,
         _pad: 0,
     };
-    if let Some(value) = counts.get_ptr_mut(&key) {
+    if let Some(slow_counts) = slow_counts {
+        add_sample(ctx, slow_counts, &key, period, stats);
+    }
+    add_sample(ctx, counts, &key, period, stats);
+}
+
+/// Adds one sample of `period` ns to `key` of `counts`.
+#[inline(always)]
+fn add_sample(
+    ctx: &PerfEventContext,
+    counts: &PerCpuHashMap<SampleKey, SampleValue>,
+    key: &SampleKey,
+    period: u64,
+    stats: &mut TargetStats,
+) {
+    let tgid = key.tgid;
+    if let Some(value) = counts.get_ptr_mut(key) {
         // SAFETY: per-CPU value, no concurrent writer on this CPU.
         unsafe {
             (*value).count += 1;
@@ -158,7 +195,7 @@ fn fp_sample(
         };
         // BPF_ANY: a key inserted meanwhile by another CPU only sets this
         // CPU's slot (per-CPU hash), which is still what we want.
-        if counts.insert(&key, &value, 0).is_err() {
+        if counts.insert(key, &value, 0).is_err() {
             stats.map_full += 1;
             if may_log() {
                 aya_log_ebpf::warn!(

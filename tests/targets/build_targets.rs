@@ -35,6 +35,8 @@ pub const TARGETS: &[TargetSpec] = &[
     TargetSpec { name: "logcaster-load", sources: &["logcaster/logcaster-load.c"], cxx: false, variants: false },
     TargetSpec { name: "game-server", sources: &["game-server/game-server.cpp"], cxx: true, variants: true },
     TargetSpec { name: "leaker", sources: &["leaker.c"], cxx: false, variants: false },
+    TargetSpec { name: "framelat", sources: &["framelat.c"], cxx: false, variants: true },
+    TargetSpec { name: "callrate", sources: &["callrate.c"], cxx: false, variants: false },
 ];
 
 /// Builds every target of [`TARGETS`] from `src_dir` into `out_dir`. Returns

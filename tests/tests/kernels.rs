@@ -90,10 +90,11 @@ fn doctor_on_this_kernel() {
     }
     // Sampling, off-CPU, 3 TCP, 5 crash capture (signal, fault, OOM,
     // exit_group, process exit), 3 memory growth (fault, mmap, brk), 7 heap
-    // (malloc, calloc, realloc, memalign, posix_memalign, free, return).
+    // (malloc, calloc, realloc, memalign, posix_memalign, free, return), 2
+    // latency (entry, return).
     assert_eq!(
         text.lines().filter(|l| l.starts_with("program ")).count(),
-        20,
+        22,
         "{text}"
     );
 }

@@ -19,6 +19,7 @@ use anyhow::{bail, Context as _, Result};
 
 mod attach;
 mod heap;
+mod probes;
 mod tcp;
 
 /// One way of running the target.
@@ -110,6 +111,7 @@ pub fn run(which: &str, rounds: usize, seconds: f64, agent: &Path, targets: &Pat
     match which {
         "attach" => return attach::run(rounds, agent, targets),
         "heap" => return heap::run(rounds, seconds, agent, targets),
+        "probes" => return probes::run(rounds, seconds, agent, targets),
         // `--seconds` is the soak's length here (30 min by default).
         "soak" => return attach::soak(if seconds > 60.0 { seconds / 60.0 } else { 30.0 }, agent, targets),
         _ => {}

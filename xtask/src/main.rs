@@ -47,8 +47,10 @@ enum Task {
         /// record latency, the idle daemon's cost), `soak` (a daemon with
         /// sessions every 10 s for `--seconds`, 30 min by default: flat?),
         /// `heap` (a malloc loop under heap mode vs every-call tracing, and a
-        /// non-target beside it).
-        #[arg(value_parser = ["overhead", "unwind", "offcpu", "tcp", "attach", "soak", "heap"])]
+        /// non-target beside it), `probes` (latency uprobes: per-call cost,
+        /// throughput at 1 000 and 100 000 calls/s with the governor's
+        /// decision, other processes untouched).
+        #[arg(value_parser = ["overhead", "unwind", "offcpu", "tcp", "attach", "soak", "heap", "probes"])]
         which: String,
         /// Interleaved rounds (medians are reported).
         #[arg(long, default_value_t = 5)]

@@ -603,7 +603,7 @@ impl Daemon {
             SessionKind::OnDemand if !firing => {
                 w.baseline = Some(PathBuf::from(&report.summary.files.folded));
             }
-            SessionKind::OnDemand => {}
+            SessionKind::OnDemand | SessionKind::Slow => {}
             SessionKind::Emergency => {
                 if let Some(alert) = done.alert {
                     let record = profile_record(alert, &report, w.baseline.as_deref());

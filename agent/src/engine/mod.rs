@@ -38,6 +38,7 @@ use crate::{
     },
     memory::{self, LiveAlloc, MemDrain, MemKind, MemTracer},
     offcpu::{self, OffCpuTracer, StillBlocked},
+    probes::{Latency, Location, ProbeId, Probes},
     sampling::{period_for, Sampler, SamplingError},
     symbolize::MapsCache,
     target::{self, Target},
@@ -75,6 +76,9 @@ pub enum EngineError {
     /// The unwinder thread could not start.
     #[error("cannot start the unwinder thread: {0}")]
     Unwinder(std::io::Error),
+    /// A latency probe failed.
+    #[error(transparent)]
+    Probe(#[from] crate::probes::ProbeError),
 }
 
 /// How the engine samples, for all its targets.
@@ -216,6 +220,10 @@ pub struct Engine {
     off_every: u64,
     last: Last,
     crash: crash::CrashState,
+    /// Latency probes (loaded at the first one).
+    probes: Option<Probes>,
+    /// Calibrated cost of an entry+return probe pair per call, ns.
+    probe_cost_ns: Option<f64>,
     _stats: BpfStats,
     // Last: everything above holds descriptors of maps and programs of it.
     ebpf: Ebpf,
@@ -256,6 +264,8 @@ impl Engine {
             off_every: 1,
             last: Last::default(),
             crash: crash::CrashState::default(),
+            probes: None,
+            probe_cost_ns: None,
             _stats: stats,
             ebpf,
         };
@@ -647,7 +657,9 @@ impl Engine {
         let fresh = self.consumer.take();
         raw.merge(fresh.cpu);
         off_raw.merge(fresh.off);
-        self.record(raw, off_raw, mem, processing_ns, how == Drain::Tick)
+        let mut slow_raw = self.sampler.take_slow();
+        slow_raw.merge(fresh.slow);
+        self.record([raw, off_raw, slow_raw], mem, processing_ns, how == Drain::Tick)
     }
 
     /// Splits a drain into one interval per target, measures what it cost
@@ -655,8 +667,7 @@ impl Engine {
     #[allow(clippy::too_many_lines)]
     fn record(
         &mut self,
-        raw: RawProfile,
-        off_raw: RawProfile,
+        [raw, off_raw, slow_raw]: [RawProfile; 3],
         mut mem_by_pid: HashMap<u32, MemDrain>,
         processing_ns: u64,
         govern: bool,
@@ -666,6 +677,7 @@ impl Engine {
         let shared = self.shared_costs(processing_ns);
         let mut cpu_by_pid = split(raw);
         let mut off_by_pid = split(off_raw);
+        let mut slow_by_pid = split(slow_raw);
         let unwind_now = self
             .consumer
             .shared()
@@ -724,6 +736,7 @@ impl Engine {
                 let cpu = cpu_by_pid.remove(&pid).unwrap_or_default();
                 let off = off_by_pid.remove(&pid).unwrap_or_default();
                 let mem = mem_by_pid.remove(&pid).unwrap_or_default();
+                let slow = slow_by_pid.remove(&pid).unwrap_or_default();
                 if !cpu.samples.is_empty() || !off.samples.is_empty() || !mem.is_empty() {
                     slot.recorder.push(Interval {
                         from,
@@ -731,6 +744,7 @@ impl Engine {
                         cpu,
                         off,
                         mem,
+                        slow,
                         ..Interval::default()
                     });
                 }
@@ -770,6 +784,7 @@ impl Engine {
                 to: now,
                 cpu: cpu_by_pid.remove(&pid).unwrap_or_default(),
                 off: off_by_pid.remove(&pid).unwrap_or_default(),
+                slow: slow_by_pid.remove(&pid).unwrap_or_default(),
                 hz,
                 cpu_wanted: slot.wanted_hz() > 0,
                 cpu_ns: cpu_delta,
@@ -1031,6 +1046,60 @@ impl Engine {
         })
     }
 
+    fn probes(&mut self) -> Result<&mut Probes, EngineError> {
+        if self.probes.is_none() {
+            self.probes = Some(Probes::new(&mut self.ebpf)?);
+        }
+        Ok(self.probes.as_mut().expect("set above"))
+    }
+
+    /// Attaches a latency probe on `location` of target `pid` (added
+    /// before). With a budget, samples of its threads taken while their
+    /// call has run past it also go to the slow-call profile
+    /// ([`Interval::slow`]).
+    pub fn add_probe(
+        &mut self,
+        pid: u32,
+        location: &Location,
+        budget_ns: u64,
+    ) -> Result<ProbeId, EngineError> {
+        let t0 = Instant::now();
+        self.probes()?;
+        let probes = self.probes.as_mut().expect("loaded above");
+        let id = probes.add(&mut self.ebpf, pid, location, budget_ns)?;
+        debug!("probe on {} attached in {:?}", location.spec, t0.elapsed());
+        if budget_ns > 0 {
+            self.sampler
+                .set_target_flag(pid, flamewatch_common::target_flags::SLOW_CALLS, true)?;
+        }
+        Ok(id)
+    }
+
+    /// Detaches probe `id`.
+    pub fn remove_probe(&mut self, id: ProbeId) {
+        if let Some(p) = self.probes.as_mut() {
+            p.remove(&mut self.ebpf, id);
+        }
+    }
+
+    /// Probe `id`'s histogram and counters so far.
+    pub fn probe_latency(&self, id: ProbeId) -> Option<Latency> {
+        self.probes.as_ref()?.read(id).ok()
+    }
+
+    /// What an entry+return probe pair costs a call here, ns (calibrated
+    /// once, cached per boot).
+    pub fn probe_cost_ns(&mut self) -> Result<f64, EngineError> {
+        if let Some(c) = self.probe_cost_ns {
+            return Ok(c);
+        }
+        self.probes()?;
+        let probes = self.probes.as_mut().expect("loaded above");
+        let c = tokio::task::block_in_place(|| crate::probes::calibrate::per_call_ns(probes, &mut self.ebpf));
+        self.probe_cost_ns = Some(c);
+        Ok(c)
+    }
+
     /// Stops the unwinder and detaches everything (dropping does too).
     pub fn shutdown(self) {
         let Self {
@@ -1039,12 +1108,17 @@ impl Engine {
             offcpu,
             memory,
             consumer,
+            mut probes,
             mut ebpf,
             ..
         } = self;
         if let Some(mut m) = memory {
             m.shutdown(&mut ebpf);
         }
+        if let Some(p) = probes.as_mut() {
+            p.remove_all(&mut ebpf);
+        }
+        drop(probes);
         drop(sampler);
         if let Some(tcp) = tcp {
             tcp.detach(&mut ebpf);

@@ -30,6 +30,9 @@ pub struct Interval {
     pub cpu: RawProfile,
     /// Off-CPU blocks (blocks and nanoseconds).
     pub off: RawProfile,
+    /// Slow-call samples (also in `cpu`): taken while a probed call of the
+    /// thread had run past its budget.
+    pub slow: RawProfile,
     /// Sampling rate in force (0: paused or not sampling).
     pub hz: u64,
     /// Whether CPU sampling was wanted (so a 0 rate is a pause).
@@ -77,6 +80,7 @@ impl Default for Interval {
             to: SystemTime::UNIX_EPOCH,
             cpu: RawProfile::default(),
             off: RawProfile::default(),
+            slow: RawProfile::default(),
             hz: 0,
             cpu_wanted: false,
             cpu_ns: 0,
@@ -121,7 +125,8 @@ impl Interval {
             + per(&self.off)
             + per(&self.mem.faults)
             + per(&self.mem.extends)
-            + per(&self.mem.allocs);
+            + per(&self.mem.allocs)
+            + per(&self.slow);
     }
 }
 

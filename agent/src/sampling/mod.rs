@@ -210,6 +210,10 @@ pub struct Sampler {
     foreign: PerCpuArray<MapData, ForeignStats>,
     counts: Vec<PerCpuHashMap<MapData, SampleKey, SampleValue>>,
     stacks: Vec<StackTraceMap<MapData>>,
+    /// Slow-call samples per generation (keys into the same stack maps).
+    slow: Vec<PerCpuHashMap<MapData, SampleKey, SampleValue>>,
+    /// Slow-call samples drained, until the engine takes them.
+    slow_raw: RawProfile,
     generation: u32,
     ncpus: usize,
     /// Inserts the callers frame-pointer walks skip (see `unwind::leaf`).
@@ -246,6 +250,8 @@ impl Sampler {
             foreign: take(ebpf, "FOREIGN")?,
             counts: vec![take(ebpf, "COUNTS_0")?, take(ebpf, "COUNTS_1")?],
             stacks: vec![take(ebpf, "STACKS_0")?, take(ebpf, "STACKS_1")?],
+            slow: vec![take(ebpf, "SLOW_COUNTS_0")?, take(ebpf, "SLOW_COUNTS_1")?],
+            slow_raw: RawProfile::default(),
             generation: 0,
             ncpus,
             leaf: LeafFixer::default(),
@@ -584,26 +590,25 @@ impl Sampler {
         })
     }
 
+    /// Sets or clears a [`target_flags`] bit of `pid` in the kernel's table.
+    pub fn set_target_flag(&mut self, pid: u32, flag: u32, on: bool) -> Result<(), SamplingError> {
+        let mut info = self.target_map.get(&pid, 0).map_err(map_err("TARGETS"))?;
+        info.flags = if on { info.flags | flag } else { info.flags & !flag };
+        self.target_map.insert(pid, info, 0).map_err(map_err("TARGETS"))
+    }
+
+    /// Takes the slow-call samples drained so far.
+    pub fn take_slow(&mut self) -> RawProfile {
+        std::mem::take(&mut self.slow_raw)
+    }
+
     fn drain_generation(&mut self, g: usize, profile: &mut RawProfile) -> Result<DrainStats, SamplingError> {
         let counts = &mut self.counts[g];
         let stacks = &mut self.stacks[g];
         let (leaf, targets, fixup) = (&mut self.leaf, &self.targets, self.leaf_fixup);
-        let entries: Vec<(SampleKey, Weight)> = counts
-            .iter()
-            .filter_map(|r| match r {
-                Ok((key, values)) => Some((
-                    key,
-                    values.iter().fold(Weight::default(), |w, v| Weight {
-                        samples: w.samples + v.count,
-                        period_ns: w.period_ns + v.period_ns,
-                    }),
-                )),
-                Err(e) => {
-                    warn!("reading sample counts: {e}");
-                    None
-                }
-            })
-            .collect();
+        let entries = summed(counts);
+        let slow = &mut self.slow[g];
+        let slow_entries = summed(slow);
         let mut cache: HashMap<i32, StackSlot> = HashMap::new();
         let mut read_stack = |id: i32| -> StackSlot {
             if id == NO_STACK {
@@ -641,6 +646,23 @@ impl Sampler {
             };
             profile.add(raw, *weight);
         }
+        for (key, weight) in &slow_entries {
+            let mut user = read_stack(key.user_stack_id);
+            if targets.contains_key(&key.tgid) {
+                // Counted by the fixer with the whole profile already.
+                user = leaf.fix(key.tgid, user, key.leaf_ret, key.leaf_offset, 0);
+            }
+            let raw = RawSampleKey {
+                tgid: key.tgid,
+                tid: key.tid,
+                user,
+                kernel: read_stack(key.kernel_stack_id),
+            };
+            self.slow_raw.add(raw, *weight);
+        }
+        for (key, _) in &slow_entries {
+            let _ = slow.remove(key);
+        }
         let stack_count = cache.len();
         // Empty the generation. Stack ids are listed from the map itself so
         // stacks stored for samples that found the count map full go too.
@@ -656,6 +678,26 @@ impl Sampler {
             stacks: stack_count,
         })
     }
+}
+
+/// A per-CPU count map's entries, summed over the CPUs.
+fn summed(counts: &PerCpuHashMap<MapData, SampleKey, SampleValue>) -> Vec<(SampleKey, Weight)> {
+    counts
+        .iter()
+        .filter_map(|r| match r {
+            Ok((key, values)) => Some((
+                key,
+                values.iter().fold(Weight::default(), |w, v| Weight {
+                    samples: w.samples + v.count,
+                    period_ns: w.period_ns + v.period_ns,
+                }),
+            )),
+            Err(e) => {
+                warn!("reading sample counts: {e}");
+                None
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -149,7 +149,11 @@ pub fn finish(window: Window, spec: &Spec<'_>) -> Result<Report, SessionError> {
         .label
         .clone()
         .unwrap_or_else(|| sanitize(&window.target.comm));
-    let stem = format!("{label}-{pid}-{}", compact_timestamp(spec.started_at));
+    let mut stem = format!("{label}-{pid}-{}", compact_timestamp(spec.started_at));
+    if spec.kind == SessionKind::Slow {
+        // Beside the latency session's `<stem>.latency.json`.
+        stem.push_str(".slow");
+    }
     let duration = window
         .exited_after
         .unwrap_or_else(|| window.to.duration_since(window.from).unwrap_or_default());

@@ -11,6 +11,7 @@
 //! - [`finish`]: a [`finish::Window`] of one target → its report files.
 
 pub mod finish;
+pub mod latency;
 mod progress;
 pub mod record;
 
@@ -42,6 +43,9 @@ pub enum SessionError {
     /// Other sessions use the target's overhead budget.
     #[error(transparent)]
     Budget(#[from] budget::BudgetError),
+    /// A function called too often for the overhead budget.
+    #[error(transparent)]
+    Refused(#[from] latency::Refused),
     /// The output folder cannot be created.
     #[error("cannot create output folder {path}: {source}")]
     Output {
@@ -62,6 +66,9 @@ pub enum SessionKind {
     Scheduled,
     /// Started by an alert.
     Emergency,
+    /// The slow-call profile of a latency probe: samples taken while a
+    /// probed call had run past its budget (`<stem>.slow.*`).
+    Slow,
 }
 
 impl SessionKind {
@@ -71,6 +78,7 @@ impl SessionKind {
             Self::OnDemand => "on-demand",
             Self::Scheduled => "scheduled",
             Self::Emergency => "emergency",
+            Self::Slow => "slow",
         }
     }
 }

@@ -97,6 +97,8 @@ pub struct Output {
     pub cpu: RawProfile,
     /// Off-CPU blocks (weight: blocks and nanoseconds).
     pub off: RawProfile,
+    /// Slow-call samples (also in `cpu`): taken past a probed call's budget.
+    pub slow: RawProfile,
     /// Blocks still in progress.
     pub begins: Begins,
 }
@@ -151,6 +153,7 @@ impl Consumer {
         Output {
             cpu: std::mem::take(&mut fresh.cpu),
             off: std::mem::take(&mut fresh.off),
+            slow: std::mem::take(&mut fresh.slow),
             begins: fresh.begins.clone(),
         }
     }
@@ -304,18 +307,20 @@ fn run(
                 out.begins.insert((h.tid, h._pad), (h.tgid, user, kernel));
                 continue;
             }
-            out.cpu.add(
-                RawSampleKey {
-                    tgid: h.tgid,
-                    tid: h.tid,
-                    user,
-                    kernel,
-                },
-                Weight {
-                    samples: 1,
-                    period_ns: h.period_ns,
-                },
-            );
+            let key = RawSampleKey {
+                tgid: h.tgid,
+                tid: h.tid,
+                user,
+                kernel,
+            };
+            let weight = Weight {
+                samples: 1,
+                period_ns: h.period_ns,
+            };
+            if h.flags & sample_flags::SLOW != 0 {
+                out.slow.add(key.clone(), weight);
+            }
+            out.cpu.add(key, weight);
         }
         if let Some(ends) = ends.as_mut() {
             let mut fresh = Vec::new();
@@ -384,6 +389,7 @@ fn run(
         if let Ok(mut fresh) = shared.fresh.lock() {
             fresh.cpu.merge(std::mem::take(&mut out.cpu));
             fresh.off.merge(std::mem::take(&mut out.off));
+            fresh.slow.merge(std::mem::take(&mut out.slow));
             fresh.begins.clone_from(&out.begins);
         }
         shared.setup_ns.store(setup_ns, Ordering::Relaxed);
@@ -394,6 +400,7 @@ fn run(
             if let Ok(mut fresh) = shared.fresh.lock() {
                 out.cpu = std::mem::take(&mut fresh.cpu);
                 out.off = std::mem::take(&mut fresh.off);
+                out.slow = std::mem::take(&mut fresh.slow);
             }
             return out;
         }

@@ -1,0 +1,318 @@
+//! `flamewatch latency` end to end: real uprobes on real targets, checked
+//! against the targets' own measurements.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    path::Path,
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use flamewatch_e2e::*;
+
+/// The agent running in the background, its output collected.
+struct Agent {
+    child: Child,
+    stdout: Arc<Mutex<String>>,
+    stderr: Arc<Mutex<String>>,
+}
+
+fn collect(stream: impl std::io::Read + Send + 'static) -> Arc<Mutex<String>> {
+    let into = Arc::new(Mutex::new(String::new()));
+    let sink = into.clone();
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(stream);
+        let mut line = String::new();
+        while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
+            sink.lock().unwrap().push_str(&line);
+            line.clear();
+        }
+    });
+    into
+}
+
+impl Agent {
+    fn start(args: &[&str]) -> Self {
+        let mut child = Command::new(flamewatch_bin())
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting flamewatch");
+        let stdout = collect(child.stdout.take().unwrap());
+        let stderr = collect(child.stderr.take().unwrap());
+        Self {
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Waits until the probe is attached ("probing …" in the log).
+    fn wait_probing(&mut self) {
+        let ready = wait_until(Duration::from_secs(90), || {
+            self.stderr().contains("probing ") || self.child.try_wait().ok().flatten().is_some()
+        });
+        assert!(ready && self.stderr().contains("probing "), "{}", self.stderr());
+    }
+
+    /// Waits for it to exit; its status and stdout.
+    fn finish(mut self, timeout: Duration) -> (std::process::ExitStatus, String) {
+        let done = wait_until(timeout, || self.child.try_wait().ok().flatten().is_some());
+        if !done {
+            let _ = self.child.kill();
+            panic!("agent did not finish: {}", self.stderr());
+        }
+        let status = self.child.wait().unwrap();
+        // The reader threads drain what is left.
+        std::thread::sleep(Duration::from_millis(200));
+        let out = self.stdout.lock().unwrap().clone();
+        (status, out)
+    }
+}
+
+/// The `q` quantile of sorted values, by the rank the agent uses.
+fn quantile(sorted: &[u64], q: f64) -> f64 {
+    let rank = ((q * sorted.len() as f64).ceil() as usize).max(1);
+    sorted[rank - 1] as f64
+}
+
+fn within(got: f64, want: f64, rel: f64) -> bool {
+    (got - want).abs() <= rel * want
+}
+
+/// Test that a 60 Hz loop whose every 10th tick takes 30 ms instead of 2 ms
+/// is measured as the loop measures itself (count within 3 %, p50 and p99
+/// within 5 %, over-budget share within 1 point), and that the slow-call
+/// flamegraph gives the slow system at least 80 % of its samples.
+#[test]
+fn frame_latency_matches_own_measurement() {
+    if !privileged("frame_latency_matches_own_measurement") {
+        return;
+    }
+    let _turn = cpu_bound_turn();
+    let dir = output_dir();
+    let frames_file = dir.path().join("frames.txt");
+    let mut cmd = Command::new(target_bin("framelat-fp"));
+    cmd.args([
+        "--wait-start",
+        "--frames",
+        "600",
+        "--out",
+        frames_file.to_str().unwrap(),
+    ]);
+    let target = TestProcess::spawn_ready(cmd);
+    let pid = target.pid().to_string();
+    let mut agent = Agent::start(&[
+        "latency",
+        "--pid",
+        &pid,
+        "--function",
+        "tick",
+        "--budget",
+        "16.7ms",
+        "--duration",
+        "60s",
+        "--output",
+        dir.path().to_str().unwrap(),
+    ]);
+    agent.wait_probing();
+    target.signal(libc::SIGUSR1);
+    let stderr = agent.stderr.clone();
+    let (status, stdout) = agent.finish(Duration::from_secs(60));
+    assert!(status.success(), "{}", stderr.lock().unwrap());
+    let mut own: Vec<u64> = std::fs::read_to_string(&frames_file)
+        .expect("the target wrote its frame times")
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    own.sort_unstable();
+    let own_over = 100.0 * own.iter().filter(|&&t| t > 16_700_000).count() as f64 / own.len() as f64;
+
+    let json = printed_files(stdout.as_bytes(), "json");
+    let lat = json
+        .iter()
+        .find(|p| p.to_str().unwrap().ends_with(".latency.json"))
+        .expect(&stdout);
+    let r = read_json(lat);
+    let f = |k: &str| r[k].as_f64().unwrap_or_else(|| panic!("{k} in {r}"));
+    assert!(
+        within(f("count"), own.len() as f64, 0.03),
+        "count {} vs {}",
+        f("count"),
+        own.len()
+    );
+    assert!(
+        within(f("p50_ns"), quantile(&own, 0.5), 0.05),
+        "p50 {} vs {}",
+        f("p50_ns"),
+        quantile(&own, 0.5)
+    );
+    assert!(
+        within(f("p99_ns"), quantile(&own, 0.99), 0.05),
+        "p99 {} vs {}",
+        f("p99_ns"),
+        quantile(&own, 0.99)
+    );
+    assert!(
+        (f("over_budget_pct") - own_over).abs() <= 1.0,
+        "over {} vs {own_over}",
+        f("over_budget_pct")
+    );
+    for k in ["mean_ns", "p90_ns", "p999_ns", "max_ns", "over_budget"] {
+        assert!(f(k) > 0.0, "{k}: {r}");
+    }
+    assert!(!r["buckets"].as_array().unwrap().is_empty());
+    assert!(
+        stdout.contains("p99") && stdout.contains("distribution"),
+        "{stdout}"
+    );
+
+    // The slow-call profile: what late frames were doing.
+    let slow_json = json
+        .iter()
+        .find(|p| p.to_str().unwrap().ends_with(".slow.json"))
+        .expect(&stdout);
+    assert_eq!(read_json(slow_json)["session"]["kind"], "slow");
+    let folded = printed_files(stdout.as_bytes(), "folded");
+    assert!(folded[0].to_str().unwrap().ends_with(".slow.folded"));
+    assert!(printed_files(stdout.as_bytes(), "svg")[0]
+        .to_str()
+        .unwrap()
+        .ends_with(".slow.svg"));
+    let stacks = read_folded(&folded[0]);
+    let total: u64 = stacks.iter().map(|(_, n)| n).sum();
+    let slow: u64 = stacks
+        .iter()
+        .filter(|(s, _)| s.iter().any(|f| f.starts_with("physics_step")))
+        .map(|(_, n)| n)
+        .sum();
+    assert!(total >= 20, "slow-call samples: {total}");
+    assert!(
+        slow as f64 >= 0.8 * total as f64,
+        "physics_step {slow} of {total}: {stacks:?}"
+    );
+}
+
+/// Test that an unknown function, or a library the target does not map, is
+/// bad input: exit status 2 and one line naming it (and the binary).
+#[test]
+fn unknown_function_is_bad_input() {
+    if !privileged("unknown_function_is_bad_input") {
+        return;
+    }
+    let mut cmd = Command::new(target_bin("framelat-fp"));
+    cmd.args(["--wait-start"]);
+    let target = TestProcess::spawn_ready(cmd);
+    let pid = target.pid().to_string();
+    for (function, named) in [
+        ("no_such_function", "framelat-fp"),
+        ("libc:no_such_function", "libc"),
+        ("libnothere:malloc", "libnothere"),
+    ] {
+        let out = flamewatch(&["latency", "--pid", &pid, "--function", function]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{function}: {stderr}");
+        let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("flamewatch:")).collect();
+        assert_eq!(lines.len(), 1, "{stderr}");
+        let symbol = function.rsplit(':').next().unwrap();
+        assert!(
+            lines[0].contains(named) && (lines[0].contains(symbol) || named == "libnothere"),
+            "{stderr}"
+        );
+    }
+}
+
+/// The address of `symbol` of `lib` in `pid`'s memory (load bias + vaddr).
+fn symbol_address(pid: u32, lib: &str, symbol: &str) -> u64 {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let (base, path) = maps
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let path = *f.get(5)?;
+            let name = Path::new(path).file_name()?.to_str()?;
+            (name.starts_with(lib) && u64::from_str_radix(f[2], 16).ok()? == 0).then(|| {
+                let start = u64::from_str_radix(f[0].split('-').next().unwrap(), 16).unwrap();
+                (start, path.to_owned())
+            })
+        })
+        .expect("library mapped");
+    let nm = Command::new("nm")
+        .args(["-D", "--defined-only", &path])
+        .output()
+        .expect("nm");
+    let vaddr = String::from_utf8_lossy(&nm.stdout)
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() == 3 && f[2].split('@').next() == Some(symbol))
+                .then(|| u64::from_str_radix(f[0], 16).unwrap())
+        })
+        .expect("symbol in the library");
+    base + vaddr
+}
+
+/// The first byte of code at `addr` of `pid`.
+fn code_byte(pid: u32, addr: u64) -> u8 {
+    use std::os::unix::fs::FileExt as _;
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
+    let mut b = [0u8];
+    mem.read_exact_at(&mut b, addr).unwrap();
+    b[0]
+}
+
+/// Test that probing a shared-library function of one process leaves every
+/// other process running that library untouched: the breakpoint (int3) is
+/// in the target's copy of the function only, and only its calls count.
+#[test]
+fn other_processes_untouched() {
+    if !privileged("other_processes_untouched") {
+        return;
+    }
+    let spawn = || {
+        let mut cmd = Command::new(target_bin("callrate"));
+        cmd.args(["--libc", "--rate", "1000", "--seconds", "30"]);
+        TestProcess::spawn_ready(cmd)
+    };
+    let (target, other) = (spawn(), spawn());
+    let (t, o) = (target.pid(), other.pid());
+    let (ta, oa) = (
+        symbol_address(t, "libc", "rand_r"),
+        symbol_address(o, "libc", "rand_r"),
+    );
+    assert_ne!(code_byte(t, ta), 0xcc, "not probed yet");
+    let dir = output_dir();
+    let pid = t.to_string();
+    let mut agent = Agent::start(&[
+        "latency",
+        "--pid",
+        &pid,
+        "--function",
+        "libc:rand_r",
+        "--max-overhead",
+        "50",
+        "--duration",
+        "4s",
+        "--output",
+        dir.path().to_str().unwrap(),
+    ]);
+    agent.wait_probing();
+    assert_eq!(code_byte(t, ta), 0xcc, "the target's rand_r has the breakpoint");
+    assert_ne!(code_byte(o, oa), 0xcc, "the other process's rand_r has none");
+    let stderr = agent.stderr.clone();
+    let (status, stdout) = agent.finish(Duration::from_secs(60));
+    assert!(status.success(), "{}", stderr.lock().unwrap());
+    assert_ne!(code_byte(t, ta), 0xcc, "detached");
+    let lat = printed_files(stdout.as_bytes(), "json");
+    let r = read_json(&lat[0]);
+    let rate = r["calls_per_s"].as_f64().unwrap();
+    // One process's calls (~1000/s, give or take the machine), not two.
+    assert!(rate > 400.0 && rate < 1800.0, "calls/s {rate}: {r}");
+}
