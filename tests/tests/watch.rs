@@ -268,6 +268,25 @@ fn generic_rules_catch_a_fast_leak() {
         "a 5 MB/s leak alerted after {:.0} s: {msg}",
         started.elapsed().as_secs_f64()
     );
+    // Its emergency profile is a memory profile: where the new pages come from.
+    let profile = wait_alert(dir.path(), Duration::from_secs(30), |a| {
+        rule_is(a, "memory_growth", "profile")
+    })
+    .expect("the leak's memory profile linked");
+    let json = PathBuf::from(profile["profile"]["json"].as_str().unwrap());
+    let summary = read_json(&json);
+    assert_eq!(summary["mode"], "memory", "{summary}");
+    let stacks = read_folded(&json.with_extension("folded"));
+    let total: u64 = stacks.iter().map(|(_, n)| n).sum();
+    let leaking: u64 = stacks
+        .iter()
+        .filter(|(s, _)| s.iter().any(|f| f == "touch" || f == "keep_leaking"))
+        .map(|(_, n)| n)
+        .sum();
+    assert!(
+        total > 0 && leaking * 10 >= total * 8,
+        "leaking stacks {leaking} of {total} bytes: {stacks:?}"
+    );
 }
 
 /// Test that a warm-up to 300 MB followed by a flat line, and a sawtooth
