@@ -35,6 +35,16 @@ pub enum BpfError {
     MissingMap(&'static str),
 }
 
+/// Takes map `name` out of `ebpf` as a `T` (each part of the agent owns
+/// the maps it takes).
+pub fn take_map<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
+    ebpf: &mut aya::Ebpf,
+    name: &'static str,
+) -> Result<T, BpfError> {
+    let map = ebpf.take_map(name).ok_or(BpfError::MissingMap(name))?;
+    T::try_from(map).map_err(|source| BpfError::Map { name, source })
+}
+
 /// Ring buffer of DWARF samples when a target needs it: ~0.5 s of 16 KiB
 /// samples at 999 Hz from one busy thread. A page otherwise.
 pub const STACK_RING_BYTES: u32 = 8 << 20;

@@ -91,9 +91,7 @@ impl CrashTracer {
     /// (a missing tracepoint or field turns off only its part, warned once).
     pub fn attach(ebpf: &mut Ebpf) -> Result<Self, CrashError> {
         crate::tcp::attach::ensure_tracefs().map_err(|e| CrashError::Tracefs(e.to_string()))?;
-        let name = "CRASH_EVENTS";
-        let map = ebpf.take_map(name).ok_or(BpfError::MissingMap(name))?;
-        let events = RingBuf::try_from(map).map_err(|source| BpfError::Map { name, source })?;
+        let events: RingBuf<_> = crate::bpf::take_map(ebpf, "CRASH_EVENTS")?;
         let mut attached = Vec::new();
         for (prog, category, tracepoint, feature) in PROGRAMS {
             if let Some(why) = layouts().missing(feature) {

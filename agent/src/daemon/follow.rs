@@ -88,29 +88,28 @@ impl Daemon {
     fn follow_group(&mut self, g: usize) {
         let members = self.members(g);
         let leader = members[0];
-        let any_gone = members
+        let dead: Vec<usize> = members
             .iter()
-            .any(|&i| self.watched[i].process.as_ref().is_some_and(|p| !p.is_alive()));
-        if any_gone {
+            .copied()
+            .filter(|&i| self.watched[i].process.as_ref().is_some_and(|p| !p.is_alive()))
+            .collect();
+        if !dead.is_empty() {
             // A crash of the process is reported before its history goes.
             self.crashes();
         }
         let mut lost = Vec::new();
-        for &i in &members {
-            let Some(p) = self.watched[i].process.clone() else {
+        for i in dead {
+            let Some(p) = self.watched[i].process.take() else {
                 continue;
             };
-            if !p.is_alive() {
-                if p.pid_reused() {
-                    info!(
-                        pid = p.pid,
-                        "pid {} of {} now belongs to a later process", p.pid, p.comm
-                    );
-                }
-                self.watched[i].process = None;
-                self.forget_process(i, &p);
-                lost.push(p);
+            if p.pid_reused() {
+                info!(
+                    pid = p.pid,
+                    "pid {} of {} now belongs to a later process", p.pid, p.comm
+                );
             }
+            self.forget_process(i, &p);
+            lost.push(p);
         }
         let known: Vec<u32> = members
             .iter()

@@ -106,7 +106,8 @@ struct Inner {
 #[derive(Debug)]
 pub struct Dashboard {
     inner: Mutex<Inner>,
-    events: broadcast::Sender<String>,
+    /// Events as (kind, JSON text): the kind names the SSE event.
+    events: broadcast::Sender<(&'static str, String)>,
     asks: mpsc::Sender<ProfileAsk>,
     /// The daemon's output folder (past sessions' files).
     pub output: PathBuf,
@@ -140,11 +141,10 @@ impl Dashboard {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn send(&self, kind: &str, data: serde_json::Value) {
+    fn send(&self, kind: &'static str, data: serde_json::Value) {
         // No browser connected is not an error.
-        let _ = self
-            .events
-            .send(serde_json::json!({ "type": kind, "data": data }).to_string());
+        let text = serde_json::json!({ "type": kind, "data": data }).to_string();
+        let _ = self.events.send((kind, text));
     }
 
     /// The rules of `target`, drawn on its charts.
@@ -284,7 +284,7 @@ impl Dashboard {
     }
 
     /// A receiver of the event stream.
-    pub fn subscribe(&self) -> broadcast::Receiver<String> {
+    pub fn subscribe(&self) -> broadcast::Receiver<(&'static str, String)> {
         self.events.subscribe()
     }
 
@@ -359,7 +359,7 @@ mod tests {
         assert_eq!(pids.len(), 2);
         assert_eq!(pids[1]["metrics"]["cpu_pct"].as_f64(), Some(97.3));
         assert_eq!(pids[1]["firing"][0]["rule"], "cpu_high");
-        assert!(events.try_recv().unwrap().contains("\"type\":\"alert\""));
+        assert!(events.try_recv().unwrap().1.contains("\"type\":\"alert\""));
         d.alert(&AlertRecord::new(Status::Resolved, target, &rule, &f));
         assert!(d.targets_json()["targets"][0]["pids"][1]["firing"]
             .as_array()

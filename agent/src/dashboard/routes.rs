@@ -250,11 +250,7 @@ async fn events(State(d): State<Arc<Dashboard>>) -> Response {
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
         loop {
             match rx.recv().await {
-                Ok(text) => {
-                    let kind = serde_json::from_str::<serde_json::Value>(&text)
-                        .ok()
-                        .and_then(|v| v["type"].as_str().map(str::to_owned))
-                        .unwrap_or_else(|| "message".into());
+                Ok((kind, text)) => {
                     return Some((Ok::<_, Infallible>(Event::default().event(kind).data(text)), rx));
                 }
                 // A slow browser skips what it missed.

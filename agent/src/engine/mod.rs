@@ -1178,14 +1178,8 @@ fn prog_stats(ebpf: &Ebpf, name: &str) -> ProgStats {
 /// Starts the thread that unwinds DWARF samples and joins off-CPU begins
 /// with their ends, for the engine's life.
 fn start_consumer(ebpf: &mut Ebpf, min_block_ns: u64) -> Result<Consumer, EngineError> {
-    let ring = |ebpf: &mut Ebpf,
-                name: &'static str|
-     -> Result<aya::maps::RingBuf<aya::maps::MapData>, EngineError> {
-        let map = ebpf.take_map(name).ok_or(bpf::BpfError::MissingMap(name))?;
-        Ok(aya::maps::RingBuf::try_from(map).map_err(|source| bpf::BpfError::Map { name, source })?)
-    };
-    let samples = ring(ebpf, "STACK_SAMPLES")?;
-    let ends = ring(ebpf, "OFFCPU_ENDS")?;
+    let samples = bpf::take_map(ebpf, "STACK_SAMPLES")?;
+    let ends = bpf::take_map(ebpf, "OFFCPU_ENDS")?;
     Consumer::start(samples, Some(ends), min_block_ns).map_err(EngineError::Unwinder)
 }
 

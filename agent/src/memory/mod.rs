@@ -136,12 +136,12 @@ fn map_err(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> MemError {
     move |source| MemError::Map { map, source }
 }
 
+/// Takes map `name` out of `ebpf` (see [`crate::bpf::take_map`]).
 fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
     ebpf: &mut Ebpf,
     name: &'static str,
 ) -> Result<T, MemError> {
-    let map = ebpf.take_map(name).ok_or(BpfError::MissingMap(name))?;
-    T::try_from(map).map_err(|source| BpfError::Map { name, source }.into())
+    Ok(crate::bpf::take_map(ebpf, name)?)
 }
 
 fn prog_err(name: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> MemError {

@@ -217,12 +217,12 @@ fn detach(ebpf: &mut Ebpf, links: Vec<(&'static str, UProbeLinkId)>) {
     }
 }
 
+/// Takes map `name` out of `ebpf` (see [`crate::bpf::take_map`]).
 fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
     ebpf: &mut Ebpf,
     name: &'static str,
 ) -> Result<T, ProbeError> {
-    let map = ebpf.take_map(name).ok_or(BpfError::MissingMap(name))?;
-    Ok(T::try_from(map).map_err(|source| BpfError::Map { name, source })?)
+    Ok(crate::bpf::take_map(ebpf, name)?)
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> ProbeError {

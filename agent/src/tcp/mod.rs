@@ -101,12 +101,12 @@ fn map_err(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> TcpError {
     move |source| TcpError::Map { map, source }
 }
 
+/// Takes map `name` out of `ebpf` (see [`crate::bpf::take_map`]).
 fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
     ebpf: &mut Ebpf,
     name: &'static str,
 ) -> Result<T, TcpError> {
-    let map = ebpf.take_map(name).ok_or(BpfError::MissingMap(name))?;
-    T::try_from(map).map_err(|source| BpfError::Map { name, source }.into())
+    Ok(crate::bpf::take_map(ebpf, name)?)
 }
 
 /// Tracker settings.
