@@ -220,6 +220,8 @@ pub struct ProcStat {
     pub stime: u64,
     /// Start time in clock ticks after boot (field 22).
     pub start_time: u64,
+    /// CPU it last ran on (field 39; 0 if the kernel does not show it).
+    pub processor: u32,
 }
 
 impl ProcStat {
@@ -250,6 +252,7 @@ impl ProcStat {
             utime: field(14)?,
             stime: field(15)?,
             start_time: field(22)?,
+            processor: field(39).unwrap_or(0) as u32,
         })
     }
 }

@@ -395,7 +395,11 @@ pub fn still_blocked(
 ) -> Vec<StillBlocked> {
     let (session_start_mono_ns, now_mono_ns) = clock;
     let mut out = Vec::new();
-    for p in tracer.pending(pids) {
+    let pending = tracer.pending(pids);
+    // Threads the kernel saw leave the CPU: their block is known, however
+    // short so far; the /proc estimate below is only for the others.
+    let traced: std::collections::HashSet<u32> = pending.iter().map(|p| p.tid).collect();
+    for p in pending {
         // A thread that exited left the CPU one last time and never came back.
         let Ok(stat) =
             crate::target::ProcStat::read_path(&format!("/proc/{}/task/{}/stat", p.start.tgid, p.tid))
@@ -452,7 +456,7 @@ pub fn still_blocked(
     for &pid in pids {
         for b in blocked::snapshot(pid, window) {
             let idle_ns = b.idle_ms.map_or(0, |ms| (ms * 1e6) as u64);
-            if out.iter().any(|o| o.tid == b.tid) || idle_ns < 1_000_000_000 {
+            if traced.contains(&b.tid) || idle_ns < 1_000_000_000 {
                 continue;
             }
             let key = RawSampleKey {
