@@ -184,6 +184,10 @@ pub struct Reply {
     /// The files written (svg, folded, json for each target).
     #[serde(default)]
     pub files: Vec<String>,
+    /// The target's latest healthy baseline (folded) when the profile was
+    /// taken, if it has one: what a differential compares against.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline: Option<String>,
 }
 
 /// A request and where to send its reply.

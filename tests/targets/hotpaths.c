@@ -1,16 +1,20 @@
 /* Two hot paths in a known CPU ratio, for end-to-end profiler tests.
  *
  *   hotpaths [--ratio A:B] [--shared-leaf] [--seconds N] [--threads N]
- *            [--late-threads N --late-after S]
+ *            [--late-threads N --late-after S] [--measure FILE]
  *
  * main -> path_a -> hot_a burns A units of work for every B units burnt by
  * main -> path_b -> hot_b. With --shared-leaf both paths reach one leaf,
  * `shared_leaf`, so only a full stack (the caller) tells them apart: the
  * case that frame-pointer-less (-O2) unwinding gets wrong. --late-threads
  * starts more workers (named "late-worker") S seconds after start: a
- * profiler attached before then must still see them.
+ * profiler attached before then must still see them. --measure keeps, in
+ * FILE, the first worker's own CPU time in hot_a and in hot_b (thread CPU
+ * clock around each call, ns, rewritten after every round): the split a
+ * profile should show, as this machine (or an emulator) really ran it.
  */
 #define _GNU_SOURCE
+#include <fcntl.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -57,6 +61,29 @@ NOINLINE void path_b(void) {
 }
 
 static double seconds_limit = 0;
+static int measure_fd = -1;
+static unsigned long long measured[2];
+
+static unsigned long long thread_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return (unsigned long long)ts.tv_sec * 1000000000ULL + ts.tv_nsec;
+}
+
+/* One round, timed: each path's thread CPU time added to measured[]. */
+static void measured_round(void) {
+    unsigned long long t0 = thread_ns();
+    path_a();
+    unsigned long long t1 = thread_ns();
+    path_b();
+    unsigned long long t2 = thread_ns();
+    measured[0] += t1 - t0;
+    measured[1] += t2 - t1;
+    char line[64];
+    int n = snprintf(line, sizeof line, "%20llu %20llu\n", measured[0], measured[1]);
+    if (pwrite(measure_fd, line, (size_t)n, 0) != n)
+        perror("hotpaths: --measure");
+}
 
 static double now(void) {
     struct timespec ts;
@@ -64,12 +91,17 @@ static double now(void) {
     return ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
+/* arg: non-NULL for the first worker, the one --measure times. */
 static void *worker(void *arg) {
-    (void)arg;
+    int timed = arg != NULL && measure_fd >= 0;
     double start = now();
     for (;;) {
-        path_a();
-        path_b();
+        if (timed) {
+            measured_round();
+        } else {
+            path_a();
+            path_b();
+        }
         if (seconds_limit > 0 && now() - start >= seconds_limit)
             break;
     }
@@ -107,9 +139,15 @@ int main(int argc, char **argv) {
             late[0] = atof(argv[++i]);
         } else if (!strcmp(argv[i], "--late-after") && i + 1 < argc) {
             late[1] = atof(argv[++i]);
+        } else if (!strcmp(argv[i], "--measure") && i + 1 < argc) {
+            measure_fd = open(argv[++i], O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+            if (measure_fd < 0) {
+                perror("hotpaths: --measure");
+                return 2;
+            }
         } else {
             fprintf(stderr, "usage: hotpaths [--ratio A:B] [--shared-leaf] [--seconds N] [--threads N]"
-                            " [--late-threads N --late-after S]\n");
+                            " [--late-threads N --late-after S] [--measure FILE]\n");
             return 2;
         }
     }
@@ -126,7 +164,8 @@ int main(int argc, char **argv) {
         pthread_create(&starter, NULL, late_starter, late);
         pthread_detach(starter);
     }
-    worker(NULL);
+    static int first;
+    worker(&first);
     for (int t = 1; t < threads; t++)
         pthread_join(tids[t], NULL);
     return 0;

@@ -231,6 +231,40 @@ fn dashboard_api() {
         .contains("flamewatch_target_cpu_percent"));
 }
 
+/// Test that the live window's differential wants a healthy baseline (404
+/// and why, in one line, before there is one), and that once a window taken
+/// while nothing fires is one, the next window's differential is drawn.
+#[test]
+fn dashboard_differential() {
+    if !privileged("dashboard_differential") {
+        return;
+    }
+    let _turn = cpu_bound_turn();
+    let dir = output_dir();
+    let target = hotpaths();
+    let (_d, addr) = daemon(dir.path(), target.pid(), "");
+    std::thread::sleep(Duration::from_secs(3));
+    let diff = "/api/profile?target=hotpaths-fp&since=20s&format=diff";
+    let none = get(&addr, diff, &[]);
+    assert_eq!(none.status, 404, "{}", none.text());
+    assert!(
+        none.text().contains("no healthy baseline") && none.text().trim().lines().count() == 1,
+        "{}",
+        none.text()
+    );
+    // That window, taken while nothing fired, is the baseline now.
+    let svg = get(&addr, diff, &[]);
+    assert_eq!(svg.status, 200, "{}", svg.text());
+    assert_eq!(svg.header("content-type").as_deref(), Some("image/svg+xml"));
+    assert!(
+        svg.text()
+            .contains("differential: the window vs the healthy baseline")
+            && svg.text().contains("hot_a"),
+        "{}",
+        svg.text()
+    );
+}
+
 /// Test that serving beyond loopback without a token is refused (exit 2,
 /// one line), and that with one every route wants it: as a bearer header,
 /// or once in the page's URL, which sets a cookie.

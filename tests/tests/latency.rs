@@ -194,9 +194,16 @@ fn frame_latency_matches_own_measurement() {
         .map(|(_, n)| n)
         .sum();
     assert!(total >= 20, "slow-call samples: {total}");
+    // Under emulation (the kernel matrix's guests without KVM) a late frame
+    // also waits in emulated page faults and clock reads outside the step.
+    let want = if std::env::var_os("FLAMEWATCH_TEST_SLOW").is_some() {
+        0.6
+    } else {
+        0.8
+    };
     assert!(
-        slow as f64 >= 0.8 * total as f64,
-        "physics_step {slow} of {total}: {stacks:?}"
+        slow as f64 >= want * total as f64,
+        "physics_step {slow} of {total} (want {want}): {stacks:?}"
     );
 }
 

@@ -212,11 +212,12 @@ fn test(extra: &[String]) -> Result<()> {
         // the suite.
         eprintln!("xtask: the demo, end to end");
         demo()?;
-        // The kernel matrix (`cargo xtask matrix`) is not part of the suite
-        // yet: under qemu without KVM its timing- and share-sensitive smoke
-        // tests fail one run in two (a 60:40 DWARF split, an emergency
-        // profile led by the guest's own kernel copies); see issue 19.
-        if std::env::var_os("FLAMEWATCH_MATRIX").is_some() {
+        // The kernel matrix: the smoke on Debian 12's 6.1 and 6.12 under
+        // qemu, and on this kernel. FLAMEWATCH_NO_MATRIX skips it on a
+        // developer's machine, never under CI.
+        if std::env::var_os("FLAMEWATCH_NO_MATRIX").is_some() && std::env::var_os("CI").is_none() {
+            eprintln!("xtask: the kernel matrix: SKIPPED (FLAMEWATCH_NO_MATRIX)");
+        } else {
             eprintln!("xtask: the kernel matrix");
             matrix::matrix()?;
         }

@@ -20,7 +20,9 @@ pub const KERNELS: &[&str] = &["6.1.0-57-amd64", "6.12.107+deb12-amd64"];
 
 /// The smoke: (test binary, test name). Frame-pointer and DWARF record
 /// splits, TIME_WAIT attribution against `ss`, a thread blocked in a mutex
-/// found off CPU, and a busy-loop alert with its emergency profile.
+/// found off CPU, a busy-loop alert with its emergency profile, memory
+/// growth and heap profiles, and a latency probe against the fixture's own
+/// frame times.
 const SMOKE: &[(&str, &str)] = &[
     ("kernels", "doctor_on_this_kernel"),
     ("kernels", "two_to_one_frame_pointers"),
@@ -28,6 +30,9 @@ const SMOKE: &[(&str, &str)] = &[
     ("tcp", "tcp_counts_200_server_closes"),
     ("offcpu", "mutex_blocked_thread_found"),
     ("watch", "busy_loop_alert_and_emergency_profile"),
+    ("memory", "memory_mode_names_the_keeper"),
+    ("memory", "heap_mode_inuse_names_the_keeper"),
+    ("latency", "frame_latency_matches_own_measurement"),
 ];
 
 /// Runs the smoke on every kernel of the matrix; fails if any test fails
@@ -129,8 +134,13 @@ fn boot(release: &str, script: &str) -> Result<()> {
     // The console to a file, stdin closed: with a pipe for the console the
     // guest stalled (qemu idle for minutes); with a file it boots in seconds.
     let console = target_dir().join("tmp").join(format!("matrix-{release}.console"));
+    // The TSC as clock source: qemu's emulated TSC follows the host's clock,
+    // while the default it picks under TCG, the HPET, turns every
+    // clock_gettime into a trapped MMIO read (the latency fixture's frames
+    // then spent most of their time reading the clock).
     let status = Command::new("vng")
-        .args(["--disable-kvm", "--cpus", "2", "--memory", "2G", "-r"])
+        .args(["--disable-kvm", "--cpus", "2", "--memory", "2G"])
+        .args(["--append", "clocksource=tsc tsc=reliable", "-r"])
         .arg(&kernel)
         .arg("--rwdir")
         .arg(target_dir().join("tmp"))

@@ -243,7 +243,8 @@ function openProfile() {
   status.textContent = "profiling the " + since + " before now…";
   const frame = document.getElementById("flamegraph");
   frame.onload = () => { status.textContent = ""; };
-  frame.src = "/api/profile?" + q + "&format=svg";
+  const diff = document.getElementById("profile-diff").checked;
+  frame.src = "/api/profile?" + q + "&format=" + (diff ? "diff" : "svg");
 }
 
 function onEvent(kind, data) {

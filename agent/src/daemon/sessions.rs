@@ -596,6 +596,8 @@ impl Daemon {
         }
         let w = &mut self.watched[done.target];
         let firing = w.states.values().any(AlertState::is_firing);
+        // Before this profile may become the baseline itself.
+        let baseline = w.baseline.as_ref().map(|b| b.display().to_string());
         match done.kind {
             SessionKind::Scheduled => w.baseline = Some(PathBuf::from(&report.summary.files.folded)),
             // A profile taken while nothing fires shows the healthy target:
@@ -629,6 +631,7 @@ impl Daemon {
                 ok: true,
                 error: None,
                 files,
+                baseline,
             });
         }
     }

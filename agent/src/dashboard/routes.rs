@@ -272,14 +272,20 @@ struct ProfileQuery {
 
 /// A profile of the last `since` of a target from the flight recorder:
 /// `svg` (default), `folded`, `pprof` (gzipped protobuf, what `go tool
-/// pprof http://…` reads) or `json` (the summary).
+/// pprof http://…` reads), `json` (the summary) or `diff` (the
+/// differential flamegraph against the target's latest healthy baseline).
 async fn profile(State(d): State<Arc<Dashboard>>, Query(q): Query<ProfileQuery>) -> Response {
+    let diff = q.format.as_deref() == Some("diff");
     let (ext, content_type) = match q.format.as_deref().unwrap_or("svg") {
         "svg" => ("svg", "image/svg+xml"),
-        "folded" => ("folded", "text/plain; charset=utf-8"),
+        "folded" | "diff" => ("folded", "text/plain; charset=utf-8"),
         "pprof" => ("pb.gz", "application/octet-stream"),
         "json" => ("json", "application/json"),
-        other => return bad_request(format!("format = {other:?}: want svg, folded, pprof or json")),
+        other => {
+            return bad_request(format!(
+                "format = {other:?}: want svg, folded, pprof, json or diff"
+            ))
+        }
     };
     if q.target.is_none() && q.pid.is_none() {
         return bad_request("give target=NAME or pid=PID");
@@ -310,10 +316,46 @@ async fn profile(State(d): State<Arc<Dashboard>>, Query(q): Query<ProfileQuery>)
         return (StatusCode::NOT_FOUND, format!("the profile has no {ext} file\n")).into_response();
     };
     let path = std::path::PathBuf::from(path);
+    if diff {
+        let Some(baseline) = reply.baseline.map(std::path::PathBuf::from) else {
+            return (
+                StatusCode::NOT_FOUND,
+                "no healthy baseline of this target yet (a scheduled profile, or one taken while nothing fired)\n",
+            )
+                .into_response();
+        };
+        return match tokio::task::spawn_blocking(move || differential(&baseline, &path)).await {
+            Ok(Some(svg)) => profile_response("image/svg+xml", "svg", svg),
+            _ => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "cannot render the differential\n",
+            )
+                .into_response(),
+        };
+    }
     match tokio::task::spawn_blocking(move || read_file(&path)).await {
         Ok(Ok(bytes)) => profile_response(content_type, ext, bytes),
         _ => (StatusCode::INTERNAL_SERVER_ERROR, "cannot read the profile\n").into_response(),
     }
+}
+
+/// The differential flamegraph of the window `after` (folded) against the
+/// baseline `before`, normalized to each profile's total; not written to
+/// the output folder (the window's own files are). None if either file
+/// cannot be read or the picture cannot be drawn.
+fn differential(before: &Path, after: &Path) -> Option<Vec<u8>> {
+    let text = |p: &Path| String::from_utf8(read_file(p).ok()?).ok();
+    let (b, a) = (text(before)?, text(after)?);
+    let name = before
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let title = crate::render::flamegraph::Title {
+        title: "differential: the window vs the healthy baseline".into(),
+        subtitle: format!("red grew, blue shrank (normalized to each profile's total); baseline {name}"),
+        count_name: "samples".into(),
+    };
+    crate::render::flamegraph::render_diff(&b, &a, &title).ok()
 }
 
 fn profile_response(content_type: &'static str, ext: &str, bytes: Vec<u8>) -> Response {
