@@ -310,6 +310,18 @@ pub fn read_folded(path: &Path) -> Vec<(Vec<String>, u64)> {
         .collect()
 }
 
+/// Percent of the samples of folded `stacks` with a frame named `function`
+/// (its total share, whether or not `top_functions` lists it).
+pub fn share_through(stacks: &[(Vec<String>, u64)], function: &str) -> f64 {
+    let total: u64 = stacks.iter().map(|(_, n)| n).sum();
+    let with: u64 = stacks
+        .iter()
+        .filter(|(s, _)| s.iter().any(|f| f == function))
+        .map(|(_, n)| n)
+        .sum();
+    100.0 * with as f64 / total.max(1) as f64
+}
+
 /// Ids of BPF programs loaded in the kernel whose name starts with
 /// `flamewatch` (the kernel keeps 15 characters of a name).
 pub fn loaded_flamewatch_programs() -> Vec<u32> {

@@ -6,17 +6,6 @@ use std::{path::Path, process::Command};
 
 use flamewatch_e2e::*;
 
-/// Share (percent) of the samples whose stack contains `frame`.
-fn share_with(stacks: &[(Vec<String>, u64)], frame: &str) -> f64 {
-    let total: u64 = stacks.iter().map(|(_, n)| n).sum();
-    let with: u64 = stacks
-        .iter()
-        .filter(|(s, _)| s.iter().any(|f| f == frame))
-        .map(|(_, n)| n)
-        .sum();
-    100.0 * with as f64 / total.max(1) as f64
-}
-
 /// Share (percent) of the samples in which `caller` is over a frame for
 /// which `callee` holds (through `leaf_once`, inlined into the callers).
 fn share_calling(stacks: &[(Vec<String>, u64)], caller: &str, callee: impl Fn(&str) -> bool) -> f64 {
@@ -93,7 +82,7 @@ fn callers_split_2_to_1(mode: &str, extra: &[&str], is_leaf: impl Fn(&str) -> bo
     assert_eq!(u["mode"], "fp", "{u:#}");
     let (svg, pb) = (file_with(&r, ".svg"), file_with(&r, ".pb.gz"));
     for (caller, want) in [("alpha_work", 200.0 / 3.0), ("beta_work", 100.0 / 3.0)] {
-        let folded = share_with(&r.stacks, caller);
+        let folded = share_through(&r.stacks, caller);
         let over_leaf = share_calling(&r.stacks, caller, &is_leaf);
         let flame = svg_share(&svg, caller);
         let pprof = pprof_cum(&pb, caller);

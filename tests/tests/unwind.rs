@@ -5,17 +5,6 @@ use std::process::Command;
 
 use flamewatch_e2e::*;
 
-/// Share (percent) of the samples whose stack contains `frame`.
-fn share_with(stacks: &[(Vec<String>, u64)], frame: &str) -> f64 {
-    let total: u64 = stacks.iter().map(|(_, n)| n).sum();
-    let with: u64 = stacks
-        .iter()
-        .filter(|(s, _)| s.iter().any(|f| f == frame))
-        .map(|(_, n)| n)
-        .sum();
-    100.0 * with as f64 / total.max(1) as f64
-}
-
 fn shared_leaf_target() -> TestProcess {
     // The production-like build: -O2, no frame pointers.
     let mut cmd = Command::new(target_bin("hotpaths"));
@@ -37,15 +26,15 @@ fn dwarf_recovers_callers() {
     assert_eq!(u["mode"], "dwarf", "{u:#}");
     assert_eq!(u["requested"], "auto");
     assert_eq!(u["executable"]["frame_pointers"], false, "{u:#}");
-    let a = share_with(&r.stacks, "path_a");
-    let b = share_with(&r.stacks, "path_b");
+    let a = share_through(&r.stacks, "path_a");
+    let b = share_through(&r.stacks, "path_b");
     assert!(
         (a - 75.0).abs() <= 5.0 && (b - 25.0).abs() <= 5.0,
         "path_a {a}%, path_b {b}%\n{:?}",
         r.stacks
     );
     assert!(
-        share_with(&r.stacks, "main") >= 95.0,
+        share_through(&r.stacks, "main") >= 95.0,
         "callers down to main: {:?}",
         r.stacks
     );
@@ -67,8 +56,8 @@ fn frame_pointers_lose_callers() {
     let r = record(target.pid(), &["--duration", "3s", "--unwind", "fp"]);
     let u = &r.summary["sampling"]["unwind"];
     assert_eq!(u["mode"], "fp");
-    let a = share_with(&r.stacks, "path_a");
-    let main = share_with(&r.stacks, "main");
+    let a = share_through(&r.stacks, "path_a");
+    let main = share_through(&r.stacks, "main");
     assert!(
         main < 20.0,
         "fp unwinding should not reach main here: path_a {a}%, main {main}%"
@@ -93,8 +82,8 @@ fn python_reaches_py_runmain() {
     let target = TestProcess::spawn_ready(cmd);
     let r = record(target.pid(), &["--duration", "4s", "--freq", "199"]);
     assert_eq!(r.summary["sampling"]["unwind"]["mode"], "dwarf");
-    let runmain = share_with(&r.stacks, "Py_RunMain");
-    let eval = share_with(&r.stacks, "_PyEval_EvalFrameDefault");
+    let runmain = share_through(&r.stacks, "Py_RunMain");
+    let eval = share_through(&r.stacks, "_PyEval_EvalFrameDefault");
     assert!(runmain >= 90.0, "Py_RunMain in {runmain}% of samples");
     assert!(eval >= 90.0, "interpreter loop in {eval}% of samples");
 }
@@ -114,7 +103,7 @@ fn small_window_truncates_visibly() {
     let u = &r.summary["sampling"]["unwind"];
     let truncated = u["truncated_window"].as_u64().unwrap();
     assert!(truncated * 2 > u["dwarf_samples"].as_u64().unwrap(), "{u:#}");
-    assert!(share_with(&r.stacks, "[truncated stack]") > 50.0);
+    assert!(share_through(&r.stacks, "[truncated stack]") > 50.0);
     assert!(
         self_pct(&r.summary, "shared_leaf") > 90.0,
         "partial stacks still counted"
@@ -135,7 +124,7 @@ fn game_server_full_stacks() {
     let target = TestProcess::spawn_ready(cmd);
     let r = record(target.pid(), &["--duration", "4s", "--freq", "499"]);
     assert_eq!(r.summary["sampling"]["unwind"]["mode"], "dwarf");
-    let main = share_with(&r.stacks, "main");
+    let main = share_through(&r.stacks, "main");
     assert!(
         main >= 95.0,
         "main in {main}% of samples\n{:?}",
@@ -260,8 +249,8 @@ fn auto_check_switches_a_decoy_to_dwarf() {
         before_switch <= 1600,
         "{before_switch} frame-pointer samples\n{stacks:?}"
     );
-    let whole = share_with(&stacks, "hot_outer");
-    let main = share_with(&stacks, "main");
+    let whole = share_through(&stacks, "hot_outer");
+    let main = share_through(&stacks, "main");
     assert!(
         whole >= 50.0 && main >= 50.0,
         "hot_outer {whole:.1} %, main {main:.1} %\n{stacks:?}"
@@ -271,7 +260,7 @@ fn auto_check_switches_a_decoy_to_dwarf() {
         &["--duration", "2s", "--freq", "999", "--unwind", "fp"],
     );
     assert!(
-        share_with(&fp.stacks, "hot_outer") < 10.0,
+        share_through(&fp.stacks, "hot_outer") < 10.0,
         "frame pointers lose hot_outer: {:?}",
         fp.stacks
     );

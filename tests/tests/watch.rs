@@ -182,16 +182,17 @@ fn busy_loop_alert_and_emergency_profile() {
     .expect("emergency profile linked");
     let summary = read_json(Path::new(profile["profile"]["json"].as_str().unwrap()));
     assert_eq!(summary["session"]["kind"], "emergency");
-    assert!(
-        total_pct(&summary, "accept_loop") > 60.0,
-        "{:#}",
-        summary["top_functions"]
-    );
-    assert!(
-        total_pct(&summary, "__GI___select") > 60.0,
-        "{:#}",
-        summary["top_functions"]
-    );
+    // From the stacks: under emulation the guest kernel's many functions
+    // can push accept_loop (little self time) out of top_functions.
+    let stacks = read_folded(Path::new(summary["files"]["folded"].as_str().unwrap()));
+    for f in ["accept_loop", "__GI___select"] {
+        assert!(
+            share_through(&stacks, f) > 60.0,
+            "{f}: {:.1} %; {:#}",
+            share_through(&stacks, f),
+            summary["top_functions"]
+        );
+    }
     assert!(Path::new(profile["profile"]["svg"].as_str().unwrap()).exists());
 }
 

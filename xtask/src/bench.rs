@@ -18,6 +18,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 
 mod attach;
+mod dashboard;
 mod heap;
 mod probes;
 mod tcp;
@@ -111,6 +112,7 @@ pub fn run(which: &str, rounds: usize, seconds: f64, agent: &Path, targets: &Pat
     match which {
         "attach" => return attach::run(rounds, agent, targets),
         "heap" => return heap::run(rounds, seconds, agent, targets),
+        "dashboard" => return dashboard::run(rounds, seconds, agent, targets),
         "probes" => return probes::run(rounds, seconds, agent, targets),
         // `--seconds` is the soak's length here (30 min by default).
         "soak" => return attach::soak(if seconds > 60.0 { seconds / 60.0 } else { 30.0 }, agent, targets),

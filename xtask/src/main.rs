@@ -49,8 +49,9 @@ enum Task {
         /// `heap` (a malloc loop under heap mode vs every-call tracing, and a
         /// non-target beside it), `probes` (latency uprobes: per-call cost,
         /// throughput at 1 000 and 100 000 calls/s with the governor's
-        /// decision, other processes untouched).
-        #[arg(value_parser = ["overhead", "unwind", "offcpu", "tcp", "attach", "soak", "heap", "probes"])]
+        /// decision, other processes untouched), `dashboard` (the daemon's CPU
+        /// with a dashboard open and streaming, against none).
+        #[arg(value_parser = ["overhead", "unwind", "offcpu", "tcp", "attach", "soak", "heap", "probes", "dashboard"])]
         which: String,
         /// Interleaved rounds (medians are reported).
         #[arg(long, default_value_t = 5)]
