@@ -89,6 +89,13 @@ pub mod sample_flags {
     /// With `FP_CHECK`: the target's leaf fix-up is off, so no leaf word is
     /// kept (the check compares what the profile gets).
     pub const NO_LEAF_WORD: u32 = 1 << 5;
+    /// Not a CPU sample: a memory event of a DWARF target (a new anonymous
+    /// page, or with [`MEM_EXTEND`] a brk/mmap extension). `period_ns`
+    /// carries its weight in bytes, `_pad` how many events it stands for
+    /// (pages, or 1 for an extension; N under 1-in-N sampling).
+    pub const MEMORY: u32 = 1 << 6;
+    /// With [`MEMORY`]: a brk/mmap extension rather than a page fault.
+    pub const MEM_EXTEND: u32 = 1 << 7;
     /// Taken while the thread's probed call had run past its budget (a
     /// slow-call sample: it counts in the slow-call profile too).
     pub const SLOW: u32 = 1 << 8;

@@ -931,6 +931,8 @@ fn add(mut a: MemStats, s: &MemStats) -> MemStats {
     a.live_full += s.live_full;
     a.returns += s.returns;
     a.heap_prog_ns += s.heap_prog_ns;
+    a.dwarf_copies += s.dwarf_copies;
+    a.dwarf_lost += s.dwarf_lost;
     a
 }
 
@@ -951,6 +953,8 @@ pub fn since(a: &MemStats, b: &MemStats) -> MemStats {
         live_full: a.live_full.saturating_sub(b.live_full),
         returns: a.returns.saturating_sub(b.returns),
         heap_prog_ns: a.heap_prog_ns.saturating_sub(b.heap_prog_ns),
+        dwarf_copies: a.dwarf_copies.saturating_sub(b.dwarf_copies),
+        dwarf_lost: a.dwarf_lost.saturating_sub(b.dwarf_lost),
     }
 }
 
