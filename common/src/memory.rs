@@ -175,8 +175,9 @@ pub struct HeapLive {
     pub user_stack_id: i32,
     /// Thread that allocated it.
     pub tid: u32,
-    /// Explicit padding.
-    pub _pad: u32,
+    /// `NO_STACK`, or `DWARF_STACK` when `user_stack_id` is the id of a
+    /// DWARF stack copy.
+    pub kernel_stack_id: i32,
 }
 
 /// Allocations by stack (per CPU), in `HEAP_ALLOCS`.

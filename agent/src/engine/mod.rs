@@ -650,11 +650,14 @@ impl Engine {
         if how != Drain::Tick {
             self.consumer.sync();
         }
+        // Taken first: the heap drain joins sampled allocations with the
+        // stacks the unwinder made of their copies.
+        let mut fresh = self.consumer.take();
         let mut mem = HashMap::new();
         if let Some(m) = self.memory.as_mut() {
-            cost::timed(&mut processing_ns, || mem = m.drain());
+            let stacks = std::mem::take(&mut fresh.heap_stacks);
+            cost::timed(&mut processing_ns, || mem = m.drain(stacks));
         }
-        let mut fresh = self.consumer.take();
         merge_memory_copies(&mut mem, &mut fresh);
         raw.merge(fresh.cpu);
         off_raw.merge(fresh.off);

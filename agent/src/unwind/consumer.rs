@@ -104,6 +104,9 @@ pub struct Output {
     pub mem_faults: RawProfile,
     /// Their brk/mmap extensions (`samples` calls, `period_ns` bytes).
     pub mem_extends: RawProfile,
+    /// Stacks of sampled allocations of DWARF heap targets, by (process,
+    /// id of the copy): the allocations refer to them by that id.
+    pub heap_stacks: HashMap<(u32, i32), StackSlot>,
     /// Blocks still in progress.
     pub begins: Begins,
 }
@@ -117,6 +120,7 @@ impl Output {
         self.slow.merge(std::mem::take(&mut other.slow));
         self.mem_faults.merge(std::mem::take(&mut other.mem_faults));
         self.mem_extends.merge(std::mem::take(&mut other.mem_extends));
+        self.heap_stacks.extend(other.heap_stacks.drain());
     }
 }
 
@@ -346,6 +350,11 @@ fn run(
             };
             if h.flags & sample_flags::MEMORY != 0 {
                 add_memory(&mut out, &h, key);
+                continue;
+            }
+            if h.flags & sample_flags::HEAP != 0 {
+                // `_pad` carries the allocation's stack id.
+                out.heap_stacks.insert((h.tgid, h._pad as i32), key.user);
                 continue;
             }
             let weight = Weight {
