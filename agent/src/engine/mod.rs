@@ -772,7 +772,10 @@ impl Engine {
             slot.samples += stats.samples;
             let tcp_delta = shared.tcp_events.get(&pid).copied().unwrap_or(0);
             let mem = mem_by_pid.remove(&pid).unwrap_or_default();
-            let mem_cost_ns = mem.cost_ns;
+            // The memory programs' run time (DWARF copies included) and the
+            // unwinding of the memory copies: what 1-in-N sampling steers.
+            let mem_unwind_ns = shared.unwind_ns * mem.stats.dwarf_copies / all_dwarf;
+            let mem_cost_ns = mem.cost_ns + mem_unwind_ns as f64;
             let c = cost::overhead(
                 IntervalInput {
                     target_cpu_ns: cpu_delta,
