@@ -93,7 +93,16 @@ fn dwarf_stack(ctx: &ProbeContext, stats: &mut MemStats, (tgid, tid): (u32, u32)
     let id = ((n & 0xff_ffff) << 7 | (cpu & 0x7f)) as i32;
     // SAFETY: the probe's registers are the user's.
     let regs = unsafe { &*ctx.regs };
-    match copy_stack(ctx.as_ptr(), Some(regs), tgid, tid, weight, false, sample_flags::HEAP, id as u32) {
+    match copy_stack(
+        ctx.as_ptr(),
+        Some(regs),
+        tgid,
+        tid,
+        weight,
+        false,
+        sample_flags::HEAP,
+        id as u32,
+    ) {
         Copied::Sent { .. } => {
             stats.dwarf_copies += 1;
             (id, DWARF_STACK)

@@ -29,7 +29,16 @@ fn leaking_logcaster() -> (TestProcess, TestProcess) {
     let server = TestProcess::spawn_ready(cmd);
     let mut load = Command::new(target_bin("logcaster-load"));
     load.args(["--port", &port.to_string()])
-        .args(["--connections", "2", "--rate", "200", "--search-rate", "20", "--duration", "150"])
+        .args([
+            "--connections",
+            "2",
+            "--rate",
+            "200",
+            "--search-rate",
+            "20",
+            "--duration",
+            "150",
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     (server, TestProcess::spawn(load))
@@ -102,11 +111,17 @@ fn logcaster_leak_record_names_search_logs() {
     let _serial = serial();
     let (server, _load) = leaking_logcaster();
     std::thread::sleep(Duration::from_secs(2));
-    let heap = record(server.pid(), &["--mode", "heap", "--duration", "8s", "--format", "folded,json"]);
+    let heap = record(
+        server.pid(),
+        &["--mode", "heap", "--duration", "8s", "--format", "folded,json"],
+    );
     let share = share_through(&heap.stacks, "search_logs");
     eprintln!("logcaster leak, heap mode: search_logs {share:.1} % of in-use bytes");
     assert!(share >= 70.0, "search_logs {share:.1} %: {:?}", heap.stacks);
-    let growth = record(server.pid(), &["--mode", "memory", "--duration", "6s", "--format", "folded,json"]);
+    let growth = record(
+        server.pid(),
+        &["--mode", "memory", "--duration", "6s", "--format", "folded,json"],
+    );
     let m = &growth.summary["memory"];
     assert!(m["dwarf_copies"].as_u64().unwrap_or(0) > 0, "{m:#}");
     let through = share_through(&growth.stacks, "answer_search");
@@ -115,7 +130,11 @@ fn logcaster_leak_record_names_search_logs() {
         "logcaster leak, memory mode: search_logs {share:.1} %, answer_search {through:.1} % of growth bytes; {m}"
     );
     // Without DWARF stacks the faults in libc lose their callers.
-    assert!(through >= 90.0, "answer_search {through:.1} %: {:?}", growth.stacks);
+    assert!(
+        through >= 90.0,
+        "answer_search {through:.1} %: {:?}",
+        growth.stacks
+    );
     assert!(share >= 20.0, "search_logs {share:.1} %: {:?}", growth.stacks);
 }
 
@@ -132,10 +151,15 @@ fn logcaster_leak_alert_profile_names_search_logs() {
     let _serial = serial();
     let dir = output_dir();
     let (server, _load) = leaking_logcaster();
-    let _d = watch_logcaster(dir.path(), server.pid(), "duration = \"8s\"\nmemory_mode = \"heap\"");
-    wait_alert(dir.path(), Duration::from_secs(75), "memory_growth", "firing").expect("memory_growth within 75 s");
-    let profile =
-        wait_alert(dir.path(), Duration::from_secs(40), "memory_growth", "profile").expect("the memory profile linked");
+    let _d = watch_logcaster(
+        dir.path(),
+        server.pid(),
+        "duration = \"8s\"\nmemory_mode = \"heap\"",
+    );
+    wait_alert(dir.path(), Duration::from_secs(75), "memory_growth", "firing")
+        .expect("memory_growth within 75 s");
+    let profile = wait_alert(dir.path(), Duration::from_secs(40), "memory_growth", "profile")
+        .expect("the memory profile linked");
     let json = PathBuf::from(profile["profile"]["json"].as_str().unwrap());
     let summary = read_json(&json);
     assert_eq!(summary["mode"], "heap", "{summary}");
@@ -159,13 +183,29 @@ fn game_server_leak_names_the_history_keeper() {
     let _serial = serial();
     let mut cmd = Command::new(target_bin("game-server"));
     cmd.args(["--port", &free_udp_port().to_string()])
-        .args(["--incident", "leak", "--churn", "20", "--players", "200", "--duration", "60"])
+        .args([
+            "--incident",
+            "leak",
+            "--churn",
+            "20",
+            "--players",
+            "200",
+            "--duration",
+            "60",
+        ])
         .args(["--report-every", "100"]);
     let server = TestProcess::spawn_ready(cmd);
     std::thread::sleep(Duration::from_secs(1));
-    let r = record(server.pid(), &["--mode", "memory", "--duration", "6s", "--format", "folded,json"]);
+    let r = record(
+        server.pid(),
+        &["--mode", "memory", "--duration", "6s", "--format", "folded,json"],
+    );
     let share = share_through(&r.stacks, "spawn_player(bool)");
     eprintln!("game server leak, memory mode: spawn_player {share:.1} % of growth bytes");
     assert!(share >= 70.0, "spawn_player {share:.1} %: {:?}", r.stacks);
-    assert!(total_pct(&r.summary, "spawn_player(bool)") >= 70.0, "{:#}", r.summary["top_functions"]);
+    assert!(
+        total_pct(&r.summary, "spawn_player(bool)") >= 70.0,
+        "{:#}",
+        r.summary["top_functions"]
+    );
 }

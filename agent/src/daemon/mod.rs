@@ -76,7 +76,13 @@ const DRAIN: Duration = Duration::from_secs(1);
 /// A schedule: when, how long, at what rate, next run.
 /// A schedule: when, for how long, at what rate, its next time, and the
 /// memory profile it takes instead of a CPU one.
-type Schedule = (cron::Schedule, Duration, u64, DateTime<Utc>, Option<crate::config::MemoryMode>);
+type Schedule = (
+    cron::Schedule,
+    Duration,
+    u64,
+    DateTime<Utc>,
+    Option<crate::config::MemoryMode>,
+);
 
 /// One watched process: a slot of a target group. A configured target is a
 /// group of slots, one per process of its name (the first, its leader,

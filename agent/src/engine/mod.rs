@@ -714,7 +714,10 @@ impl Engine {
         let all_samples = per.values().map(|(s, _)| s.samples).sum::<u64>().max(1);
         // Stack copies: DWARF samples, the check's copies, and memory
         // events of DWARF targets (unwound by the same thread).
-        let mem_copies: HashMap<u32, u64> = mem_by_pid.iter().map(|(p, m)| (*p, m.stats.dwarf_copies)).collect();
+        let mem_copies: HashMap<u32, u64> = mem_by_pid
+            .iter()
+            .map(|(p, m)| (*p, m.stats.dwarf_copies))
+            .collect();
         let copies = |pid: &u32, s: &TargetStats| {
             s.dwarf_samples + s.fp_checks + mem_copies.get(pid).copied().unwrap_or(0)
         };

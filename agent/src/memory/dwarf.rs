@@ -122,7 +122,11 @@ mod tests {
     #[test]
     fn prunes_to_live_stacks() {
         let mut t = DwarfStacks::new(2);
-        t.add((0..5).map(|i| ((7, i), StackSlot::Frames(vec![i as u64].into()))).collect());
+        t.add(
+            (0..5)
+                .map(|i| ((7, i), StackSlot::Frames(vec![i as u64].into())))
+                .collect(),
+        );
         assert!(t.wait_for(&key(9)));
         t.add(HashMap::from([((7, 9), StackSlot::Absent)]));
         t.prune(|| HashSet::from([(7, 1)]));
