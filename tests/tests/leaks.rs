@@ -22,10 +22,15 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 /// A leaking LogCaster (as shipped: no frame pointers) under search load,
 /// with its load generator.
 fn leaking_logcaster() -> (TestProcess, TestProcess) {
+    leaking_logcaster_after("0")
+}
+
+/// The same, leaking after `after` seconds.
+fn leaking_logcaster_after(after: &str) -> (TestProcess, TestProcess) {
     let (port, health) = (free_tcp_port(), free_tcp_port());
     let mut cmd = Command::new(target_bin("logcaster"));
     cmd.args(["--port", &port.to_string(), "--health-port", &health.to_string()])
-        .args(["--incident", "leak"]);
+        .args(["--incident", "leak", "--incident-after", after]);
     let server = TestProcess::spawn_ready(cmd);
     let mut load = Command::new(target_bin("logcaster-load"));
     load.args(["--port", &port.to_string()])
@@ -82,10 +87,15 @@ fn wait_alert(dir: &Path, timeout: Duration, rule: &str, status: &str) -> Option
 /// `flamewatch watch` of the LogCaster preset aimed at `pid`, writing into
 /// `dir`, with `emergency` settings.
 fn watch_logcaster(dir: &Path, pid: u32, emergency: &str) -> TestProcess {
+    watch_logcaster_with(dir, pid, "", emergency)
+}
+
+/// The same, with `target_extra` tables of the target (schedules).
+fn watch_logcaster_with(dir: &Path, pid: u32, target_extra: &str, emergency: &str) -> TestProcess {
     let preset = std::fs::read_to_string(workspace_root().join("configs/logcaster.toml")).unwrap();
     let config = dir.join("flamewatch.toml");
     let text = format!(
-        "output = {:?}\ncontrol_socket = {:?}\nmetrics_addr = \"off\"\n{}\n[emergency]\n{emergency}\n",
+        "output = {:?}\ncontrol_socket = {:?}\nmetrics_addr = \"off\"\n{}\n{target_extra}\n[emergency]\n{emergency}\n",
         dir.display().to_string(),
         dir.join("control.sock").display().to_string(),
         preset.replace("process = \"logcaster\"", &format!("pid = {pid}")),
@@ -207,5 +217,38 @@ fn game_server_leak_names_the_history_keeper() {
         total_pct(&r.summary, "spawn_player(bool)") >= 70.0,
         "{:#}",
         r.summary["top_functions"]
+    );
+}
+
+/// Test that a memory emergency profile gets a differential against the
+/// target's last healthy memory profile: a scheduled growth profile taken
+/// before LogCaster starts leaking.
+#[test]
+fn memory_emergency_diffs_against_a_healthy_memory_profile() {
+    if !privileged("memory_emergency_diffs_against_a_healthy_memory_profile") {
+        return;
+    }
+    let _serial = serial();
+    let dir = output_dir();
+    let (server, _load) = leaking_logcaster_after("20");
+    let schedule = "[[target.schedule]]\ncron = \"*/8 * * * * *\"\nduration = \"3s\"\nmemory = \"growth\"\n";
+    let _d = watch_logcaster_with(dir.path(), server.pid(), schedule, "duration = \"4s\"");
+    wait_alert(dir.path(), Duration::from_secs(90), "memory_growth", "firing")
+        .expect("memory_growth within 90 s");
+    let profile = wait_alert(dir.path(), Duration::from_secs(40), "memory_growth", "profile")
+        .expect("the memory profile linked");
+    let summary = read_json(Path::new(profile["profile"]["json"].as_str().unwrap()));
+    assert_eq!(summary["mode"], "memory", "{summary}");
+    let diff = profile["profile"]["diff_svg"]
+        .as_str()
+        .unwrap_or_else(|| panic!("a differential: {profile}"));
+    let svg = std::fs::read_to_string(diff).unwrap();
+    assert!(svg.contains("<svg") && svg.contains("baseline"), "{diff}");
+    // The baseline is a healthy memory profile (scheduled), not the leak.
+    let baseline = svg.split("baseline ").nth(1).unwrap_or_default();
+    assert!(
+        baseline.contains("-baseline-"),
+        "{}",
+        &baseline[..baseline.len().min(200)]
     );
 }

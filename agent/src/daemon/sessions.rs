@@ -292,7 +292,13 @@ impl Daemon {
             if let Some(id) = a.want {
                 engine.unwant(a.pid, id);
             }
-            if a.config.mode.memory().is_some() {
+            // Memory tracing stays while another session of the pid (an
+            // emergency during a scheduled baseline) still records it.
+            let others = self
+                .active
+                .iter()
+                .any(|o| o.pid == a.pid && o.config.mode.memory().is_some());
+            if a.config.mode.memory().is_some() && !others {
                 if let Err(e) = engine.want_memory(a.pid, None) {
                     warn!(pid = a.pid, "ending the memory profile: {e}");
                 }
@@ -600,8 +606,8 @@ impl Daemon {
         match done.kind {
             // A profile taken while nothing fires shows the healthy target:
             // as good a baseline as a scheduled one, and newer.
-            SessionKind::Scheduled => keep_baseline(w, &report),
-            SessionKind::OnDemand if !firing => keep_baseline(w, &report),
+            SessionKind::Scheduled => keep_baseline(w, &report, firing),
+            SessionKind::OnDemand if !firing => keep_baseline(w, &report, firing),
             SessionKind::OnDemand | SessionKind::Slow => {}
             SessionKind::Emergency => {
                 if let Some(alert) = done.alert {
@@ -638,14 +644,15 @@ impl Daemon {
     }
 }
 
-/// Keeps a healthy profile as the target's baseline of its kind: CPU
-/// profiles for CPU emergencies, memory profiles (growth or heap) for
-/// memory ones.
-fn keep_baseline(w: &mut super::Watched, report: &Report) {
+/// Keeps a scheduled or on-demand profile as the target's baseline of its
+/// kind: CPU profiles for CPU emergencies (scheduled ones even while an
+/// alert fires, as before), memory profiles (growth or heap) for memory
+/// ones, only when nothing fires (a profile of the leak is no baseline).
+fn keep_baseline(w: &mut super::Watched, report: &Report, firing: bool) {
     let folded = PathBuf::from(&report.summary.files.folded);
     match report.summary.mode.as_str() {
         "cpu" => w.baseline = Some(folded),
-        "memory" | "heap" => w.memory_baseline = Some((report.summary.mode.clone(), folded)),
+        "memory" | "heap" if !firing => w.memory_baseline = Some((report.summary.mode.clone(), folded)),
         _ => {}
     }
 }
