@@ -378,6 +378,10 @@ pub struct ScheduleConfig {
     /// Sampling ceiling.
     #[serde(default = "default_schedule_freq")]
     pub freq_hz: u64,
+    /// A memory profile instead of a CPU one (`growth` or `heap`): the
+    /// healthy baseline of memory emergencies' differentials.
+    #[serde(default)]
+    pub memory: Option<MemoryMode>,
 }
 
 fn default_schedule_duration() -> Duration {

@@ -89,6 +89,18 @@ pub mod sample_flags {
     /// With `FP_CHECK`: the target's leaf fix-up is off, so no leaf word is
     /// kept (the check compares what the profile gets).
     pub const NO_LEAF_WORD: u32 = 1 << 5;
+    /// Not a CPU sample: a memory event of a DWARF target (a new anonymous
+    /// page, or with [`MEM_EXTEND`] a brk/mmap extension). `period_ns`
+    /// carries its weight in bytes, `_pad` how many events it stands for
+    /// (pages, or 1 for an extension; N under 1-in-N sampling).
+    pub const MEMORY: u32 = 1 << 6;
+    /// With [`MEMORY`]: a brk/mmap extension rather than a page fault.
+    pub const MEM_EXTEND: u32 = 1 << 7;
+    /// Not a sample to aggregate: the stack of a sampled allocation of a
+    /// DWARF target in heap mode; `_pad` carries its id, the
+    /// `user_stack_id` of its `HEAP_ALLOCS` and `HEAP_LIVE` entries (with
+    /// `kernel_stack_id` [`super::DWARF_STACK`]).
+    pub const HEAP: u32 = 1 << 9;
     /// Taken while the thread's probed call had run past its budget (a
     /// slow-call sample: it counts in the slow-call profile too).
     pub const SLOW: u32 = 1 << 8;
@@ -186,6 +198,10 @@ pub const LEAF_WORDS: usize = 16;
 
 /// `SampleKey::kernel_stack_id` when no kernel stack was asked for.
 pub const NO_STACK: i32 = i32::MIN;
+
+/// `kernel_stack_id` of a heap record whose `user_stack_id` is the id of a
+/// DWARF stack copy ([`sample_flags::HEAP`]), not a stack map id.
+pub const DWARF_STACK: i32 = i32::MIN + 1;
 
 /// Value of the in-kernel sample aggregation (per CPU).
 #[repr(C)]

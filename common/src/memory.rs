@@ -117,6 +117,10 @@ pub struct MemStats {
     pub returns: u64,
     /// Run time of the heap programs on this target, ns.
     pub heap_prog_ns: u64,
+    /// Memory events of DWARF targets sent as stack copies.
+    pub dwarf_copies: u64,
+    /// Of those, copies lost: ring buffer full.
+    pub dwarf_lost: u64,
 }
 
 /// A sampled allocator call between its entry and return, keyed by tid.
@@ -171,8 +175,9 @@ pub struct HeapLive {
     pub user_stack_id: i32,
     /// Thread that allocated it.
     pub tid: u32,
-    /// Explicit padding.
-    pub _pad: u32,
+    /// `NO_STACK`, or `DWARF_STACK` when `user_stack_id` is the id of a
+    /// DWARF stack copy.
+    pub kernel_stack_id: i32,
 }
 
 /// Allocations by stack (per CPU), in `HEAP_ALLOCS`.
@@ -203,7 +208,7 @@ mod pod {
 const _: () = assert!(core::mem::size_of::<MemTarget>() == 8);
 const _: () = assert!(core::mem::size_of::<MemRange>() == 16);
 const _: () = assert!(core::mem::size_of::<MemLayout>() == 24);
-const _: () = assert!(core::mem::size_of::<MemStats>() == 112);
+const _: () = assert!(core::mem::size_of::<MemStats>() == 128);
 const _: () = assert!(core::mem::size_of::<HeapPending>() == 48);
 const _: () = assert!(core::mem::size_of::<HeapPtr>() == 16);
 const _: () = assert!(core::mem::size_of::<HeapLive>() == 48);

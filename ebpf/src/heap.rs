@@ -8,25 +8,35 @@
 //! `HEAP_LIVE`; free() looks the pointer up and removes it. A sampled
 //! allocation of `s` bytes stands for `s / (1 - exp(-s / mean))` bytes (the
 //! agent's `HEAP_WEIGHTS` table), which makes the estimates unbiased.
+//!
+//! The stack of a sampled call is a stack map id for a frame-pointer
+//! target; for a DWARF target it is a stack copy (`sample_flags::HEAP`,
+//! the probe's registers are the user's) with an id of its own, which the
+//! agent unwinds and joins with the allocation by that id.
 
 use aya_ebpf::{
     bindings::BPF_F_USER_STACK,
     helpers::{
-        bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_ktime_get_ns, generated::bpf_probe_read_user,
+        bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_get_smp_processor_id, bpf_ktime_get_ns,
+        generated::bpf_probe_read_user,
     },
     macros::map,
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, StackTrace},
     programs::{tracing::StackIdContext as _, ProbeContext, RetProbeContext},
+    EbpfContext as _,
 };
 use flamewatch_common::{
     memory::{
         kinds, HeapLive, HeapPending, HeapPtr, HeapValue, MemStats, CONFIG_HEAP_MEAN, HEAP_BINS_PER_MEAN,
         HEAP_TABLE,
     },
-    SampleKey, NO_STACK,
+    sample_flags, target_flags, SampleKey, DWARF_STACK, NO_STACK,
 };
 
-use crate::memory::{target_of, MEM_CONFIG};
+use crate::{
+    memory::{target_of, MEM_CONFIG},
+    sampling::{copy_stack, Copied},
+};
 
 /// Exponential variates of the sampling interval, bytes (the agent's).
 #[map]
@@ -59,6 +69,51 @@ pub static HEAP_ALLOCS: PerCpuHashMap<SampleKey, HeapValue> = PerCpuHashMap::wit
 #[map]
 pub static HEAP_STACKS: StackTrace = StackTrace::with_max_entries(4096, 0);
 
+/// Stack copies of sampled allocations sent on this CPU (their ids).
+#[map]
+pub static HEAP_SEQ: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
+/// Sends the stack of a DWARF target's sampled call (weight `weight`
+/// bytes) as a copy; its (user, kernel) stack ids: a fresh id and
+/// `DWARF_STACK`, or an errno when the ring buffer was full.
+#[inline(always)]
+fn dwarf_stack(ctx: &ProbeContext, stats: &mut MemStats, (tgid, tid): (u32, u32), weight: u64) -> (i32, i32) {
+    let Some(seq) = HEAP_SEQ.get_ptr_mut(0) else {
+        return (-2, NO_STACK);
+    };
+    // SAFETY: per-CPU value, no concurrent writer on this CPU.
+    let n = unsafe {
+        *seq = (*seq).wrapping_add(1);
+        *seq
+    };
+    // SAFETY: no preconditions.
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    // Unique per process for 2^24 samples per CPU (8 TiB at the default
+    // mean); non-negative, as stack ids are.
+    let id = ((n & 0xff_ffff) << 7 | (cpu & 0x7f)) as i32;
+    // SAFETY: the probe's registers are the user's.
+    let regs = unsafe { &*ctx.regs };
+    match copy_stack(
+        ctx.as_ptr(),
+        Some(regs),
+        tgid,
+        tid,
+        weight,
+        false,
+        sample_flags::HEAP,
+        id as u32,
+    ) {
+        Copied::Sent { .. } => {
+            stats.dwarf_copies += 1;
+            (id, DWARF_STACK)
+        }
+        Copied::Lost => {
+            stats.dwarf_lost += 1;
+            (-28, NO_STACK)
+        }
+    }
+}
+
 fn heap_charge(stats: &mut MemStats, since: u64) {
     // SAFETY: no preconditions.
     let end = unsafe { bpf_ktime_get_ns() };
@@ -71,7 +126,7 @@ fn heap_charge(stats: &mut MemStats, since: u64) {
 pub fn on_alloc(ctx: &ProbeContext, size: u64, memptr: u64) -> Result<(), i64> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
-    let Some((stats, _)) = target_of(tgid, kinds::HEAP) else {
+    let Some((stats, flags)) = target_of(tgid, kinds::HEAP) else {
         return Ok(());
     };
     // SAFETY: no preconditions.
@@ -106,6 +161,34 @@ pub fn on_alloc(ctx: &ProbeContext, size: u64, memptr: u64) -> Result<(), i64> {
         let bin = (size * HEAP_BINS_PER_MEAN / mean) as u32;
         HEAP_WEIGHTS.get(bin).copied().unwrap_or(size).max(size)
     };
+    let (user_stack_id, kernel_stack_id, (leaf_ret, leaf_offset)) = if flags & target_flags::DWARF != 0 {
+        let (u, k) = dwarf_stack(ctx, stats, (tgid, pid_tgid as u32), weight);
+        (u, k, (0, 0))
+    } else {
+        fp_stack(ctx)
+    };
+    let pending = HeapPending {
+        size,
+        weight,
+        memptr,
+        leaf_ret,
+        leaf_offset,
+        user_stack_id,
+        kernel_stack_id,
+        tgid,
+    };
+    if HEAP_PENDING.insert(&(pid_tgid as u32), &pending, 0).is_err() {
+        stats.live_full += 1;
+    }
+    stats.sampled += 1;
+    heap_charge(stats, now);
+    Ok(())
+}
+
+/// The frame-pointer stack of an allocator call: its stack map id, no
+/// kernel stack, and the leaf fix-up's word.
+#[inline(always)]
+fn fp_stack(ctx: &ProbeContext) -> (i32, i32, (u64, u32)) {
     let user_stack_id = match ctx.get_stackid(&HEAP_STACKS, u64::from(BPF_F_USER_STACK)) {
         Ok(id) => id as i32,
         Err(e) => e as i32,
@@ -115,27 +198,12 @@ pub fn on_alloc(ctx: &ProbeContext, size: u64, memptr: u64) -> Result<(), i64> {
     // skips that caller (the leaf fix-up inserts it).
     // SAFETY: the probe's registers are the user's.
     let sp = unsafe { (*ctx.regs).rsp };
-    let (leaf_ret, leaf_offset) = if user_stack_id >= 0 {
+    let leaf = if user_stack_id >= 0 {
         crate::leaf::leaf_word(sp)
     } else {
         (0, 0)
     };
-    let pending = HeapPending {
-        size,
-        weight,
-        memptr,
-        leaf_ret,
-        leaf_offset,
-        user_stack_id,
-        kernel_stack_id: NO_STACK,
-        tgid,
-    };
-    if HEAP_PENDING.insert(&(pid_tgid as u32), &pending, 0).is_err() {
-        stats.live_full += 1;
-    }
-    stats.sampled += 1;
-    heap_charge(stats, now);
-    Ok(())
+    (user_stack_id, NO_STACK, leaf)
 }
 
 /// Return of an allocator: the pointer of a sampled call goes live.
@@ -186,7 +254,7 @@ pub fn on_return(ctx: &RetProbeContext) -> Result<(), i64> {
         leaf_offset: p.leaf_offset,
         user_stack_id: p.user_stack_id,
         tid,
-        _pad: 0,
+        kernel_stack_id: p.kernel_stack_id,
     };
     let key = HeapPtr { ptr, tgid, _pad: 0 };
     if HEAP_LIVE.insert(&key, &live, 0).is_err() {
@@ -196,7 +264,7 @@ pub fn on_return(ctx: &RetProbeContext) -> Result<(), i64> {
         tgid,
         tid,
         user_stack_id: p.user_stack_id,
-        kernel_stack_id: NO_STACK,
+        kernel_stack_id: p.kernel_stack_id,
         leaf_ret: p.leaf_ret,
         leaf_offset: p.leaf_offset,
         _pad: 0,

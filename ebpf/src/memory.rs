@@ -10,8 +10,13 @@
 //! them in `MEM_SHARED`) are left out. Each recorded page weighs the page
 //! size; at high fault rates 1 page in N is recorded, weighing N.
 //!
-//! Stacks are collected as the CPU sampler's (frame pointers with the leaf
-//! fix-up's word), aggregated in the kernel like off-CPU blocks.
+//! Stacks are collected as the CPU sampler's: for frame-pointer targets,
+//! stack ids with the leaf fix-up's word, aggregated in the kernel like
+//! off-CPU blocks; for DWARF targets, a stack copy per recorded event to the
+//! ring buffer (`sample_flags::MEMORY`, the weight in bytes in
+//! `period_ns`), which the agent unwinds into the memory profile. The
+//! user registers are the ones saved at kernel entry (the fault or the
+//! syscall): `copy_stack`'s in-kernel path.
 
 use aya_ebpf::{
     bindings::BPF_F_USER_STACK,
@@ -19,15 +24,19 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, StackTrace},
     programs::{tracing::StackIdContext as _, TracePointContext},
+    EbpfContext as _,
 };
 use flamewatch_common::{
     memory::{
         kinds, MemLayout, MemRange, MemStats, MemTarget, CONFIG_FAULT_EVERY, CONFIG_PAGE_SIZE, SHARED_RANGES,
     },
-    target_flags, SampleKey, SampleValue, MAX_TARGETS, NO_STACK,
+    sample_flags, target_flags, SampleKey, SampleValue, MAX_TARGETS, NO_STACK,
 };
 
-use crate::maps::{field_at, layout_offset, TARGETS};
+use crate::{
+    maps::{field_at, layout_offset, TARGETS},
+    sampling::{copy_stack, Copied},
+};
 
 /// Memory-profiled processes. Its own table: memory profiling is asked for
 /// per target, independently of CPU sampling.
@@ -74,10 +83,10 @@ static MEM_LAYOUT: MemLayout = MemLayout::DEFAULT;
 
 const MAP_ANONYMOUS: u64 = 0x20;
 
-/// The counters of `tgid` when it is a target of `kind`, and whether
-/// kernel stacks are wanted.
+/// The counters of `tgid` when it is a target of `kind`, and its sampler
+/// flags (`target_flags`: kernel stacks, DWARF).
 #[inline(always)]
-pub fn target_of(tgid: u32, kind: u32) -> Option<(&'static mut MemStats, bool)> {
+pub fn target_of(tgid: u32, kind: u32) -> Option<(&'static mut MemStats, u32)> {
     // SAFETY: plain map lookup of a Copy value.
     let t = unsafe { MEM_TARGETS.get(&tgid) }.copied()?;
     if t.kinds & kind == 0 {
@@ -85,9 +94,9 @@ pub fn target_of(tgid: u32, kind: u32) -> Option<(&'static mut MemStats, bool)> 
     }
     let stats = MEM_STATS.get_ptr_mut(t.slot)?;
     // SAFETY: plain map lookup of a Copy value.
-    let kernel = unsafe { TARGETS.get(&tgid) }.is_some_and(|i| i.flags & target_flags::KERNEL_STACKS != 0);
+    let flags = unsafe { TARGETS.get(&tgid) }.map_or(0, |i| i.flags);
     // SAFETY: per-CPU value, no concurrent writer on this CPU.
-    Some((unsafe { &mut *stats }, kernel))
+    Some((unsafe { &mut *stats }, flags))
 }
 
 fn slot_of(tgid: u32) -> u32 {
@@ -108,6 +117,44 @@ fn in_shared(slot: u32, addr: u64) -> bool {
         }
     }
     false
+}
+
+/// Records one memory event of the current thread weighing `count` events
+/// and `bytes`: a stack copy for a DWARF target (`extend`: a brk/mmap
+/// extension), else its stack ids counted in `map`.
+// Inlined: one call site per program (the stack copy is large).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn record(
+    ctx: &TracePointContext,
+    map: &PerCpuHashMap<SampleKey, SampleValue>,
+    stats: &mut MemStats,
+    (tgid, tid): (u32, u32),
+    flags: u32,
+    count: u64,
+    bytes: u64,
+    extend: bool,
+) {
+    let kernel = flags & target_flags::KERNEL_STACKS != 0;
+    if flags & target_flags::DWARF != 0 {
+        let kind = if extend {
+            sample_flags::MEMORY | sample_flags::MEM_EXTEND
+        } else {
+            sample_flags::MEMORY
+        };
+        match copy_stack(ctx.as_ptr(), None, tgid, tid, bytes, kernel, kind, count as u32) {
+            Copied::Sent { .. } => stats.dwarf_copies += 1,
+            Copied::Lost => {
+                stats.dwarf_lost += 1;
+                stats.lost += 1;
+            }
+        }
+        return;
+    }
+    let key = key_of(ctx, tgid, tid, kernel);
+    if !add(map, &key, count, bytes) {
+        stats.lost += 1;
+    }
 }
 
 /// The aggregation key of the current thread's stacks.
@@ -172,7 +219,7 @@ fn charge(stats: &mut MemStats, since: u64) {
 pub fn try_page_fault(ctx: &TracePointContext) -> Result<(), i64> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
-    let Some((stats, kernel)) = target_of(tgid, kinds::GROWTH) else {
+    let Some((stats, flags)) = target_of(tgid, kinds::GROWTH) else {
         return Ok(());
     };
     // SAFETY: no preconditions.
@@ -213,10 +260,8 @@ pub fn try_page_fault(ctx: &TracePointContext) -> Result<(), i64> {
         }
     }
     let page = MEM_CONFIG.get(CONFIG_PAGE_SIZE).copied().unwrap_or(4096);
-    let key = key_of(ctx, tgid, pid_tgid as u32, kernel);
-    if !add(&MEM_COUNTS, &key, every, page * every) {
-        stats.lost += 1;
-    }
+    let ids = (tgid, pid_tgid as u32);
+    record(ctx, &MEM_COUNTS, stats, ids, flags, every, page * every, false);
     charge(stats, now);
     Ok(())
 }
@@ -224,7 +269,7 @@ pub fn try_page_fault(ctx: &TracePointContext) -> Result<(), i64> {
 pub fn try_mmap(ctx: &TracePointContext) -> Result<(), i64> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
-    let Some((stats, kernel)) = target_of(tgid, kinds::GROWTH) else {
+    let Some((stats, tflags)) = target_of(tgid, kinds::GROWTH) else {
         return Ok(());
     };
     // SAFETY: no preconditions.
@@ -238,7 +283,7 @@ pub fn try_mmap(ctx: &TracePointContext) -> Result<(), i64> {
     // SAFETY: see above.
     let len = unsafe { field_at::<u64>(ctx, len_at, 24) };
     if flags & MAP_ANONYMOUS != 0 && len != 0 {
-        extend(ctx, stats, tgid, pid_tgid as u32, kernel, len);
+        extend(ctx, stats, (tgid, pid_tgid as u32), tflags, len);
     }
     charge(stats, now);
     Ok(())
@@ -247,7 +292,7 @@ pub fn try_mmap(ctx: &TracePointContext) -> Result<(), i64> {
 pub fn try_brk(ctx: &TracePointContext) -> Result<(), i64> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
-    let Some((stats, kernel)) = target_of(tgid, kinds::GROWTH) else {
+    let Some((stats, flags)) = target_of(tgid, kinds::GROWTH) else {
         return Ok(());
     };
     // SAFETY: no preconditions.
@@ -261,7 +306,7 @@ pub fn try_brk(ctx: &TracePointContext) -> Result<(), i64> {
         // SAFETY: plain map lookup of a Copy value.
         let last = unsafe { MEM_BRK.get(&tgid) }.copied().unwrap_or(0);
         if last != 0 && brk > last {
-            extend(ctx, stats, tgid, pid_tgid as u32, kernel, brk - last);
+            extend(ctx, stats, (tgid, pid_tgid as u32), flags, brk - last);
         }
         let _ = MEM_BRK.insert(&tgid, &brk, 0);
     }
@@ -270,10 +315,7 @@ pub fn try_brk(ctx: &TracePointContext) -> Result<(), i64> {
 }
 
 #[inline(always)]
-fn extend(ctx: &TracePointContext, stats: &mut MemStats, tgid: u32, tid: u32, kernel: bool, bytes: u64) {
+fn extend(ctx: &TracePointContext, stats: &mut MemStats, ids: (u32, u32), flags: u32, bytes: u64) {
     stats.extends += 1;
-    let key = key_of(ctx, tgid, tid, kernel);
-    if !add(&MEM_EXTENDS, &key, 1, bytes) {
-        stats.lost += 1;
-    }
+    record(ctx, &MEM_EXTENDS, stats, ids, flags, 1, bytes, true);
 }

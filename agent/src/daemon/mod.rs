@@ -74,7 +74,15 @@ pub enum DaemonError {
 const DRAIN: Duration = Duration::from_secs(1);
 
 /// A schedule: when, how long, at what rate, next run.
-type Schedule = (cron::Schedule, Duration, u64, DateTime<Utc>);
+/// A schedule: when, for how long, at what rate, its next time, and the
+/// memory profile it takes instead of a CPU one.
+type Schedule = (
+    cron::Schedule,
+    Duration,
+    u64,
+    DateTime<Utc>,
+    Option<crate::config::MemoryMode>,
+);
 
 /// One watched process: a slot of a target group. A configured target is a
 /// group of slots, one per process of its name (the first, its leader,
@@ -97,6 +105,9 @@ struct Watched {
     schedules: Vec<Schedule>,
     /// Folded stacks of the latest healthy profile (for differentials).
     baseline: Option<PathBuf>,
+    /// The latest healthy memory profile: its mode (`memory`, `heap`) and
+    /// folded stacks, for memory emergencies' differentials.
+    memory_baseline: Option<(String, PathBuf)>,
     /// When an alert of this target last fired or resolved: the recorder is
     /// healthy after that (baselines come from there).
     last_alert_change: Option<SystemTime>,
@@ -127,6 +138,7 @@ impl Watched {
             deferred: None,
             schedules,
             baseline: None,
+            memory_baseline: None,
             last_alert_change: None,
             top_threads: Vec::new(),
             ever_found: false,
@@ -219,7 +231,7 @@ impl Daemon {
                     source,
                 })?;
                 let next = parsed.upcoming(Utc).next().unwrap_or_else(Utc::now);
-                schedules.push((parsed, s.duration, s.freq_hz, next));
+                schedules.push((parsed, s.duration, s.freq_hz, next, s.memory));
             }
             let group = watched.len();
             watched.push(Watched::new(spec, group, schedules));

@@ -292,7 +292,13 @@ impl Daemon {
             if let Some(id) = a.want {
                 engine.unwant(a.pid, id);
             }
-            if a.config.mode.memory().is_some() {
+            // Memory tracing stays while another session of the pid (an
+            // emergency during a scheduled baseline) still records it.
+            let others = self
+                .active
+                .iter()
+                .any(|o| o.pid == a.pid && o.config.mode.memory().is_some());
+            if a.config.mode.memory().is_some() && !others {
                 if let Err(e) = engine.want_memory(a.pid, None) {
                     warn!(pid = a.pid, "ending the memory profile: {e}");
                 }
@@ -432,7 +438,7 @@ impl Daemon {
             return;
         };
         let now = Utc::now();
-        let due: Vec<(Duration, u64)> = self.watched[leader]
+        let due: Vec<(Duration, u64, Option<crate::config::MemoryMode>)> = self.watched[leader]
             .schedules
             .iter_mut()
             .filter(|s| s.3 <= now)
@@ -441,13 +447,14 @@ impl Daemon {
                     s.0.upcoming(Utc)
                         .next()
                         .unwrap_or(now + chrono::Duration::days(1));
-                (s.1, s.2)
+                (s.1, s.2, s.4)
             })
             .collect();
-        for (duration, freq_hz) in due {
+        for (duration, freq_hz, memory) in due {
             let config = RecordConfig {
                 freq_hz,
                 duration: Some(duration),
+                mode: memory.map_or(Mode::Cpu, crate::config::MemoryMode::mode),
                 ..self.session_config(&format!("{}-baseline", sanitize(&process.comm)))
             };
             let start = Start {
@@ -599,16 +606,18 @@ impl Daemon {
         // Before this profile may become the baseline itself.
         let baseline = w.baseline.as_ref().map(|b| b.display().to_string());
         match done.kind {
-            SessionKind::Scheduled => w.baseline = Some(PathBuf::from(&report.summary.files.folded)),
             // A profile taken while nothing fires shows the healthy target:
             // as good a baseline as a scheduled one, and newer.
-            SessionKind::OnDemand if !firing => {
-                w.baseline = Some(PathBuf::from(&report.summary.files.folded));
-            }
+            SessionKind::Scheduled => keep_baseline(w, &report, firing),
+            SessionKind::OnDemand if !firing => keep_baseline(w, &report, firing),
             SessionKind::OnDemand | SessionKind::Slow => {}
             SessionKind::Emergency => {
                 if let Some(alert) = done.alert {
-                    let record = profile_record(alert, &report, w.baseline.as_deref());
+                    let record = if report.summary.mode == "cpu" {
+                        profile_record(alert, &report, w.baseline.as_deref())
+                    } else {
+                        memory_profile_record(alert, &report, w.memory_baseline.as_ref())
+                    };
                     self.sinks.emit(&record);
                 }
             }
@@ -623,7 +632,8 @@ impl Daemon {
             &self.config.alerts_path(),
             self.watched
                 .iter()
-                .filter_map(|w| w.baseline.as_ref().map(|b| b.display().to_string()))
+                .flat_map(|w| w.baseline.iter().chain(w.memory_baseline.iter().map(|(_, b)| b)))
+                .map(|b| b.display().to_string())
                 .collect(),
         );
         if let Some(reply) = done.reply {
@@ -635,6 +645,54 @@ impl Daemon {
             });
         }
     }
+}
+
+/// Keeps a scheduled or on-demand profile as the target's baseline of its
+/// kind: CPU profiles for CPU emergencies (scheduled ones even while an
+/// alert fires, as before), memory profiles (growth or heap) for memory
+/// ones, only when nothing fires (a profile of the leak is no baseline).
+fn keep_baseline(w: &mut super::Watched, report: &Report, firing: bool) {
+    let folded = PathBuf::from(&report.summary.files.folded);
+    match report.summary.mode.as_str() {
+        "cpu" => w.baseline = Some(folded),
+        "memory" | "heap" if !firing => w.memory_baseline = Some((report.summary.mode.clone(), folded)),
+        _ => {}
+    }
+}
+
+/// The `profile` record of a memory emergency: its files and the
+/// differential against the latest healthy memory profile of the same
+/// kind. The flight recorder holds no memory events (memory is traced only
+/// while a memory profile runs), so without such a profile there is no
+/// differential, and the record says so.
+fn memory_profile_record(
+    mut alert: AlertRecord,
+    report: &Report,
+    baseline: Option<&(String, PathBuf)>,
+) -> AlertRecord {
+    let files = &report.summary.files;
+    let same = baseline.filter(|(mode, _)| *mode == report.summary.mode);
+    let diff_svg = same.and_then(|(_, b)| differential(b, &files.folded, "bytes"));
+    alert.status = Status::Profile;
+    alert.time = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+    alert.message = match (&diff_svg, same) {
+        (Some(_), _) => format!("emergency {} profile of {}: {}", report.summary.mode, alert.rule, files.svg),
+        (None, Some(_)) => format!(
+            "emergency {} profile of {}: {} (the differential against the healthy one failed)",
+            report.summary.mode, alert.rule, files.svg
+        ),
+        (None, None) => format!(
+            "emergency {} profile of {}: {} (no differential: no healthy {} profile of this target was taken)",
+            report.summary.mode, alert.rule, files.svg, report.summary.mode
+        ),
+    };
+    alert.profile = Some(ProfileLinks {
+        svg: files.svg.clone(),
+        json: files.json.clone(),
+        diff_svg,
+        crash: None,
+    });
+    alert
 }
 
 /// The `profile` record of an emergency: its files and the differential
@@ -652,7 +710,7 @@ fn profile_record(mut alert: AlertRecord, report: &Report, file_baseline: Option
     let diff_svg = recorder
         .or_else(|| file_baseline.map(Path::to_path_buf))
         .filter(|_| report.summary.mode == "cpu")
-        .and_then(|b| differential(&b, &files.folded));
+        .and_then(|b| differential(&b, &files.folded, "samples"));
     alert.status = Status::Profile;
     alert.time = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
     alert.message = format!("emergency profile of {}: {}", alert.rule, files.svg);
@@ -672,8 +730,8 @@ fn describe(req: &control::Request) -> String {
 }
 
 /// Writes `<folded stem>.diff.svg`: `after` against the baseline `before`,
-/// normalized to the two profiles' totals.
-fn differential(before: &Path, after: &str) -> Option<String> {
+/// normalized to the two profiles' totals (`count_name`: what they count).
+fn differential(before: &Path, after: &str, count_name: &str) -> Option<String> {
     let b = std::fs::read_to_string(before).ok()?;
     let a = std::fs::read_to_string(after).ok()?;
     let title = flamegraph::Title {
@@ -687,7 +745,7 @@ fn differential(before: &Path, after: &str) -> Option<String> {
                 |n| n.to_string_lossy().into_owned()
             )
         ),
-        count_name: "samples".into(),
+        count_name: count_name.into(),
     };
     let svg = flamegraph::render_diff(&b, &a, &title).ok()?;
     let path = PathBuf::from(after.trim_end_matches(".folded").to_owned() + ".diff.svg");

@@ -650,11 +650,15 @@ impl Engine {
         if how != Drain::Tick {
             self.consumer.sync();
         }
+        // Taken first: the heap drain joins sampled allocations with the
+        // stacks the unwinder made of their copies.
+        let mut fresh = self.consumer.take();
         let mut mem = HashMap::new();
         if let Some(m) = self.memory.as_mut() {
-            cost::timed(&mut processing_ns, || mem = m.drain());
+            let stacks = std::mem::take(&mut fresh.heap_stacks);
+            cost::timed(&mut processing_ns, || mem = m.drain(stacks));
         }
-        let fresh = self.consumer.take();
+        merge_memory_copies(&mut mem, &mut fresh);
         raw.merge(fresh.cpu);
         off_raw.merge(fresh.off);
         let mut slow_raw = self.sampler.take_slow();
@@ -708,9 +712,16 @@ impl Engine {
             );
         }
         let all_samples = per.values().map(|(s, _)| s.samples).sum::<u64>().max(1);
-        // Stack copies: DWARF samples and the check's copies.
-        let copies = |s: &TargetStats| s.dwarf_samples + s.fp_checks;
-        let all_dwarf = per.values().map(|(s, _)| copies(s)).sum::<u64>().max(1);
+        // Stack copies: DWARF samples, the check's copies, and memory
+        // events of DWARF targets (unwound by the same thread).
+        let mem_copies: HashMap<u32, u64> = mem_by_pid
+            .iter()
+            .map(|(p, m)| (*p, m.stats.dwarf_copies))
+            .collect();
+        let copies = |pid: &u32, s: &TargetStats| {
+            s.dwarf_samples + s.fp_checks + mem_copies.get(pid).copied().unwrap_or(0)
+        };
+        let all_dwarf = per.iter().map(|(p, (s, _))| copies(p, s)).sum::<u64>().max(1);
         let all_tcp = shared.tcp_events.values().sum::<u64>().max(1);
         let mut gone = Vec::new();
         let mut worst_off_pct = 0.0f64;
@@ -764,7 +775,10 @@ impl Engine {
             slot.samples += stats.samples;
             let tcp_delta = shared.tcp_events.get(&pid).copied().unwrap_or(0);
             let mem = mem_by_pid.remove(&pid).unwrap_or_default();
-            let mem_cost_ns = mem.cost_ns;
+            // The memory programs' run time (DWARF copies included) and the
+            // unwinding of the memory copies: what 1-in-N sampling steers.
+            let mem_unwind_ns = shared.unwind_ns * mem.stats.dwarf_copies / all_dwarf;
+            let mem_cost_ns = mem.cost_ns + mem_unwind_ns as f64;
             let c = cost::overhead(
                 IntervalInput {
                     target_cpu_ns: cpu_delta,
@@ -774,7 +788,7 @@ impl Engine {
                         + off_delta.prog_ns
                         + mem.cost_ns as u64,
                     processing_ns: processing_ns * stats.samples / all_samples
-                        + shared.unwind_ns * copies(&stats) / all_dwarf
+                        + shared.unwind_ns * copies(&pid, &stats) / all_dwarf
                         + shared.tcp_processing_ns * tcp_delta / all_tcp,
                 },
                 self.calibration.interrupt_ns,
@@ -1181,6 +1195,17 @@ fn start_consumer(ebpf: &mut Ebpf, min_block_ns: u64) -> Result<Consumer, Engine
     let samples = bpf::take_map(ebpf, "STACK_SAMPLES")?;
     let ends = bpf::take_map(ebpf, "OFFCPU_ENDS")?;
     Consumer::start(samples, Some(ends), min_block_ns).map_err(EngineError::Unwinder)
+}
+
+/// Moves the memory events the unwinder aggregated (DWARF targets) into
+/// each target's memory drain of the interval.
+fn merge_memory_copies(mem: &mut HashMap<u32, MemDrain>, fresh: &mut crate::unwind::consumer::Output) {
+    for (pid, faults) in split(std::mem::take(&mut fresh.mem_faults)) {
+        mem.entry(pid).or_default().faults.merge(faults);
+    }
+    for (pid, extends) in split(std::mem::take(&mut fresh.mem_extends)) {
+        mem.entry(pid).or_default().extends.merge(extends);
+    }
 }
 
 /// Splits a drain by process.

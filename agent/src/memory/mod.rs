@@ -8,6 +8,7 @@
 //! live. The engine owns one [`MemTracer`]; a session (or the daemon's
 //! emergency) asks for a [`MemKind`] on a target.
 
+pub mod dwarf;
 pub mod heap;
 pub mod report;
 
@@ -27,7 +28,7 @@ use flamewatch_common::{
         kinds, HeapLive, HeapPtr, HeapValue, MemRange, MemStats, MemTarget, CONFIG_FAULT_EVERY,
         CONFIG_HEAP_MEAN, CONFIG_PAGE_SIZE, SHARED_RANGES,
     },
-    SampleKey, SampleValue, NO_STACK,
+    SampleKey, SampleValue, DWARF_STACK, NO_STACK,
 };
 use tracing::{debug, info};
 
@@ -304,6 +305,8 @@ pub struct MemTracer {
     live: BpfHashMap<MapData, HeapPtr, HeapLive>,
     allocs: PerCpuHashMap<MapData, SampleKey, HeapValue>,
     heap_stacks: StackTraceMap<MapData>,
+    /// Stacks of DWARF heap targets' sampled allocations.
+    dwarf: dwarf::DwarfStacks,
     growth_links: Vec<(&'static str, TracePointLinkId)>,
     pids: HashMap<u32, MemPid>,
     leaf: std::sync::Mutex<LeafFixer>,
@@ -355,6 +358,8 @@ impl MemTracer {
             live: take(ebpf, "HEAP_LIVE")?,
             allocs: take(ebpf, "HEAP_ALLOCS")?,
             heap_stacks: take(ebpf, "HEAP_STACKS")?,
+            // Room for every live allocation and a few drains' worth more.
+            dwarf: dwarf::DwarfStacks::new(options.live_entries as usize + 4096),
             growth_links: Vec::new(),
             pids: HashMap::new(),
             leaf: Default::default(),
@@ -463,6 +468,7 @@ impl MemTracer {
         if let Ok(mut l) = self.leaf.lock() {
             l.forget(pid);
         }
+        self.dwarf.forget(pid);
         if !self.pids.values().any(|p| p.kind == MemKind::Growth) {
             self.detach_growth(ebpf);
         }
@@ -566,6 +572,14 @@ impl MemTracer {
     }
 
     fn raw_key(&self, heap: bool, key: &SampleKey, weight: u64) -> RawSampleKey {
+        if heap && dwarf::DwarfStacks::is_dwarf(key) {
+            return RawSampleKey {
+                tgid: key.tgid,
+                tid: key.tid,
+                user: self.dwarf.get(key.tgid, key.user_stack_id),
+                kernel: StackSlot::Absent,
+            };
+        }
         let map = if heap { &self.heap_stacks } else { &self.stacks };
         let user = Self::stack(map, key.user_stack_id);
         let user = match self.leaf.lock() {
@@ -624,15 +638,28 @@ impl MemTracer {
             })
             .collect();
         for (key, w) in &entries {
+            if dwarf::DwarfStacks::is_dwarf(key) && self.dwarf.wait_for(key) {
+                continue;
+            }
             let raw = self.raw_key(true, key, 1);
             out.entry(key.tgid).or_default().allocs.add(raw, *w);
             let _ = self.allocs.remove(key);
         }
+        let live = &self.live;
+        self.dwarf.prune(|| {
+            live.iter()
+                .filter_map(Result::ok)
+                .filter(|(_, v)| v.kernel_stack_id == DWARF_STACK)
+                .map(|(k, v)| (k.tgid, v.user_stack_id))
+                .collect()
+        });
     }
 
     /// Drains every target's records of the interval, with its counters
     /// and costs; refreshes the shared mappings of growth targets.
-    pub fn drain(&mut self) -> HashMap<u32, MemDrain> {
+    /// `stacks`: the unwinder's fresh stacks of sampled allocations.
+    pub fn drain(&mut self, stacks: HashMap<(u32, i32), StackSlot>) -> HashMap<u32, MemDrain> {
+        self.dwarf.add(stacks);
         let mut out: HashMap<u32, MemDrain> = HashMap::new();
         self.drain_counts(false, &mut out);
         self.drain_counts(true, &mut out);
@@ -679,7 +706,7 @@ impl MemTracer {
                     tgid: k.tgid,
                     tid: v.tid,
                     user_stack_id: v.user_stack_id,
-                    kernel_stack_id: NO_STACK,
+                    kernel_stack_id: v.kernel_stack_id,
                     leaf_ret: v.leaf_ret,
                     leaf_offset: v.leaf_offset,
                     _pad: 0,
@@ -931,6 +958,8 @@ fn add(mut a: MemStats, s: &MemStats) -> MemStats {
     a.live_full += s.live_full;
     a.returns += s.returns;
     a.heap_prog_ns += s.heap_prog_ns;
+    a.dwarf_copies += s.dwarf_copies;
+    a.dwarf_lost += s.dwarf_lost;
     a
 }
 
@@ -951,6 +980,8 @@ pub fn since(a: &MemStats, b: &MemStats) -> MemStats {
         live_full: a.live_full.saturating_sub(b.live_full),
         returns: a.returns.saturating_sub(b.returns),
         heap_prog_ns: a.heap_prog_ns.saturating_sub(b.heap_prog_ns),
+        dwarf_copies: a.dwarf_copies.saturating_sub(b.dwarf_copies),
+        dwarf_lost: a.dwarf_lost.saturating_sub(b.dwarf_lost),
     }
 }
 

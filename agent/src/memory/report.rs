@@ -194,8 +194,16 @@ pub struct MemoryInfo {
     /// Heap: the probes' duty cycle.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub observation: Option<Observation>,
-    /// Records lost (full tables).
+    /// Records lost (full tables, or a full ring for DWARF copies).
     pub lost: u64,
+    /// Memory events sent as DWARF stack copies (a target without frame
+    /// pointers): recorded faults and extensions, or sampled allocations.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dwarf_copies: Option<u64>,
+    /// Growth: run time of the growth programs on the target per fault
+    /// seen, ns (mmap/brk included; a DWARF copy's cost is in it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bpf_ns_per_fault: Option<f64>,
     /// Extra files: role → path.
     pub files: std::collections::BTreeMap<String, String>,
 }

@@ -331,6 +331,7 @@ fn memory_info(
         .into(),
         bytes: shown_bytes,
         lost: m.stats.lost + m.stats.live_full,
+        dwarf_copies: (m.stats.dwarf_copies > 0).then_some(m.stats.dwarf_copies),
         ..MemoryInfo::default()
     };
     match v.kind {
@@ -341,6 +342,8 @@ fn memory_info(
             info.faults_seen = Some(m.stats.faults);
             info.shared_faults = Some(m.stats.shared);
             info.extend_bytes = Some(sum(&v.secondary).1);
+            info.bpf_ns_per_fault = (m.stats.faults > 0)
+                .then(|| (m.stats.prog_ns as f64 / m.stats.faults as f64 * 10.0).round() / 10.0);
         }
         MemKind::Heap => {
             let (alloc_milli, alloc_bytes) = sum(&v.primary);

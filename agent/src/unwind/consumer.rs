@@ -99,8 +99,29 @@ pub struct Output {
     pub off: RawProfile,
     /// Slow-call samples (also in `cpu`): taken past a probed call's budget.
     pub slow: RawProfile,
+    /// Memory events of DWARF targets: new anonymous pages (`samples`
+    /// pages, `period_ns` bytes).
+    pub mem_faults: RawProfile,
+    /// Their brk/mmap extensions (`samples` calls, `period_ns` bytes).
+    pub mem_extends: RawProfile,
+    /// Stacks of sampled allocations of DWARF heap targets, by (process,
+    /// id of the copy): the allocations refer to them by that id.
+    pub heap_stacks: HashMap<(u32, i32), StackSlot>,
     /// Blocks still in progress.
     pub begins: Begins,
+}
+
+impl Output {
+    /// Moves the aggregated profiles of `other` into `self` (not the
+    /// blocks in progress, which the caller keeps as it sees fit).
+    fn merge_profiles(&mut self, other: &mut Output) {
+        self.cpu.merge(std::mem::take(&mut other.cpu));
+        self.off.merge(std::mem::take(&mut other.off));
+        self.slow.merge(std::mem::take(&mut other.slow));
+        self.mem_faults.merge(std::mem::take(&mut other.mem_faults));
+        self.mem_extends.merge(std::mem::take(&mut other.mem_extends));
+        self.heap_stacks.extend(other.heap_stacks.drain());
+    }
 }
 
 /// A running consumer.
@@ -150,12 +171,12 @@ impl Consumer {
         let Ok(mut fresh) = self.shared.fresh.lock() else {
             return Output::default();
         };
-        Output {
-            cpu: std::mem::take(&mut fresh.cpu),
-            off: std::mem::take(&mut fresh.off),
-            slow: std::mem::take(&mut fresh.slow),
+        let mut out = Output {
             begins: fresh.begins.clone(),
-        }
+            ..Output::default()
+        };
+        out.merge_profiles(&mut fresh);
+        out
     }
 
     /// A copy of the off-CPU blocks of DWARF targets still in progress.
@@ -201,6 +222,20 @@ fn check_one(checker: &mut Checker, h: &StackSampleHeader, stack: &[u8], st: &mu
     if let Some(same) = checker.compare(h.tgid, fp, (h.leaf_ret, h.leaf_offset), (h.ip, h.sp, h.bp), stack) {
         st.compared += 1;
         st.agreed += u64::from(same);
+    }
+}
+
+/// Adds a memory record (`sample_flags::MEMORY`) to the memory profiles:
+/// it weighs `_pad` events (pages or calls) and `period_ns` bytes.
+fn add_memory(out: &mut Output, h: &StackSampleHeader, key: RawSampleKey) {
+    let weight = Weight {
+        samples: u64::from(h._pad.max(1)),
+        period_ns: h.period_ns,
+    };
+    if h.flags & sample_flags::MEM_EXTEND != 0 {
+        out.mem_extends.add(key, weight);
+    } else {
+        out.mem_faults.add(key, weight);
     }
 }
 
@@ -313,6 +348,15 @@ fn run(
                 user,
                 kernel,
             };
+            if h.flags & sample_flags::MEMORY != 0 {
+                add_memory(&mut out, &h, key);
+                continue;
+            }
+            if h.flags & sample_flags::HEAP != 0 {
+                // `_pad` carries the allocation's stack id.
+                out.heap_stacks.insert((h.tgid, h._pad as i32), key.user);
+                continue;
+            }
             let weight = Weight {
                 samples: 1,
                 period_ns: h.period_ns,
@@ -387,9 +431,7 @@ fn run(
             }
         }
         if let Ok(mut fresh) = shared.fresh.lock() {
-            fresh.cpu.merge(std::mem::take(&mut out.cpu));
-            fresh.off.merge(std::mem::take(&mut out.off));
-            fresh.slow.merge(std::mem::take(&mut out.slow));
+            fresh.merge_profiles(&mut out);
             fresh.begins.clone_from(&out.begins);
         }
         shared.setup_ns.store(setup_ns, Ordering::Relaxed);
@@ -398,9 +440,7 @@ fn run(
             .store(crate::governor::cost::thread_cpu_ns(), Ordering::Relaxed);
         if stopping {
             if let Ok(mut fresh) = shared.fresh.lock() {
-                out.cpu = std::mem::take(&mut fresh.cpu);
-                out.off = std::mem::take(&mut fresh.off);
-                out.slow = std::mem::take(&mut fresh.slow);
+                out.merge_profiles(&mut fresh);
             }
             return out;
         }
