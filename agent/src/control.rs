@@ -576,7 +576,7 @@ mod tests {
             let _ = reply.send(Reply {
                 ok: true,
                 files: vec!["a.svg".into()],
-                error: None,
+                ..Reply::default()
             });
         });
         let req = Request {

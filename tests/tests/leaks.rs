@@ -87,12 +87,21 @@ fn wait_alert(dir: &Path, timeout: Duration, rule: &str, status: &str) -> Option
 /// `flamewatch watch` of the LogCaster preset aimed at `pid`, writing into
 /// `dir`, with `emergency` settings.
 fn watch_logcaster(dir: &Path, pid: u32, emergency: &str) -> TestProcess {
-    watch_logcaster_with(dir, pid, "", emergency)
+    watch_logcaster_with(dir, pid, "", emergency, "heap")
 }
 
-/// The same, with `target_extra` tables of the target (schedules).
-fn watch_logcaster_with(dir: &Path, pid: u32, target_extra: &str, emergency: &str) -> TestProcess {
-    let preset = std::fs::read_to_string(workspace_root().join("configs/logcaster.toml")).unwrap();
+/// The same, with `target_extra` tables of the target (schedules), and the
+/// leak rule's emergency a `profile` memory profile (the preset's: heap).
+fn watch_logcaster_with(
+    dir: &Path,
+    pid: u32,
+    target_extra: &str,
+    emergency: &str,
+    profile: &str,
+) -> TestProcess {
+    let preset = std::fs::read_to_string(workspace_root().join("configs/logcaster.toml"))
+        .unwrap()
+        .replace("profile = \"heap\"", &format!("profile = {profile:?}"));
     let config = dir.join("flamewatch.toml");
     let text = format!(
         "output = {:?}\ncontrol_socket = {:?}\nmetrics_addr = \"off\"\n{}\n{target_extra}\n[emergency]\n{emergency}\n",
@@ -148,8 +157,8 @@ fn logcaster_leak_record_names_search_logs() {
     assert!(share >= 20.0, "search_logs {share:.1} %: {:?}", growth.stacks);
 }
 
-/// Test that LogCaster's leak incident, watched with its preset and heap
-/// emergencies, gets a memory alert and a linked memory profile whose top
+/// Test that LogCaster's leak incident, watched with its preset (whose leak
+/// rule takes heap profiles), gets a memory alert and a linked memory profile whose top
 /// user function is `search_logs` (at least 70 % of the in-use bytes), and
 /// that the record says there is no differential when no healthy memory
 /// profile was taken.
@@ -161,11 +170,7 @@ fn logcaster_leak_alert_profile_names_search_logs() {
     let _serial = serial();
     let dir = output_dir();
     let (server, _load) = leaking_logcaster();
-    let _d = watch_logcaster(
-        dir.path(),
-        server.pid(),
-        "duration = \"8s\"\nmemory_mode = \"heap\"",
-    );
+    let _d = watch_logcaster(dir.path(), server.pid(), "duration = \"8s\"");
     wait_alert(dir.path(), Duration::from_secs(75), "memory_growth", "firing")
         .expect("memory_growth within 75 s");
     let profile = wait_alert(dir.path(), Duration::from_secs(40), "memory_growth", "profile")
@@ -232,7 +237,7 @@ fn memory_emergency_diffs_against_a_healthy_memory_profile() {
     let dir = output_dir();
     let (server, _load) = leaking_logcaster_after("20");
     let schedule = "[[target.schedule]]\ncron = \"*/8 * * * * *\"\nduration = \"3s\"\nmemory = \"growth\"\n";
-    let _d = watch_logcaster_with(dir.path(), server.pid(), schedule, "duration = \"4s\"");
+    let _d = watch_logcaster_with(dir.path(), server.pid(), schedule, "duration = \"4s\"", "growth");
     wait_alert(dir.path(), Duration::from_secs(90), "memory_growth", "firing")
         .expect("memory_growth within 90 s");
     let profile = wait_alert(dir.path(), Duration::from_secs(40), "memory_growth", "profile")

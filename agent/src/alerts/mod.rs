@@ -446,7 +446,26 @@ mod tests {
         )
         .expect("parses");
         assert_eq!(r.clear_s, 10.0);
-        assert!(matches!(r.check, Check::MemoryGrowth { min_r2, .. } if min_r2 == 0.9));
+        assert!(matches!(r.check, Check::MemoryGrowth { min_r2, profile: None, .. } if min_r2 == 0.9));
         assert!(toml::from_str::<Rule>("name='x'\nseverity='critical'\nkind='nope'").is_err());
+    }
+
+    /// Test that a leak rule names its emergency's memory profile, and
+    /// that an unknown one is refused.
+    #[test]
+    fn leak_rule_profile() {
+        let rule = |p: &str| {
+            toml::from_str::<Rule>(&format!(
+                "name='l'\nseverity='critical'\nkind='memory_growth'\nprofile='{p}'"
+            ))
+        };
+        assert!(matches!(
+            rule("heap").expect("parses").check,
+            Check::MemoryGrowth {
+                profile: Some(crate::config::MemoryMode::Heap),
+                ..
+            }
+        ));
+        assert!(rule("cpu").is_err());
     }
 }

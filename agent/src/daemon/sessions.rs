@@ -364,12 +364,15 @@ impl Daemon {
             return;
         }
         let stuck = matches!(rule.check, Check::Stuck { .. });
-        let leak = matches!(rule.check, Check::MemoryGrowth { .. });
+        let leak = match rule.check {
+            Check::MemoryGrowth { profile, .. } => Some(profile.unwrap_or(self.config.emergency.memory_mode)),
+            _ => None,
+        };
         // Stuck threads do not run: their off-CPU stacks are the story. A
         // leak's story is where its memory comes from.
         let mode = match (stuck, leak) {
             (true, _) => Mode::Offcpu,
-            (_, true) => self.config.emergency.memory_mode.mode(),
+            (_, Some(memory)) => memory.mode(),
             _ => Mode::Cpu,
         };
         let config = RecordConfig {
@@ -378,7 +381,7 @@ impl Daemon {
             mode,
             ..self.session_config(&format!("{}-emergency", sanitize(&process.comm)))
         };
-        let stuck = stuck || leak;
+        let stuck = stuck || leak.is_some();
         // Off-CPU time and memory are traced from now; CPU samples reach back.
         let from = if stuck {
             SystemTime::now()

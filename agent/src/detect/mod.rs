@@ -86,6 +86,10 @@ pub enum Check {
         /// Memory limit, for the time-to-limit estimate (bytes).
         #[serde(default)]
         limit_bytes: Option<f64>,
+        /// The memory profile its emergency takes, `growth` or `heap`
+        /// (default: `[emergency] memory_mode`).
+        #[serde(default)]
+        profile: Option<crate::config::MemoryMode>,
     },
     /// TIME_WAIT sockets piling up: count, or entries per second.
     TimeWait {
@@ -200,6 +204,7 @@ impl Check {
                 min_mb_per_min,
                 min_r2,
                 limit_bytes,
+                ..
             } => {
                 window("window_s", *window_s)?;
                 pos("window_s", *window_s)?;
@@ -409,6 +414,7 @@ impl Check {
                 min_mb_per_min,
                 min_r2,
                 limit_bytes,
+                ..
             } => {
                 let s = series(m, Metric::RssBytes)?;
                 let pts: Vec<(f64, f64)> = s.window(*window_s).collect();
@@ -646,6 +652,7 @@ mod tests {
             min_mb_per_min: 10.0,
             min_r2: 0.9,
             limit_bytes: Some(2e9),
+            profile: None,
         }
     }
 
