@@ -352,6 +352,10 @@ pub struct TargetConfig {
     /// Baseline profiles on a schedule.
     #[serde(default, rename = "schedule")]
     pub schedules: Vec<ScheduleConfig>,
+    /// Latency probes on its functions (at most
+    /// [`latency::MAX_PROBES_PER_TARGET`]), on every process of the target.
+    #[serde(default, rename = "probe", skip_serializing_if = "Vec::is_empty")]
+    pub probes: Vec<latency::ProbeSpec>,
 }
 
 impl TargetConfig {
@@ -823,6 +827,30 @@ impl TargetConfig {
             check_duration(&format!("{what}: duration"), s.duration, false)?;
             check_freq(&format!("{what}: freq_hz"), s.freq_hz)?;
         }
+        self.validate_probes()
+    }
+
+    /// At most [`latency::MAX_PROBES_PER_TARGET`] probes, each on a
+    /// function written `SYMBOL` or `LIB:SYMBOL`, none twice.
+    fn validate_probes(&self) -> Result<(), ConfigError> {
+        let n = self.probes.len();
+        if n > latency::MAX_PROBES_PER_TARGET {
+            return Err(ConfigError::Range {
+                what: "target.probe.function".into(),
+                value: format!("{n} probes"),
+                range: "at most 8 [[target.probe]] per target",
+            });
+        }
+        for (k, p) in self.probes.iter().enumerate() {
+            p.validate()?;
+            if self.probes[..k].iter().any(|q| q.function == p.function) {
+                return Err(ConfigError::Invalid {
+                    what: "target.probe.function".into(),
+                    value: p.function.clone(),
+                    why: "probed twice in one target".into(),
+                });
+            }
+        }
         Ok(())
     }
 
@@ -835,6 +863,10 @@ impl TargetConfig {
                     self.rules = p.rules;
                     if self.schedules.is_empty() {
                         self.schedules = p.schedules;
+                    }
+                    // The preset's rules read its probes' metrics.
+                    if self.probes.is_empty() {
+                        self.probes = p.probes;
                     }
                 }
                 None => self.rules = default_rules(),
@@ -1023,6 +1055,7 @@ mod watch_tests {
             pid: None,
             rules: Vec::new(),
             schedules: Vec::new(),
+            probes: Vec::new(),
         });
         let e = c.effective();
         assert!(!e.targets[0].rules.is_empty() && !e.targets[0].schedules.is_empty());

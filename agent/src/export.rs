@@ -14,8 +14,8 @@ use std::{
 };
 
 use prometheus_client::{
-    encoding::{text::encode, EncodeLabelSet},
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    encoding::{text::encode, EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, MetricType, TypedMetric},
     registry::Registry,
 };
 use tracing::{info, warn};
@@ -51,6 +51,81 @@ pub struct SessionLabels {
     pub kind: String,
 }
 
+/// A probed function's labels.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FunctionLabels {
+    /// Watched name.
+    pub target: String,
+    /// Its process id now (each process has its own probe and counts).
+    pub pid: String,
+    /// The function as configured (`physics_step`, `libc:malloc`).
+    pub function: String,
+}
+
+/// A quantile of a probed function's durations.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct QuantileLabels {
+    target: String,
+    pid: String,
+    function: String,
+    quantile: String,
+}
+
+/// Upper bounds (seconds) of the exported duration histogram: 1-2.5-5 steps
+/// from 10 µs to 10 s, plus a 60 Hz frame (16.7 ms). The kernel's
+/// histogram has 976 log-linear buckets; a scraper wants a few.
+pub const DURATION_BOUNDS: [f64; 20] = [
+    1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 0.0167, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0,
+];
+
+/// Quantiles exported beside the histogram (since the probe attached), as
+/// exact as the kernel's histogram (≤ 5 %) where the buckets are coarse.
+pub const DURATION_QUANTILES: [f64; 3] = [0.5, 0.9, 0.99];
+
+/// A histogram whose counts come whole from elsewhere (the kernel's, read
+/// each interval): sum (s), count and per-bound counts (not cumulative;
+/// the last is `+Inf`).
+#[derive(Debug, Clone, Default)]
+pub struct Durations(Arc<std::sync::Mutex<(f64, u64, Vec<(f64, u64)>)>>);
+
+impl Durations {
+    /// Replaces the counts by those of `lat`.
+    pub fn set(&self, lat: &crate::probes::Latency) {
+        let mut per = vec![0u64; DURATION_BOUNDS.len() + 1];
+        for b in lat.nonempty() {
+            // A kernel bucket goes under the first bound it ends at or
+            // below: no call is counted under a bound it may exceed.
+            let high_s = b.high_ns as f64 / 1e9;
+            let k = DURATION_BOUNDS
+                .iter()
+                .position(|&le| high_s <= le * (1.0 + 1e-9))
+                .unwrap_or(DURATION_BOUNDS.len());
+            per[k] += b.count;
+        }
+        let bounds = DURATION_BOUNDS.iter().copied().chain([f64::INFINITY]);
+        let buckets = bounds.zip(per).collect();
+        if let Ok(mut g) = self.0.lock() {
+            *g = (lat.sum_ns as f64 / 1e9, lat.count, buckets);
+        }
+    }
+}
+
+impl TypedMetric for Durations {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for Durations {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let g = self.0.lock().map_err(|_| std::fmt::Error)?;
+        encoder.encode_histogram::<NoLabelSet>(g.0, g.1, &g.2, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
+
 type GaugeF = Gauge<f64, AtomicU64>;
 
 /// Every metric the daemon exports.
@@ -68,6 +143,8 @@ pub struct Exporter {
     agent_cpu_pct: GaugeF,
     agent_rss_bytes: GaugeF,
     webhook_failed: Counter,
+    durations: Family<FunctionLabels, Durations>,
+    quantiles: Family<QuantileLabels, GaugeF>,
 }
 
 /// Name, help and unit of a target metric.
@@ -101,10 +178,30 @@ fn describe(m: Metric) -> (&'static str, &'static str) {
             "target_recv_queue_bytes",
             "Bytes received but not yet read by the target",
         ),
+        Metric::LatencyP50Ms => (
+            "target_latency_p50_ms",
+            "Median duration of the target's first probed function in the interval, ms",
+        ),
+        Metric::LatencyP99Ms => (
+            "target_latency_p99_ms",
+            "99th percentile duration of the target's first probed function in the interval, ms",
+        ),
+        Metric::LatencyMaxMs => (
+            "target_latency_max_ms",
+            "Longest call of the target's first probed function in the interval, ms",
+        ),
+        Metric::CallsPerS => (
+            "target_calls_per_second",
+            "Calls of the target's first probed function per second",
+        ),
+        Metric::OverBudgetPct => (
+            "target_over_budget_percent",
+            "Calls of the target's first probed function over its budget, percent",
+        ),
     }
 }
 
-const TARGET_METRICS: [Metric; 10] = [
+const TARGET_METRICS: [Metric; 15] = [
     Metric::CpuPct,
     Metric::RssBytes,
     Metric::Threads,
@@ -115,6 +212,11 @@ const TARGET_METRICS: [Metric; 10] = [
     Metric::TimeWaitPerS,
     Metric::ResetsPerS,
     Metric::RecvQueueBytes,
+    Metric::LatencyP50Ms,
+    Metric::LatencyP99Ms,
+    Metric::LatencyMaxMs,
+    Metric::CallsPerS,
+    Metric::OverBudgetPct,
 ];
 
 /// What a running session reports about a target.
@@ -205,7 +307,21 @@ impl Exporter {
             "Alert records the webhook could not deliver",
             webhook_failed.clone(),
         );
+        let durations = Family::<FunctionLabels, Durations>::default();
+        registry.register(
+            "function_duration_seconds",
+            "Durations of a probed function ([[target.probe]]) since its probe attached",
+            durations.clone(),
+        );
+        let quantiles = Family::<QuantileLabels, GaugeF>::default();
+        registry.register(
+            "function_duration_quantile_seconds",
+            "Quantiles of a probed function's durations since its probe attached (from the kernel's log-linear histogram)",
+            quantiles.clone(),
+        );
         Self {
+            durations,
+            quantiles,
             registry,
             target,
             alerts_firing,
@@ -256,6 +372,23 @@ impl Exporter {
         self.tcp_lost_events.get_or_create(labels).set(tcp_lost as f64);
     }
 
+    /// A probed function's durations so far (histogram and quantiles).
+    pub fn set_function(&self, labels: &FunctionLabels, lat: &crate::probes::Latency) {
+        self.durations.get_or_create(labels).set(lat);
+        for q in DURATION_QUANTILES {
+            let ql = quantile_labels(labels, q);
+            self.quantiles.get_or_create(&ql).set(lat.quantile(q) as f64 / 1e9);
+        }
+    }
+
+    /// A probe went away (its process, or the probe): drop its series.
+    pub fn remove_function(&self, labels: &FunctionLabels) {
+        self.durations.remove(labels);
+        for q in DURATION_QUANTILES {
+            self.quantiles.remove(&quantile_labels(labels, q));
+        }
+    }
+
     /// An alert fired (`firing` true) or resolved.
     pub fn alert(&self, labels: &RuleLabels, firing: bool) {
         if firing {
@@ -296,6 +429,15 @@ impl Exporter {
     /// tools that do not ask for OpenMetrics (promtool, curl).
     pub fn render_text(&self) -> String {
         to_prometheus_text(&self.render())
+    }
+}
+
+fn quantile_labels(l: &FunctionLabels, q: f64) -> QuantileLabels {
+    QuantileLabels {
+        target: l.target.clone(),
+        pid: l.pid.clone(),
+        function: l.function.clone(),
+        quantile: q.to_string(),
     }
 }
 
