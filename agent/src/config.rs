@@ -990,6 +990,51 @@ mod watch_tests {
         assert!(e.starts_with("c.toml:2:"), "{e}");
     }
 
+    /// Test that `[[target.probe]]` loads a function and a fractional
+    /// budget, and refuses a malformed function, a bad or zero budget, an
+    /// unknown key, the same function twice and more than 8 probes, each in
+    /// one line with the file, the line and the key.
+    #[test]
+    fn target_probes_checked() {
+        let t = "[[target]]\nprocess = \"x\"\n";
+        let probe = |body: &str| format!("[[target.probe]]\n{body}\n");
+        let ok = parse(
+            "c.toml",
+            &format!("{t}{}", probe("function = \"libc:malloc\"\nbudget = \"16.7ms\"")),
+        )
+        .unwrap();
+        let p = &ok.targets[0].probes[0];
+        assert_eq!(p.function, "libc:malloc");
+        assert_eq!(p.budget.unwrap().as_micros(), 16_700);
+        let text = toml::to_string(&ok).unwrap();
+        assert_eq!(parse("x", &text).unwrap(), ok, "{text}");
+        let cases = [
+            (
+                probe("function = \"a:\""),
+                "c.toml:4: target.probe.function = \"a:\"",
+            ),
+            (probe("function = \"f\"\nbudget = \"soon\""), "c.toml:5:"),
+            (probe("function = \"f\"\nbudget = \"0ms\""), "c.toml:5:"),
+            (probe("function = \"f\"\nbudget = \"2h\""), "c.toml:5:"),
+            (
+                probe("function = \"f\"\nbudgt = \"2ms\""),
+                "c.toml:5: unknown field `budgt`",
+            ),
+            (probe("budget = \"2ms\""), "c.toml:3: missing field `function`"),
+            (
+                probe("function = \"f\"").repeat(2),
+                "c.toml:4: target.probe.function = \"f\": probed twice",
+            ),
+        ];
+        for (body, want) in cases {
+            let e = load_err(&format!("{t}{body}"));
+            assert!(e.starts_with(want), "{e} (want {want})");
+        }
+        let nine: String = (0..9).map(|k| probe(&format!("function = \"f{k}\""))).collect();
+        let e = load_err(&format!("{t}{nine}"));
+        assert!(e.starts_with("c.toml:4:") && e.contains("at most 8"), "{e}");
+    }
+
     /// Test that values out of range are refused at load naming line and
     /// key: max_sessions = 0, max_overhead_pct -3 and 500, for_s = -4,
     /// NaN, a rule window past the history, a bad cron, a bad URL.

@@ -75,8 +75,8 @@ struct QuantileLabels {
 /// from 10 µs to 10 s, plus a 60 Hz frame (16.7 ms). The kernel's
 /// histogram has 976 log-linear buckets; a scraper wants a few.
 pub const DURATION_BOUNDS: [f64; 20] = [
-    1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 0.0167, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0,
-    2.5, 5.0, 10.0,
+    1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 0.0167, 2.5e-2, 5e-2, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0,
 ];
 
 /// Quantiles exported beside the histogram (since the probe attached), as
@@ -377,7 +377,9 @@ impl Exporter {
         self.durations.get_or_create(labels).set(lat);
         for q in DURATION_QUANTILES {
             let ql = quantile_labels(labels, q);
-            self.quantiles.get_or_create(&ql).set(lat.quantile(q) as f64 / 1e9);
+            self.quantiles
+                .get_or_create(&ql)
+                .set(lat.quantile(q) as f64 / 1e9);
         }
     }
 
@@ -574,6 +576,66 @@ mod tests {
         );
         assert!(classic.contains("# HELP flamewatch_alerts_total Alerts fired"));
         assert!(!classic.contains("# EOF"));
+    }
+
+    /// Test that a probed function's kernel histogram is exported as a
+    /// Prometheus histogram with cumulative fixed `le` buckets, sum and
+    /// count, with its quantiles beside it, and that both go with the probe.
+    #[test]
+    fn function_durations_histogram() {
+        let e = Exporter::new();
+        let mut lat = crate::probes::Latency::default();
+        for k in 0..100u64 {
+            lat.record(if k % 10 == 9 { 30_000_000 } else { 2_000_000 });
+        }
+        let labels = FunctionLabels {
+            target: "game-server".into(),
+            pid: "7".into(),
+            function: "game_tick".into(),
+        };
+        e.set_function(&labels, &lat);
+        let text = e.render_text();
+        let series = r#"{target="game-server",pid="7",function="game_tick""#;
+        let labels_text = &series[1..];
+        let bucket =
+            |le: &str| format!("flamewatch_function_duration_seconds_bucket{{le=\"{le}\",{labels_text}}}");
+        for (le, n) in [
+            ("0.001", 0),
+            ("0.0025", 90),
+            ("0.0167", 90),
+            ("0.025", 90),
+            ("0.05", 100),
+            ("+Inf", 100),
+        ] {
+            assert!(text.contains(&format!("{} {n}\n", bucket(le))), "le {le}: {text}");
+        }
+        assert!(
+            text.contains(&format!(
+                "flamewatch_function_duration_seconds_count{series}}} 100"
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!(
+                "flamewatch_function_duration_seconds_sum{series}}} 0.48"
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE flamewatch_function_duration_seconds histogram"),
+            "{text}"
+        );
+        let p99 = text
+            .lines()
+            .find(|l| {
+                l.starts_with("flamewatch_function_duration_quantile_seconds")
+                    && l.contains("quantile=\"0.99\"")
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .expect("p99 gauge");
+        assert!((p99 - 0.03).abs() < 0.0015, "{p99}");
+        e.remove_function(&labels);
+        assert!(!e.render_text().contains("game_tick"));
     }
 
     /// Test that dashboards/flamewatch.json (the Grafana dashboard) is valid

@@ -98,7 +98,9 @@ pub fn parse_budget(text: &str) -> Result<Duration, ConfigError> {
         why: format!("{why}; examples: 16.7ms, 500us, 2s"),
     };
     let d = match t.parse::<f64>() {
-        Ok(ms) if ms.is_finite() && ms > 0.0 => Duration::try_from_secs_f64(ms / 1e3).map_err(|e| bad(e.to_string()))?,
+        Ok(ms) if ms.is_finite() && ms > 0.0 => {
+            Duration::try_from_secs_f64(ms / 1e3).map_err(|e| bad(e.to_string()))?
+        }
         Ok(_) => return Err(bad("must be positive".into())),
         Err(_) => parse_fractional(t).ok_or_else(|| bad("not a duration".into()))?,
     };
@@ -161,7 +163,9 @@ mod budget_serde {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
         let text = String::deserialize(d)?;
-        super::parse_budget(&text).map(Some).map_err(serde::de::Error::custom)
+        super::parse_budget(&text)
+            .map(Some)
+            .map_err(serde::de::Error::custom)
     }
 }
 

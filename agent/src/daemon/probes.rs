@@ -125,7 +125,8 @@ impl Daemon {
             if let Some(e) = self.engine.as_mut() {
                 e.remove_probe(p.id);
             }
-            self.exporter.remove_function(&function_labels(&labels, &p.function));
+            self.exporter
+                .remove_function(&function_labels(&labels, &p.function));
         }
     }
 
@@ -149,7 +150,8 @@ impl Daemon {
             if k == 0 {
                 values = interval_values(&d, p.at.elapsed().as_secs_f64(), p.budget);
             }
-            self.exporter.set_function(&function_labels(&labels, &p.function), &now);
+            self.exporter
+                .set_function(&function_labels(&labels, &p.function), &now);
             (p.last, p.at, p.cpu0) = (now, Instant::now(), cpu);
             // A 100 % budget takes any cost.
             let over = d.count >= MIN_CALLS && pct > budget_pct && budget_pct < 100.0;
@@ -171,7 +173,8 @@ impl Daemon {
             e.remove_probe(p.id);
         }
         let labels = target_labels(&self.watched[i], t);
-        self.exporter.remove_function(&function_labels(&labels, &p.function));
+        self.exporter
+            .remove_function(&function_labels(&labels, &p.function));
         let budget = self.config.max_overhead_pct;
         let f = Finding {
             metric: "probe_cost_pct".into(),
@@ -223,6 +226,8 @@ mod tests {
     }
 
     fn get_none(v: &[(Metric, f64)]) -> Option<f64> {
-        v.iter().find(|(m, _)| *m == Metric::OverBudgetPct).map(|(_, v)| *v)
+        v.iter()
+            .find(|(m, _)| *m == Metric::OverBudgetPct)
+            .map(|(_, v)| *v)
     }
 }

@@ -424,7 +424,9 @@ impl Daemon {
         let start = Start {
             kind: SessionKind::Slow,
             config,
-            from: alert_at.checked_sub(self.config.emergency.pre).unwrap_or(alert_at),
+            from: alert_at
+                .checked_sub(self.config.emergency.pre)
+                .unwrap_or(alert_at),
             duration: self.config.emergency.duration,
             alert_at: Some(alert_at),
             alert: Some(record),
@@ -700,7 +702,12 @@ fn profile_record(mut alert: AlertRecord, report: &Report, file_baseline: Option
 /// Whether `rule` watches how late a probed function's calls are: its
 /// emergency is a slow-call profile.
 fn slow_rule(rule: &Rule) -> bool {
-    let late = |m: &Metric| matches!(m, Metric::LatencyP99Ms | Metric::LatencyMaxMs | Metric::OverBudgetPct);
+    let late = |m: &Metric| {
+        matches!(
+            m,
+            Metric::LatencyP99Ms | Metric::LatencyMaxMs | Metric::OverBudgetPct
+        )
+    };
     match &rule.check {
         Check::Threshold { metric, .. } | Check::Zscore { metric, .. } => late(metric),
         _ => false,
