@@ -173,3 +173,76 @@ fn frame_spike_rules_and_slow_profile() {
         );
     }
 }
+
+/// `framelat` (2 ms ticks at 60 Hz, every 10th 30 ms), ready.
+fn framelat() -> TestProcess {
+    let mut cmd = Command::new(target_bin("framelat"));
+    cmd.args(["--frames", "100000"]);
+    TestProcess::spawn_ready(cmd)
+}
+
+/// The count of `tick` calls of `pid` on /metrics.
+fn tick_count(addr: &str, pid: u32) -> Option<f64> {
+    let body = http_get(addr, "/metrics")?;
+    let pid = format!("pid=\"{pid}\"");
+    metric(
+        &body,
+        "flamewatch_function_duration_seconds_count{",
+        &[&pid, "function=\"tick\""],
+    )
+}
+
+/// Test that a probe of a target watched by name is attached to its
+/// process, gives the target's latency metrics, and is attached again to
+/// the process that replaces it, the old process's series removed.
+#[test]
+fn probe_follows_restart() {
+    if !privileged("probe_follows_restart") {
+        return;
+    }
+    let _turn = cpu_bound_turn();
+    let dir = output_dir();
+    let addr = format!("127.0.0.1:{}", free_tcp_port());
+    let config = dir.path().join("flamewatch.toml");
+    let text = format!(
+        "output = {:?}\ncontrol_socket = {:?}\nmetrics_addr = {addr:?}\n[[target]]\nprocess = \"framelat\"\n\
+         [[target.probe]]\nfunction = \"tick\"\nbudget = \"16.7ms\"\n",
+        dir.path().display().to_string(),
+        dir.path().join("control.sock").display().to_string(),
+    );
+    std::fs::write(&config, text).unwrap();
+    let first = framelat();
+    let p1 = first.pid();
+    let mut daemon = Command::new(flamewatch_bin());
+    daemon
+        .args(["watch", "--config", config.to_str().unwrap()])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    let _daemon = TestProcess::spawn(daemon);
+    assert!(
+        wait_until(Duration::from_secs(20), || tick_count(&addr, p1)
+            .is_some_and(|n| n > 60.0)),
+        "ticks of pid {p1} counted"
+    );
+    // An interval's worth of frames after the first read: 2 ms p50, 60/s.
+    std::thread::sleep(Duration::from_secs(3));
+    let body = http_get(&addr, "/metrics").unwrap();
+    let pid = format!("pid=\"{p1}\"");
+    let p50 = metric(&body, "flamewatch_target_latency_p50_ms{", &[&pid]).expect("p50");
+    let rate = metric(&body, "flamewatch_target_calls_per_second{", &[&pid]).expect("calls/s");
+    let over = metric(&body, "flamewatch_target_over_budget_percent{", &[&pid]).expect("over budget");
+    eprintln!("framelat pid {p1}: p50 {p50} ms, {rate} calls/s, {over} % over budget");
+    assert!((p50 - 2.0).abs() < 0.2, "p50 {p50} ms");
+    assert!((45.0..=75.0).contains(&rate), "{rate} calls/s");
+    assert!((0.0..=25.0).contains(&over), "{over} %");
+    drop(first);
+    let second = framelat();
+    let p2 = second.pid();
+    assert!(
+        wait_until(Duration::from_secs(20), || tick_count(&addr, p2)
+            .is_some_and(|n| n > 60.0)),
+        "ticks of the new pid {p2} counted"
+    );
+    assert_eq!(tick_count(&addr, p1), None, "the old pid's series are removed");
+}
