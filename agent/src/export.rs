@@ -87,7 +87,10 @@ pub const DURATION_QUANTILES: [f64; 3] = [0.5, 0.9, 0.99];
 /// each interval): sum (s), count and per-bound counts (not cumulative;
 /// the last is `+Inf`).
 #[derive(Debug, Clone, Default)]
-pub struct Durations(Arc<std::sync::Mutex<(f64, u64, Vec<(f64, u64)>)>>);
+pub struct Durations(Arc<std::sync::Mutex<HistogramCounts>>);
+
+/// Sum (s), count, and (upper bound, calls) per bucket.
+type HistogramCounts = (f64, u64, Vec<(f64, u64)>);
 
 impl Durations {
     /// Replaces the counts by those of `lat`.

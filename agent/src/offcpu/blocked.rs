@@ -92,12 +92,12 @@ fn cpu_clocks() -> Vec<Option<f64>> {
         }
         let ncpus = aya::util::online_cpus().map_or(0, |c| c.iter().max().map_or(0, |m| m + 1));
         let mut out = vec![None; ncpus as usize];
-        for cpu in 0..ncpus as usize {
+        for (cpu, slot) in out.iter_mut().enumerate() {
             let mut one: libc::cpu_set_t = std::mem::zeroed();
             libc::CPU_SET(cpu, &mut one);
             if libc::sched_setaffinity(0, size, &one) == 0 {
                 // Moved (or already there): scheduled on `cpu` since.
-                out[cpu] = exec_start("/proc/thread-self/sched");
+                *slot = exec_start("/proc/thread-self/sched");
             }
         }
         libc::sched_setaffinity(0, size, &old);
