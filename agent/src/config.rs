@@ -841,6 +841,7 @@ impl TargetConfig {
                 range: "at most 8 [[target.probe]] per target",
             });
         }
+        self.rules_have_probes()?;
         for (k, p) in self.probes.iter().enumerate() {
             p.validate()?;
             if self.probes[..k].iter().any(|q| q.function == p.function) {
@@ -848,6 +849,36 @@ impl TargetConfig {
                     what: "target.probe.function".into(),
                     value: p.function.clone(),
                     why: "probed twice in one target".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// A rule on a probe metric needs a probe (and `over_budget_pct` the
+    /// first probe's budget): it would never fire otherwise. Presets are
+    /// merged later, with their probes, so a target's own rules are checked.
+    fn rules_have_probes(&self) -> Result<(), ConfigError> {
+        use crate::{detect::Check, metrics::Metric};
+        let budget = self.probes.first().is_some_and(|p| p.budget.is_some());
+        for r in &self.rules {
+            let metric = match &r.check {
+                Check::Threshold { metric, .. } | Check::Zscore { metric, .. } => *metric,
+                _ => continue,
+            };
+            let needs = match metric {
+                Metric::OverBudgetPct => !budget,
+                Metric::LatencyP50Ms | Metric::LatencyP99Ms | Metric::LatencyMaxMs | Metric::CallsPerS => {
+                    self.probes.is_empty()
+                }
+                _ => false,
+            };
+            if needs {
+                return Err(ConfigError::Invalid {
+                    what: format!("rule {:?} of {}: metric", r.name, self.describe()),
+                    value: metric.name().into(),
+                    why: "read from the target's first [[target.probe]] (over_budget_pct: one with a budget); add one"
+                        .into(),
                 });
             }
         }
@@ -992,8 +1023,9 @@ mod watch_tests {
 
     /// Test that `[[target.probe]]` loads a function and a fractional
     /// budget, and refuses a malformed function, a bad or zero budget, an
-    /// unknown key, the same function twice and more than 8 probes, each in
-    /// one line with the file, the line and the key.
+    /// unknown key, the same function twice, more than 8 probes, and a rule
+    /// on a probe metric without the probe, each in one line with the file,
+    /// the line and the key.
     #[test]
     fn target_probes_checked() {
         let t = "[[target]]\nprocess = \"x\"\n";
@@ -1030,6 +1062,22 @@ mod watch_tests {
             let e = load_err(&format!("{t}{body}"));
             assert!(e.starts_with(want), "{e} (want {want})");
         }
+        let rule = "[[target.rule]]\nname = \"late\"\nseverity = \"warning\"\nkind = \"threshold\"\n";
+        let e = load_err(&format!("{t}{rule}metric = \"latency_p99_ms\"\nabove = 5\n"));
+        assert!(
+            e.starts_with("c.toml:7: rule \"late\" of x: metric = \"latency_p99_ms\""),
+            "{e}"
+        );
+        let unbudgeted = probe("function = \"f\"");
+        let e = load_err(&format!(
+            "{t}{unbudgeted}{rule}metric = \"over_budget_pct\"\nabove = 5\n"
+        ));
+        assert!(e.starts_with("c.toml:9:") && e.contains("over_budget_pct"), "{e}");
+        parse(
+            "c.toml",
+            &format!("{t}{unbudgeted}{rule}metric = \"calls_per_s\"\nabove = 5\n"),
+        )
+        .unwrap();
         let nine: String = (0..9).map(|k| probe(&format!("function = \"f{k}\""))).collect();
         let e = load_err(&format!("{t}{nine}"));
         assert!(e.starts_with("c.toml:4:") && e.contains("at most 8"), "{e}");

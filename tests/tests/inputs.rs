@@ -117,6 +117,13 @@ fn configs() -> Vec<(String, &'static str)> {
             format!("{TARGET}{}", probe("function = \"f\"").repeat(2)),
             "c.toml:4: target.probe.function = \"f\": probed twice",
         ),
+        (
+            format!(
+                "{TARGET}[[target.rule]]\nname = \"late\"\nseverity = \"warning\"\nkind = \"threshold\"\n\
+                 metric = \"latency_p99_ms\"\nabove = 5\n"
+            ),
+            "c.toml:7: rule \"late\" of x: metric = \"latency_p99_ms\"",
+        ),
     ]
 }
 
