@@ -68,7 +68,8 @@ struct QuantileLabels {
     target: String,
     pid: String,
     function: String,
-    quantile: String,
+    /// `50`, `90`, `99` (not `quantile`: that label is a summary's).
+    percentile: String,
 }
 
 /// Upper bounds (seconds) of the exported duration histogram: 1-2.5-5 steps
@@ -182,16 +183,16 @@ fn describe(m: Metric) -> (&'static str, &'static str) {
             "Bytes received but not yet read by the target",
         ),
         Metric::LatencyP50Ms => (
-            "target_latency_p50_ms",
-            "Median duration of the target's first probed function in the interval, ms",
+            "target_latency_p50_seconds",
+            "Median duration of the target's first probed function in the interval",
         ),
         Metric::LatencyP99Ms => (
-            "target_latency_p99_ms",
-            "99th percentile duration of the target's first probed function in the interval, ms",
+            "target_latency_p99_seconds",
+            "99th percentile duration of the target's first probed function in the interval",
         ),
         Metric::LatencyMaxMs => (
-            "target_latency_max_ms",
-            "Longest call of the target's first probed function in the interval, ms",
+            "target_latency_max_seconds",
+            "Longest call of the target's first probed function in the interval",
         ),
         Metric::CallsPerS => (
             "target_calls_per_second",
@@ -201,6 +202,14 @@ fn describe(m: Metric) -> (&'static str, &'static str) {
             "target_over_budget_percent",
             "Calls of the target's first probed function over its budget, percent",
         ),
+    }
+}
+
+/// What a metric's value is multiplied by for export.
+fn scale(m: Metric) -> f64 {
+    match m {
+        Metric::LatencyP50Ms | Metric::LatencyP99Ms | Metric::LatencyMaxMs => 1e-3,
+        _ => 1.0,
     }
 }
 
@@ -318,8 +327,8 @@ impl Exporter {
         );
         let quantiles = Family::<QuantileLabels, GaugeF>::default();
         registry.register(
-            "function_duration_quantile_seconds",
-            "Quantiles of a probed function's durations since its probe attached (from the kernel's log-linear histogram)",
+            "function_duration_percentile_seconds",
+            "Percentiles of a probed function's durations since its probe attached (from the kernel's log-linear histogram)",
             quantiles.clone(),
         );
         Self {
@@ -341,11 +350,12 @@ impl Exporter {
         }
     }
 
-    /// The latest values of a target.
+    /// The latest values of a target (milliseconds exported as seconds,
+    /// Prometheus' base unit).
     pub fn set_target(&self, labels: &TargetLabels, values: &[(Metric, f64)]) {
         for (m, v) in values {
             if let Some((_, family)) = self.target.iter().find(|(t, _)| t == m) {
-                family.get_or_create(labels).set(*v);
+                family.get_or_create(labels).set(*v * scale(*m));
             }
         }
     }
@@ -442,7 +452,7 @@ fn quantile_labels(l: &FunctionLabels, q: f64) -> QuantileLabels {
         target: l.target.clone(),
         pid: l.pid.clone(),
         function: l.function.clone(),
-        quantile: q.to_string(),
+        percentile: (q * 100.0).round().to_string(),
     }
 }
 
@@ -631,8 +641,8 @@ mod tests {
         let p99 = text
             .lines()
             .find(|l| {
-                l.starts_with("flamewatch_function_duration_quantile_seconds")
-                    && l.contains("quantile=\"0.99\"")
+                l.starts_with("flamewatch_function_duration_percentile_seconds")
+                    && l.contains("percentile=\"99\"")
             })
             .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .expect("p99 gauge");

@@ -46,6 +46,25 @@ fn metric(body: &str, name: &str, labels: &[&str]) -> Option<f64> {
         .find_map(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
+/// `promtool check metrics` (its lint included) accepts `body`.
+fn promtool_passes(body: &str) {
+    let mut check = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian prometheus)");
+    check.stdin.take().unwrap().write_all(body.as_bytes()).unwrap();
+    let out = check.wait_with_output().unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "promtool: {said}");
+}
+
 /// The game-server preset watching pid `pid`, metrics on `addr`, short
 /// emergency profiles.
 fn preset_config(dir: &Path, pid: u32, addr: &str) -> std::path::PathBuf {
@@ -96,12 +115,12 @@ fn frame_spike_rules_and_slow_profile() {
     let _daemon = TestProcess::spawn(daemon);
     // Poll /metrics until the server exits: the last p99 before it went is
     // over (nearly) all its frames.
-    let labels = ["function=\"game_tick\"", "quantile=\"0.99\""];
+    let labels = ["function=\"game_tick\"", "percentile=\"99\""];
     let (mut agent_p99_s, mut body) = (None, String::new());
     let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline && game.child_mut().try_wait().ok().flatten().is_none() {
         if let Some(b) = http_get(&addr, "/metrics") {
-            if let Some(v) = metric(&b, "flamewatch_function_duration_quantile_seconds", &labels) {
+            if let Some(v) = metric(&b, "flamewatch_function_duration_percentile_seconds", &labels) {
                 (agent_p99_s, body) = (Some(v), b);
             }
         }
@@ -128,6 +147,7 @@ fn frame_spike_rules_and_slow_profile() {
         body.contains(bucket) && body.contains("flamewatch_target_over_budget_percent{"),
         "{body}"
     );
+    promtool_passes(&body);
     let fired = find_alert(dir.path(), "frame_p99", "firing").expect("frame_p99 fired");
     assert_eq!(fired["metric"], "latency_p99_ms", "{fired:#}");
     assert!(fired["value"].as_f64().unwrap() > 16.7, "{fired:#}");
@@ -229,7 +249,7 @@ fn probe_follows_restart() {
     std::thread::sleep(Duration::from_secs(3));
     let body = http_get(&addr, "/metrics").unwrap();
     let pid = format!("pid=\"{p1}\"");
-    let p50 = metric(&body, "flamewatch_target_latency_p50_ms{", &[&pid]).expect("p50");
+    let p50 = 1e3 * metric(&body, "flamewatch_target_latency_p50_seconds{", &[&pid]).expect("p50");
     let rate = metric(&body, "flamewatch_target_calls_per_second{", &[&pid]).expect("calls/s");
     let over = metric(&body, "flamewatch_target_over_budget_percent{", &[&pid]).expect("over budget");
     eprintln!("framelat pid {p1}: p50 {p50} ms, {rate} calls/s, {over} % over budget");
