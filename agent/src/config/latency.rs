@@ -1,5 +1,5 @@
 //! Settings of `flamewatch latency`: their defaults, and the checks the
-//! command line (and later `[[target.probe]]` in TOML) share.
+//! command line and `[[target.probe]]` in TOML share.
 
 use std::{path::PathBuf, time::Duration};
 

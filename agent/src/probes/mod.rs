@@ -4,8 +4,8 @@
 //! other processes running the same library are untouched). The kernel
 //! keeps a log-linear histogram per probe (see `common/src/probe.rs`);
 //! this module attaches, reads and detaches them, and turns histograms
-//! into quantiles. `latency` uses it now; `watch` can hold probes on its
-//! targets through the same engine calls.
+//! into quantiles. `latency` and `watch` (`[[target.probe]]`, see
+//! `daemon/probes.rs`) use it through the same engine calls.
 
 pub mod calibrate;
 pub mod resolve;
