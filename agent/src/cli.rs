@@ -112,6 +112,7 @@ impl WatchArgs {
             pid,
             rules: Vec::new(),
             schedules: Vec::new(),
+            probes: Vec::new(),
         };
         config
             .targets

@@ -352,6 +352,10 @@ pub struct TargetConfig {
     /// Baseline profiles on a schedule.
     #[serde(default, rename = "schedule")]
     pub schedules: Vec<ScheduleConfig>,
+    /// Latency probes on its functions (at most
+    /// [`latency::MAX_PROBES_PER_TARGET`]), on every process of the target.
+    #[serde(default, rename = "probe", skip_serializing_if = "Vec::is_empty")]
+    pub probes: Vec<latency::ProbeSpec>,
 }
 
 impl TargetConfig {
@@ -827,6 +831,61 @@ impl TargetConfig {
             check_duration(&format!("{what}: duration"), s.duration, false)?;
             check_freq(&format!("{what}: freq_hz"), s.freq_hz)?;
         }
+        self.validate_probes()
+    }
+
+    /// At most [`latency::MAX_PROBES_PER_TARGET`] probes, each on a
+    /// function written `SYMBOL` or `LIB:SYMBOL`, none twice.
+    fn validate_probes(&self) -> Result<(), ConfigError> {
+        let n = self.probes.len();
+        if n > latency::MAX_PROBES_PER_TARGET {
+            return Err(ConfigError::Range {
+                what: "target.probe.function".into(),
+                value: format!("{n} probes"),
+                range: "at most 8 [[target.probe]] per target",
+            });
+        }
+        self.rules_have_probes()?;
+        for (k, p) in self.probes.iter().enumerate() {
+            p.validate()?;
+            if self.probes[..k].iter().any(|q| q.function == p.function) {
+                return Err(ConfigError::Invalid {
+                    what: "target.probe.function".into(),
+                    value: p.function.clone(),
+                    why: "probed twice in one target".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// A rule on a probe metric needs a probe (and `over_budget_pct` the
+    /// first probe's budget): it would never fire otherwise. Presets are
+    /// merged later, with their probes, so a target's own rules are checked.
+    fn rules_have_probes(&self) -> Result<(), ConfigError> {
+        use crate::{detect::Check, metrics::Metric};
+        let budget = self.probes.first().is_some_and(|p| p.budget.is_some());
+        for r in &self.rules {
+            let metric = match &r.check {
+                Check::Threshold { metric, .. } | Check::Zscore { metric, .. } => *metric,
+                _ => continue,
+            };
+            let needs = match metric {
+                Metric::OverBudgetPct => !budget,
+                Metric::LatencyP50Ms | Metric::LatencyP99Ms | Metric::LatencyMaxMs | Metric::CallsPerS => {
+                    self.probes.is_empty()
+                }
+                _ => false,
+            };
+            if needs {
+                return Err(ConfigError::Invalid {
+                    what: format!("rule {:?} of {}: metric", r.name, self.describe()),
+                    value: metric.name().into(),
+                    why: "read from the target's first [[target.probe]] (over_budget_pct: one with a budget); add one"
+                        .into(),
+                });
+            }
+        }
         Ok(())
     }
 
@@ -839,6 +898,10 @@ impl TargetConfig {
                     self.rules = p.rules;
                     if self.schedules.is_empty() {
                         self.schedules = p.schedules;
+                    }
+                    // The preset's rules read its probes' metrics.
+                    if self.probes.is_empty() {
+                        self.probes = p.probes;
                     }
                 }
                 None => self.rules = default_rules(),
@@ -962,6 +1025,68 @@ mod watch_tests {
         assert!(e.starts_with("c.toml:2:"), "{e}");
     }
 
+    /// Test that `[[target.probe]]` loads a function and a fractional
+    /// budget, and refuses a malformed function, a bad or zero budget, an
+    /// unknown key, the same function twice, more than 8 probes, and a rule
+    /// on a probe metric without the probe, each in one line with the file,
+    /// the line and the key.
+    #[test]
+    fn target_probes_checked() {
+        let t = "[[target]]\nprocess = \"x\"\n";
+        let probe = |body: &str| format!("[[target.probe]]\n{body}\n");
+        let ok = parse(
+            "c.toml",
+            &format!("{t}{}", probe("function = \"libc:malloc\"\nbudget = \"16.7ms\"")),
+        )
+        .unwrap();
+        let p = &ok.targets[0].probes[0];
+        assert_eq!(p.function, "libc:malloc");
+        assert_eq!(p.budget.unwrap().as_micros(), 16_700);
+        let text = toml::to_string(&ok).unwrap();
+        assert_eq!(parse("x", &text).unwrap(), ok, "{text}");
+        let cases = [
+            (
+                probe("function = \"a:\""),
+                "c.toml:4: target.probe.function = \"a:\"",
+            ),
+            (probe("function = \"f\"\nbudget = \"soon\""), "c.toml:5:"),
+            (probe("function = \"f\"\nbudget = \"0ms\""), "c.toml:5:"),
+            (probe("function = \"f\"\nbudget = \"2h\""), "c.toml:5:"),
+            (
+                probe("function = \"f\"\nbudgt = \"2ms\""),
+                "c.toml:5: unknown field `budgt`",
+            ),
+            (probe("budget = \"2ms\""), "c.toml:3: missing field `function`"),
+            (
+                probe("function = \"f\"").repeat(2),
+                "c.toml:4: target.probe.function = \"f\": probed twice",
+            ),
+        ];
+        for (body, want) in cases {
+            let e = load_err(&format!("{t}{body}"));
+            assert!(e.starts_with(want), "{e} (want {want})");
+        }
+        let rule = "[[target.rule]]\nname = \"late\"\nseverity = \"warning\"\nkind = \"threshold\"\n";
+        let e = load_err(&format!("{t}{rule}metric = \"latency_p99_ms\"\nabove = 5\n"));
+        assert!(
+            e.starts_with("c.toml:7: rule \"late\" of x: metric = \"latency_p99_ms\""),
+            "{e}"
+        );
+        let unbudgeted = probe("function = \"f\"");
+        let e = load_err(&format!(
+            "{t}{unbudgeted}{rule}metric = \"over_budget_pct\"\nabove = 5\n"
+        ));
+        assert!(e.starts_with("c.toml:9:") && e.contains("over_budget_pct"), "{e}");
+        parse(
+            "c.toml",
+            &format!("{t}{unbudgeted}{rule}metric = \"calls_per_s\"\nabove = 5\n"),
+        )
+        .unwrap();
+        let nine: String = (0..9).map(|k| probe(&format!("function = \"f{k}\""))).collect();
+        let e = load_err(&format!("{t}{nine}"));
+        assert!(e.starts_with("c.toml:4:") && e.contains("at most 8"), "{e}");
+    }
+
     /// Test that values out of range are refused at load naming line and
     /// key: max_sessions = 0, max_overhead_pct -3 and 500, for_s = -4,
     /// NaN, a rule window past the history, a bad cron, a bad URL.
@@ -1027,6 +1152,7 @@ mod watch_tests {
             pid: None,
             rules: Vec::new(),
             schedules: Vec::new(),
+            probes: Vec::new(),
         });
         let e = c.effective();
         assert!(!e.targets[0].rules.is_empty() && !e.targets[0].schedules.is_empty());

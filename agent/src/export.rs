@@ -14,8 +14,8 @@ use std::{
 };
 
 use prometheus_client::{
-    encoding::{text::encode, EncodeLabelSet},
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    encoding::{text::encode, EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, MetricType, TypedMetric},
     registry::Registry,
 };
 use tracing::{info, warn};
@@ -51,6 +51,85 @@ pub struct SessionLabels {
     pub kind: String,
 }
 
+/// A probed function's labels.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FunctionLabels {
+    /// Watched name.
+    pub target: String,
+    /// Its process id now (each process has its own probe and counts).
+    pub pid: String,
+    /// The function as configured (`physics_step`, `libc:malloc`).
+    pub function: String,
+}
+
+/// A quantile of a probed function's durations.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct QuantileLabels {
+    target: String,
+    pid: String,
+    function: String,
+    /// `50`, `90`, `99` (not `quantile`: that label is a summary's).
+    percentile: String,
+}
+
+/// Upper bounds (seconds) of the exported duration histogram: 1-2.5-5 steps
+/// from 10 µs to 10 s, plus a 60 Hz frame (16.7 ms). The kernel's
+/// histogram has 976 log-linear buckets; a scraper wants a few.
+pub const DURATION_BOUNDS: [f64; 20] = [
+    1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 0.0167, 2.5e-2, 5e-2, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0,
+];
+
+/// Quantiles exported beside the histogram (since the probe attached), as
+/// exact as the kernel's histogram (≤ 5 %) where the buckets are coarse.
+pub const DURATION_QUANTILES: [f64; 3] = [0.5, 0.9, 0.99];
+
+/// A histogram whose counts come whole from elsewhere (the kernel's, read
+/// each interval): sum (s), count and per-bound counts (not cumulative;
+/// the last is `+Inf`).
+#[derive(Debug, Clone, Default)]
+pub struct Durations(Arc<std::sync::Mutex<HistogramCounts>>);
+
+/// Sum (s), count, and (upper bound, calls) per bucket.
+type HistogramCounts = (f64, u64, Vec<(f64, u64)>);
+
+impl Durations {
+    /// Replaces the counts by those of `lat`.
+    pub fn set(&self, lat: &crate::probes::Latency) {
+        let mut per = vec![0u64; DURATION_BOUNDS.len() + 1];
+        for b in lat.nonempty() {
+            // A kernel bucket goes under the first bound it ends at or
+            // below: no call is counted under a bound it may exceed.
+            let high_s = b.high_ns as f64 / 1e9;
+            let k = DURATION_BOUNDS
+                .iter()
+                .position(|&le| high_s <= le * (1.0 + 1e-9))
+                .unwrap_or(DURATION_BOUNDS.len());
+            per[k] += b.count;
+        }
+        let bounds = DURATION_BOUNDS.iter().copied().chain([f64::INFINITY]);
+        let buckets = bounds.zip(per).collect();
+        if let Ok(mut g) = self.0.lock() {
+            *g = (lat.sum_ns as f64 / 1e9, lat.count, buckets);
+        }
+    }
+}
+
+impl TypedMetric for Durations {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for Durations {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let g = self.0.lock().map_err(|_| std::fmt::Error)?;
+        encoder.encode_histogram::<NoLabelSet>(g.0, g.1, &g.2, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
+
 type GaugeF = Gauge<f64, AtomicU64>;
 
 /// Every metric the daemon exports.
@@ -68,6 +147,8 @@ pub struct Exporter {
     agent_cpu_pct: GaugeF,
     agent_rss_bytes: GaugeF,
     webhook_failed: Counter,
+    durations: Family<FunctionLabels, Durations>,
+    quantiles: Family<QuantileLabels, GaugeF>,
 }
 
 /// Name, help and unit of a target metric.
@@ -101,10 +182,38 @@ fn describe(m: Metric) -> (&'static str, &'static str) {
             "target_recv_queue_bytes",
             "Bytes received but not yet read by the target",
         ),
+        Metric::LatencyP50Ms => (
+            "target_latency_p50_seconds",
+            "Median duration of the target's first probed function in the interval",
+        ),
+        Metric::LatencyP99Ms => (
+            "target_latency_p99_seconds",
+            "99th percentile duration of the target's first probed function in the interval",
+        ),
+        Metric::LatencyMaxMs => (
+            "target_latency_max_seconds",
+            "Longest call of the target's first probed function in the interval",
+        ),
+        Metric::CallsPerS => (
+            "target_calls_per_second",
+            "Calls of the target's first probed function per second",
+        ),
+        Metric::OverBudgetPct => (
+            "target_over_budget_percent",
+            "Calls of the target's first probed function over its budget, percent",
+        ),
     }
 }
 
-const TARGET_METRICS: [Metric; 10] = [
+/// What a metric's value is multiplied by for export.
+fn scale(m: Metric) -> f64 {
+    match m {
+        Metric::LatencyP50Ms | Metric::LatencyP99Ms | Metric::LatencyMaxMs => 1e-3,
+        _ => 1.0,
+    }
+}
+
+const TARGET_METRICS: [Metric; 15] = [
     Metric::CpuPct,
     Metric::RssBytes,
     Metric::Threads,
@@ -115,6 +224,11 @@ const TARGET_METRICS: [Metric; 10] = [
     Metric::TimeWaitPerS,
     Metric::ResetsPerS,
     Metric::RecvQueueBytes,
+    Metric::LatencyP50Ms,
+    Metric::LatencyP99Ms,
+    Metric::LatencyMaxMs,
+    Metric::CallsPerS,
+    Metric::OverBudgetPct,
 ];
 
 /// What a running session reports about a target.
@@ -205,7 +319,21 @@ impl Exporter {
             "Alert records the webhook could not deliver",
             webhook_failed.clone(),
         );
+        let durations = Family::<FunctionLabels, Durations>::default();
+        registry.register(
+            "function_duration_seconds",
+            "Durations of a probed function ([[target.probe]]) since its probe attached",
+            durations.clone(),
+        );
+        let quantiles = Family::<QuantileLabels, GaugeF>::default();
+        registry.register(
+            "function_duration_percentile_seconds",
+            "Percentiles of a probed function's durations since its probe attached (from the kernel's log-linear histogram)",
+            quantiles.clone(),
+        );
         Self {
+            durations,
+            quantiles,
             registry,
             target,
             alerts_firing,
@@ -222,11 +350,12 @@ impl Exporter {
         }
     }
 
-    /// The latest values of a target.
+    /// The latest values of a target (milliseconds exported as seconds,
+    /// Prometheus' base unit).
     pub fn set_target(&self, labels: &TargetLabels, values: &[(Metric, f64)]) {
         for (m, v) in values {
             if let Some((_, family)) = self.target.iter().find(|(t, _)| t == m) {
-                family.get_or_create(labels).set(*v);
+                family.get_or_create(labels).set(*v * scale(*m));
             }
         }
     }
@@ -254,6 +383,25 @@ impl Exporter {
             .get_or_create(labels)
             .set(view.lost_samples as f64);
         self.tcp_lost_events.get_or_create(labels).set(tcp_lost as f64);
+    }
+
+    /// A probed function's durations so far (histogram and quantiles).
+    pub fn set_function(&self, labels: &FunctionLabels, lat: &crate::probes::Latency) {
+        self.durations.get_or_create(labels).set(lat);
+        for q in DURATION_QUANTILES {
+            let ql = quantile_labels(labels, q);
+            self.quantiles
+                .get_or_create(&ql)
+                .set(lat.quantile(q) as f64 / 1e9);
+        }
+    }
+
+    /// A probe went away (its process, or the probe): drop its series.
+    pub fn remove_function(&self, labels: &FunctionLabels) {
+        self.durations.remove(labels);
+        for q in DURATION_QUANTILES {
+            self.quantiles.remove(&quantile_labels(labels, q));
+        }
     }
 
     /// An alert fired (`firing` true) or resolved.
@@ -296,6 +444,15 @@ impl Exporter {
     /// tools that do not ask for OpenMetrics (promtool, curl).
     pub fn render_text(&self) -> String {
         to_prometheus_text(&self.render())
+    }
+}
+
+fn quantile_labels(l: &FunctionLabels, q: f64) -> QuantileLabels {
+    QuantileLabels {
+        target: l.target.clone(),
+        pid: l.pid.clone(),
+        function: l.function.clone(),
+        percentile: (q * 100.0).round().to_string(),
     }
 }
 
@@ -432,6 +589,66 @@ mod tests {
         );
         assert!(classic.contains("# HELP flamewatch_alerts_total Alerts fired"));
         assert!(!classic.contains("# EOF"));
+    }
+
+    /// Test that a probed function's kernel histogram is exported as a
+    /// Prometheus histogram with cumulative fixed `le` buckets, sum and
+    /// count, with its quantiles beside it, and that both go with the probe.
+    #[test]
+    fn function_durations_histogram() {
+        let e = Exporter::new();
+        let mut lat = crate::probes::Latency::default();
+        for k in 0..100u64 {
+            lat.record(if k % 10 == 9 { 30_000_000 } else { 2_000_000 });
+        }
+        let labels = FunctionLabels {
+            target: "game-server".into(),
+            pid: "7".into(),
+            function: "game_tick".into(),
+        };
+        e.set_function(&labels, &lat);
+        let text = e.render_text();
+        let series = r#"{target="game-server",pid="7",function="game_tick""#;
+        let labels_text = &series[1..];
+        let bucket =
+            |le: &str| format!("flamewatch_function_duration_seconds_bucket{{le=\"{le}\",{labels_text}}}");
+        for (le, n) in [
+            ("0.001", 0),
+            ("0.0025", 90),
+            ("0.0167", 90),
+            ("0.025", 90),
+            ("0.05", 100),
+            ("+Inf", 100),
+        ] {
+            assert!(text.contains(&format!("{} {n}\n", bucket(le))), "le {le}: {text}");
+        }
+        assert!(
+            text.contains(&format!(
+                "flamewatch_function_duration_seconds_count{series}}} 100"
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!(
+                "flamewatch_function_duration_seconds_sum{series}}} 0.48"
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE flamewatch_function_duration_seconds histogram"),
+            "{text}"
+        );
+        let p99 = text
+            .lines()
+            .find(|l| {
+                l.starts_with("flamewatch_function_duration_percentile_seconds")
+                    && l.contains("percentile=\"99\"")
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .expect("p99 gauge");
+        assert!((p99 - 0.03).abs() < 0.0015, "{p99}");
+        e.remove_function(&labels);
+        assert!(!e.render_text().contains("game_tick"));
     }
 
     /// Test that dashboards/flamewatch.json (the Grafana dashboard) is valid

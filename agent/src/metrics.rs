@@ -40,11 +40,23 @@ pub enum Metric {
     /// Bytes received but not yet read by the target, all its TCP sockets
     /// together: requests waiting for it.
     RecvQueueBytes,
+    /// Median duration of the target's first probed function in the
+    /// interval, ms (`[[target.probe]]`; 0 without calls).
+    LatencyP50Ms,
+    /// 99th percentile of the same, ms.
+    LatencyP99Ms,
+    /// Longest call of the same in the interval, ms.
+    LatencyMaxMs,
+    /// Calls of the same per second.
+    CallsPerS,
+    /// Calls of the same over its budget, percent of the interval's calls
+    /// (a frame function's drop rate).
+    OverBudgetPct,
 }
 
 impl Metric {
     /// Every metric, in the order charts show them.
-    pub const ALL: [Metric; 10] = [
+    pub const ALL: [Metric; 15] = [
         Metric::CpuPct,
         Metric::RssBytes,
         Metric::Threads,
@@ -55,6 +67,11 @@ impl Metric {
         Metric::TimeWaitPerS,
         Metric::ResetsPerS,
         Metric::RecvQueueBytes,
+        Metric::LatencyP50Ms,
+        Metric::LatencyP99Ms,
+        Metric::LatencyMaxMs,
+        Metric::CallsPerS,
+        Metric::OverBudgetPct,
     ];
 
     /// Name in alerts and exports.
@@ -70,6 +87,11 @@ impl Metric {
             Metric::TimeWaitPerS => "time_wait_per_s",
             Metric::ResetsPerS => "resets_per_s",
             Metric::RecvQueueBytes => "recv_queue_bytes",
+            Metric::LatencyP50Ms => "latency_p50_ms",
+            Metric::LatencyP99Ms => "latency_p99_ms",
+            Metric::LatencyMaxMs => "latency_max_ms",
+            Metric::CallsPerS => "calls_per_s",
+            Metric::OverBudgetPct => "over_budget_pct",
         }
     }
 }

@@ -96,7 +96,41 @@ fn configs() -> Vec<(String, &'static str)> {
             "[[target]]\nprocess = \"x\"\n[[target.schedule]]\ncron = \"often\"\n".into(),
             "often",
         ),
+        (
+            format!("{TARGET}{}", probe("function = \"a:\"")),
+            "c.toml:4: target.probe.function = \"a:\"",
+        ),
+        (
+            format!("{TARGET}{}", probe("function = \"f\"\nbudget = \"soon\"")),
+            "c.toml:5: budget = \"soon\"",
+        ),
+        (
+            format!(
+                "{TARGET}{}",
+                (0..9)
+                    .map(|k| probe(&format!("function = \"f{k}\"")))
+                    .collect::<String>()
+            ),
+            "c.toml:4: target.probe.function = 9 probes: must be at most 8",
+        ),
+        (
+            format!("{TARGET}{}", probe("function = \"f\"").repeat(2)),
+            "c.toml:4: target.probe.function = \"f\": probed twice",
+        ),
+        (
+            format!(
+                "{TARGET}[[target.rule]]\nname = \"late\"\nseverity = \"warning\"\nkind = \"threshold\"\n\
+                 metric = \"latency_p99_ms\"\nabove = 5\n"
+            ),
+            "c.toml:7: rule \"late\" of x: metric = \"latency_p99_ms\"",
+        ),
     ]
+}
+
+const TARGET: &str = "[[target]]\nprocess = \"x\"\n";
+
+fn probe(body: &str) -> String {
+    format!("[[target.probe]]\n{body}\n")
 }
 
 /// Bad control requests: (line, text the error reply must contain).

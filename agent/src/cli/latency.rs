@@ -7,7 +7,7 @@ use clap::Args;
 
 use super::{parse_duration, parse_label, parse_pct, DurationArg, TargetArgs};
 use crate::config::{
-    latency::{check_budget, check_function},
+    latency::{check_function, parse_budget},
     ConfigError, LatencyConfig, MAX_FREQ_HZ,
 };
 
@@ -67,43 +67,6 @@ impl LatencyArgs {
 
 fn parse_function(text: &str) -> Result<String, ConfigError> {
     check_function("function", text)
-}
-
-/// `16.7ms`, `500us`, `2s` (a bare number is milliseconds, as frame
-/// budgets are usually written).
-fn parse_budget(text: &str) -> Result<std::time::Duration, ConfigError> {
-    let t = text.trim();
-    let bad = |why: String| ConfigError::Invalid {
-        what: "budget".into(),
-        value: text.into(),
-        why: format!("{why}; examples: 16.7ms, 500us, 2s"),
-    };
-    let d = match t.parse::<f64>() {
-        Ok(ms) if ms.is_finite() && ms > 0.0 => {
-            std::time::Duration::try_from_secs_f64(ms / 1e3).map_err(|e| bad(e.to_string()))?
-        }
-        Ok(_) => return Err(bad("must be positive".into())),
-        Err(_) => parse_fractional(t).ok_or_else(|| bad("not a duration".into()))?,
-    };
-    check_budget("budget", d)
-}
-
-/// humantime takes no fractions (`16.7ms`): a number and a unit.
-fn parse_fractional(t: &str) -> Option<std::time::Duration> {
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
-    let (num, unit) = t.split_at(split);
-    let v: f64 = num.parse().ok()?;
-    let scale = match unit.trim() {
-        "ns" => 1e-9,
-        "us" | "µs" => 1e-6,
-        "ms" => 1e-3,
-        "s" => 1.0,
-        "m" | "min" => 60.0,
-        _ => return humantime::parse_duration(t).ok(),
-    };
-    (v.is_finite() && v > 0.0)
-        .then(|| std::time::Duration::try_from_secs_f64(v * scale).ok())
-        .flatten()
 }
 
 #[cfg(test)]

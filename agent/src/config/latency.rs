@@ -1,5 +1,5 @@
 //! Settings of `flamewatch latency`: their defaults, and the checks the
-//! command line (and later `[[target.probe]]` in TOML) share.
+//! command line and `[[target.probe]]` in TOML share.
 
 use std::{path::PathBuf, time::Duration};
 
@@ -85,6 +85,88 @@ pub fn check_function(what: &str, text: &str) -> Result<String, ConfigError> {
         why: e.to_string(),
     })?;
     Ok(text.to_owned())
+}
+
+/// `16.7ms`, `500us`, `2s` (a bare number is milliseconds, as frame
+/// budgets are usually written); checked by [`check_budget`]. The flag
+/// and `[[target.probe]] budget` share it.
+pub fn parse_budget(text: &str) -> Result<Duration, ConfigError> {
+    let t = text.trim();
+    let bad = |why: String| ConfigError::Invalid {
+        what: "budget".into(),
+        value: text.into(),
+        why: format!("{why}; examples: 16.7ms, 500us, 2s"),
+    };
+    let d = match t.parse::<f64>() {
+        Ok(ms) if ms.is_finite() && ms > 0.0 => {
+            Duration::try_from_secs_f64(ms / 1e3).map_err(|e| bad(e.to_string()))?
+        }
+        Ok(_) => return Err(bad("must be positive".into())),
+        Err(_) => parse_fractional(t).ok_or_else(|| bad("not a duration".into()))?,
+    };
+    check_budget("budget", d)
+}
+
+/// humantime takes no fractions (`16.7ms`): a number and a unit.
+fn parse_fractional(t: &str) -> Option<Duration> {
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+    let (num, unit) = t.split_at(split);
+    let v: f64 = num.parse().ok()?;
+    let scale = match unit.trim() {
+        "ns" => 1e-9,
+        "us" | "µs" => 1e-6,
+        "ms" => 1e-3,
+        "s" => 1.0,
+        "m" | "min" => 60.0,
+        _ => return humantime::parse_duration(t).ok(),
+    };
+    (v.is_finite() && v > 0.0)
+        .then(|| Duration::try_from_secs_f64(v * scale).ok())
+        .flatten()
+}
+
+/// Probes per target at most (`[[target.probe]]`): each takes a kernel
+/// probe slot per process of the target, and the slots are few.
+pub const MAX_PROBES_PER_TARGET: usize = 8;
+
+/// A latency probe of a watched target (`[[target.probe]]`): per-target
+/// metrics `latency_p50_ms` … `over_budget_pct`, a Prometheus histogram,
+/// and slow-call emergency profiles.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProbeSpec {
+    /// `SYMBOL` (the executable's) or `LIB:SYMBOL`.
+    pub function: String,
+    /// Calls longer than this are over budget (`16.7ms`); without one there
+    /// is no `over_budget_pct` and no slow-call profile.
+    #[serde(default, with = "budget_serde", skip_serializing_if = "Option::is_none")]
+    pub budget: Option<Duration>,
+}
+
+impl ProbeSpec {
+    /// Checks the function's form (the budget was checked as it was read).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        check_function("target.probe.function", &self.function).map(|_| ())
+    }
+}
+
+/// Budgets in TOML as strings read by [`parse_budget`].
+mod budget_serde {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        // humantime's words (`16ms 700us`) read back exactly.
+        s.serialize_str(&humantime::format_duration(d.unwrap_or_default()).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let text = String::deserialize(d)?;
+        super::parse_budget(&text)
+            .map(Some)
+            .map_err(serde::de::Error::custom)
+    }
 }
 
 #[cfg(test)]

@@ -240,6 +240,7 @@ impl Daemon {
             d.remove(old.pid);
         }
         self.sampler.forget(old.pid);
+        self.detach_probes(i, old);
         if let Some(engine) = self.engine.as_mut() {
             engine.remove_target(old.pid);
         }
@@ -287,6 +288,7 @@ impl Daemon {
                 "watching {} (pid {}; {n} process(es) of this target)", new.comm, new.pid
             );
         }
+        self.attach_probes(i, &new);
         self.watched[i].process = Some(new);
     }
 

@@ -13,6 +13,7 @@
 
 mod crash;
 mod follow;
+mod probes;
 mod rules;
 mod sessions;
 
@@ -40,6 +41,7 @@ use crate::{
 };
 
 pub use follow::TARGET_RESTARTED;
+pub use probes::PROBE_REMOVED;
 use sessions::{Active, Deferred, PendingTrigger, SessionDone};
 
 /// Errors of the daemon.
@@ -113,6 +115,8 @@ struct Watched {
     last_alert_change: Option<SystemTime>,
     /// The busiest threads at the latest sample: (tid, name, CPU %).
     top_threads: Vec<(u32, String, f64)>,
+    /// The latency probes attached to its process (`[[target.probe]]`).
+    probes: Vec<probes::Attached>,
     /// Leader: a process of the target was found once.
     ever_found: bool,
     /// Leader: `target_missing` was reported (resolved when found).
@@ -141,6 +145,7 @@ impl Watched {
             memory_baseline: None,
             last_alert_change: None,
             top_threads: Vec::new(),
+            probes: Vec::new(),
             ever_found: false,
             missing_reported: false,
             over_limit_reported: false,

@@ -59,6 +59,7 @@ impl Daemon {
             ]);
             ctx.top_time_wait_port = summary.top_ports.first().map(|p| (p.local_port, p.time_wait));
         }
+        values.extend(self.probe_values(i, process));
         let labels = target_labels(&self.watched[i], process);
         self.exporter.set_target(&labels, &values);
         if let Some(d) = &self.dashboard {

@@ -24,6 +24,7 @@ use crate::{
     detect::Check,
     engine::{Want, WantId},
     export::SessionLabels,
+    metrics::Metric,
     render::{self, flamegraph},
     session::{
         finish::{self, Window},
@@ -303,7 +304,13 @@ impl Daemon {
                     warn!(pid = a.pid, "ending the memory profile: {e}");
                 }
             }
-            if let (Some(w), Some(bf)) = (window.as_mut(), a.baseline_from) {
+            if a.kind == SessionKind::Slow {
+                // Only the samples taken past a budget; a CPU baseline is
+                // no baseline for them.
+                if let Some(w) = window.as_mut() {
+                    slow_only(w);
+                }
+            } else if let (Some(w), Some(bf)) = (window.as_mut(), a.baseline_from) {
                 w.baseline = engine.window(a.pid, bf, a.from);
             }
             let Some(mut window) = window else {
@@ -363,6 +370,10 @@ impl Daemon {
             });
             return;
         }
+        if slow_rule(rule) && self.has_budget_probe(i) {
+            self.slow_emergency(i, process, record, alert_at);
+            return;
+        }
         let stuck = matches!(rule.check, Check::Stuck { .. });
         let leak = match rule.check {
             Check::MemoryGrowth { profile, .. } => Some(profile.unwrap_or(self.config.emergency.memory_mode)),
@@ -405,6 +416,32 @@ impl Daemon {
         );
         // The cooldown starts with a session that runs.
         if started {
+            self.watched[i].last_emergency = Some(Instant::now());
+        }
+    }
+
+    /// A late-call rule's emergency: a slow-call profile (kind `slow`,
+    /// `<stem>.slow.svg`), the samples taken while a probed call had run
+    /// past its budget, reaching back `emergency.pre` like a CPU one.
+    fn slow_emergency(&mut self, i: usize, process: &Target, record: AlertRecord, alert_at: SystemTime) {
+        let config = RecordConfig {
+            freq_hz: self.config.emergency.freq_hz,
+            duration: Some(self.config.emergency.duration),
+            mode: Mode::Cpu,
+            ..self.session_config(&format!("{}-emergency", sanitize(&process.comm)))
+        };
+        let start = Start {
+            kind: SessionKind::Slow,
+            config,
+            from: alert_at
+                .checked_sub(self.config.emergency.pre)
+                .unwrap_or(alert_at),
+            duration: self.config.emergency.duration,
+            alert_at: Some(alert_at),
+            alert: Some(record),
+            reply: None,
+        };
+        if self.start(i, process, start) {
             self.watched[i].last_emergency = Some(Instant::now());
         }
     }
@@ -613,8 +650,8 @@ impl Daemon {
             // as good a baseline as a scheduled one, and newer.
             SessionKind::Scheduled => keep_baseline(w, &report, firing),
             SessionKind::OnDemand if !firing => keep_baseline(w, &report, firing),
-            SessionKind::OnDemand | SessionKind::Slow => {}
-            SessionKind::Emergency => {
+            SessionKind::OnDemand => {}
+            SessionKind::Emergency | SessionKind::Slow => {
                 if let Some(alert) = done.alert {
                     let record = if report.summary.mode == "cpu" {
                         profile_record(alert, &report, w.baseline.as_deref())
@@ -724,6 +761,30 @@ fn profile_record(mut alert: AlertRecord, report: &Report, file_baseline: Option
         crash: None,
     });
     alert
+}
+
+/// Whether `rule` watches how late a probed function's calls are: its
+/// emergency is a slow-call profile.
+fn slow_rule(rule: &Rule) -> bool {
+    let late = |m: &Metric| {
+        matches!(
+            m,
+            Metric::LatencyP99Ms | Metric::LatencyMaxMs | Metric::OverBudgetPct
+        )
+    };
+    match &rule.check {
+        Check::Threshold { metric, .. } | Check::Zscore { metric, .. } => late(metric),
+        _ => false,
+    }
+}
+
+/// The window's slow-call samples become its profile (nothing else).
+fn slow_only(w: &mut Window) {
+    for i in &mut w.intervals {
+        i.cpu = std::mem::take(&mut i.slow);
+        i.off = Default::default();
+    }
+    w.still_blocked_off = Default::default();
 }
 
 fn describe(req: &control::Request) -> String {

@@ -4,8 +4,8 @@
 //! other processes running the same library are untouched). The kernel
 //! keeps a log-linear histogram per probe (see `common/src/probe.rs`);
 //! this module attaches, reads and detaches them, and turns histograms
-//! into quantiles. `latency` uses it now; `watch` can hold probes on its
-//! targets through the same engine calls.
+//! into quantiles. `latency` and `watch` (`[[target.probe]]`, see
+//! `daemon/probes.rs`) use it through the same engine calls.
 
 pub mod calibrate;
 pub mod resolve;
@@ -297,6 +297,35 @@ impl Latency {
         self.buckets[flamewatch_common::probe::bucket_of(ns)] += 1;
     }
 
+    /// The calls since `earlier` (a previous read of the same probe): the
+    /// counters' and buckets' differences. The maximum is cumulative in the
+    /// kernel, so the interval's is the new maximum when it rose, else the
+    /// top of the highest bucket that gained calls.
+    pub fn since(&self, earlier: &Latency) -> Latency {
+        let buckets: Vec<u64> = self
+            .buckets
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| n.saturating_sub(earlier.buckets.get(i).copied().unwrap_or(0)))
+            .collect();
+        let top = buckets.iter().rposition(|&n| n > 0);
+        let max_ns = match top {
+            None => 0,
+            Some(_) if self.max_ns > earlier.max_ns => self.max_ns,
+            Some(i) => bucket_high(i).saturating_sub(1).min(self.max_ns),
+        };
+        Latency {
+            count: self.count.saturating_sub(earlier.count),
+            sum_ns: self.sum_ns.saturating_sub(earlier.sum_ns),
+            max_ns,
+            over_budget: self.over_budget.saturating_sub(earlier.over_budget),
+            unmatched: self.unmatched.saturating_sub(earlier.unmatched),
+            too_deep: self.too_deep.saturating_sub(earlier.too_deep),
+            lost: self.lost.saturating_sub(earlier.lost),
+            buckets,
+        }
+    }
+
     /// Mean duration, ns.
     pub fn mean_ns(&self) -> f64 {
         if self.count == 0 {
@@ -387,6 +416,29 @@ mod tests {
         for i in 1..HIST_BUCKETS {
             assert!(bucket_low(i) > bucket_low(i - 1), "{i}");
         }
+    }
+
+    /// Test that the difference of two reads holds only the calls between
+    /// them, with the interval's own maximum.
+    #[test]
+    fn since_is_the_interval() {
+        let mut before = Latency::default();
+        for _ in 0..100 {
+            before.record(2_000_000);
+        }
+        before.record(50_000_000);
+        let mut after = before.clone();
+        for _ in 0..10 {
+            after.record(30_000_000);
+        }
+        let d = after.since(&before);
+        assert_eq!((d.count, d.sum_ns), (10, 300_000_000));
+        let q = d.quantile(0.5) as f64;
+        assert!((q - 30e6).abs() / 30e6 < 0.05, "{q}");
+        assert!(d.max_ns >= 30_000_000 && d.max_ns < 32_000_000, "{}", d.max_ns);
+        assert_eq!(after.since(&after).count, 0);
+        assert_eq!(after.since(&after).max_ns, 0);
+        assert_eq!(after.since(&Latency::default()).max_ns, 50_000_000);
     }
 
     /// Test that quantiles of a known mix are within 5 % of the exact ones.
