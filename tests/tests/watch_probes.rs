@@ -266,3 +266,75 @@ fn probe_follows_restart() {
     );
     assert_eq!(tick_count(&addr, p1), None, "the old pid's series are removed");
 }
+
+/// The count of `function` calls of `pid` on /metrics.
+fn call_count(addr: &str, pid: u32, function: &str) -> Option<f64> {
+    let body = http_get(addr, "/metrics")?;
+    let (pid, function) = (format!("pid=\"{pid}\""), format!("function=\"{function}\""));
+    metric(
+        &body,
+        "flamewatch_function_duration_seconds_count{",
+        &[&pid, &function],
+    )
+}
+
+/// Test that a probe too costly for the budget (a function called 100 000
+/// times a second) is duty-cycled, not left on: a `probe_duty_cycled`
+/// record naming its cycle, the target's speed back near its own between
+/// attached intervals, and calls still counted after it (it is attached
+/// again).
+#[test]
+fn costly_probe_is_duty_cycled() {
+    if !privileged("costly_probe_is_duty_cycled") {
+        return;
+    }
+    let _turn = cpu_bound_turn();
+    let dir = output_dir();
+    let mut cmd = Command::new(target_bin("callrate"));
+    cmd.args(["--rate", "100000", "--seconds", "120"]);
+    let target = TestProcess::spawn_ready(cmd);
+    let addr = format!("127.0.0.1:{}", free_tcp_port());
+    let config = dir.path().join("flamewatch.toml");
+    let text = format!(
+        "output = {:?}\ncontrol_socket = {:?}\nmetrics_addr = {addr:?}\n[[target]]\npid = {}\n\
+         [[target.probe]]\nfunction = \"probed_call\"\n",
+        dir.path().display().to_string(),
+        dir.path().join("control.sock").display().to_string(),
+        target.pid(),
+    );
+    std::fs::write(&config, text).unwrap();
+    let mut daemon = Command::new(flamewatch_bin());
+    daemon
+        .args(["watch", "--config", config.to_str().unwrap()])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    let _daemon = TestProcess::spawn(daemon);
+    let mut record = None;
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            record = find_alert(dir.path(), "probe_duty_cycled", "firing");
+            record.is_some()
+        }),
+        "a probe_duty_cycled record: {:?}",
+        alerts(dir.path())
+    );
+    let record = record.unwrap();
+    let message = record["message"].as_str().unwrap_or_default();
+    eprintln!("{message}");
+    let every: u32 = message
+        .split("attached one interval in ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("{record:#}"));
+    assert!((2..=60).contains(&every), "{message}");
+    assert!(find_alert(dir.path(), "probe_removed", "firing").is_none());
+    // Attached again for an interval of each cycle: calls keep coming.
+    let before = call_count(&addr, target.pid(), "probed_call").expect("counted");
+    assert!(
+        wait_until(Duration::from_secs(u64::from(every) + 10), || {
+            call_count(&addr, target.pid(), "probed_call").is_some_and(|n| n > before)
+        }),
+        "calls counted again after {before} (attached one interval in {every})"
+    );
+}

@@ -41,7 +41,7 @@ use crate::{
 };
 
 pub use follow::TARGET_RESTARTED;
-pub use probes::PROBE_REMOVED;
+pub use probes::{PROBE_DUTY_CYCLED, PROBE_REMOVED};
 use sessions::{Active, Deferred, PendingTrigger, SessionDone};
 
 /// Errors of the daemon.

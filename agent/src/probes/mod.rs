@@ -297,6 +297,25 @@ impl Latency {
         self.buckets[flamewatch_common::probe::bucket_of(ns)] += 1;
     }
 
+    /// This histogram and `other`'s together (two attachments of a probe
+    /// taken on and off, each counted from zero).
+    pub fn plus(&self, other: &Latency) -> Latency {
+        let n = self.buckets.len().max(other.buckets.len());
+        let at = |v: &[u64], i: usize| v.get(i).copied().unwrap_or(0);
+        Latency {
+            count: self.count + other.count,
+            sum_ns: self.sum_ns + other.sum_ns,
+            max_ns: self.max_ns.max(other.max_ns),
+            over_budget: self.over_budget + other.over_budget,
+            unmatched: self.unmatched + other.unmatched,
+            too_deep: self.too_deep + other.too_deep,
+            lost: self.lost + other.lost,
+            buckets: (0..n)
+                .map(|i| at(&self.buckets, i) + at(&other.buckets, i))
+                .collect(),
+        }
+    }
+
     /// The calls since `earlier` (a previous read of the same probe): the
     /// counters' and buckets' differences. The maximum is cumulative in the
     /// kernel, so the interval's is the new maximum when it rose, else the
