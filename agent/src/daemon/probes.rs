@@ -134,7 +134,14 @@ pub(super) fn interval_values(d: &Latency, secs: f64, budget: bool) -> Vec<(Metr
 /// unloaded the library meanwhile).
 fn reattach(engine: &mut Engine, pid: u32, p: &mut Attached) {
     match attach(engine, pid, &p.spec) {
-        Ok(a) => (p.id, p.last, p.at, p.cpu0) = (a.id, a.last, a.at, a.cpu0),
+        Ok(a) => {
+            tracing::debug!(
+                pid,
+                "probe on {} attached again for an interval of its cycle",
+                p.function
+            );
+            (p.id, p.last, p.at, p.cpu0) = (a.id, a.last, a.at, a.cpu0);
+        }
         Err(e) => warn!(pid, "cannot probe {} again: {e}", p.function),
     }
 }
