@@ -356,10 +356,10 @@ async fn wait_js(client: &Client, script: &str, timeout: Duration) -> bool {
 }
 
 /// Test that the page in headless Chromium (no network) draws a chart per
-/// metric with the latest value written beside it, shows the alert when
-/// the CPU rule fires, opens the flamegraph of the last minutes in place,
-/// logs no console error (CSP included), and fits a phone-sized window;
-/// screenshots go to target/test-artifacts.
+/// metric with the latest value written beside it (a probe's p99 latency
+/// too), shows the alert when the CPU rule fires, opens the flamegraph of
+/// the last minutes in place, logs no console error (CSP included), and
+/// fits a phone-sized window; screenshots go to target/test-artifacts.
 #[tokio::test(flavor = "current_thread")]
 // The turn is a std lock shared with the other tests' threads, held for the
 // whole test on purpose; nothing else on this runtime takes it.
@@ -371,7 +371,9 @@ async fn dashboard_in_chromium() {
     let _turn = cpu_bound_turn();
     let dir = output_dir();
     let target = hotpaths();
-    let (_d, addr) = daemon(dir.path(), target.pid(), CPU_RULE);
+    // A latency probe too: its p99 chart appears beside the others.
+    let rules = format!("{CPU_RULE}[[target.probe]]\nfunction = \"hot_b\"\nbudget = \"1ms\"\n");
+    let (_d, addr) = daemon(dir.path(), target.pid(), &rules);
     let (browser, driver_url) = Browser::start();
     let client = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
         .capabilities(browser.capabilities())
@@ -402,6 +404,11 @@ async fn browse(client: &Client, addr: &str) -> Result<(), String> {
                return !!v && / %$/.test(v.textContent) && parseFloat(v.textContent) > 25";
     if !wait_js(client, cpu, Duration::from_secs(20)).await {
         return Err("the CPU value written beside its chart".into());
+    }
+    let p99 = "var v = document.querySelector('.chart[data-metric=latency_p99_ms] .value'); \
+               return !!v && / ms$/.test(v.textContent) && parseFloat(v.textContent) > 0";
+    if !wait_js(client, p99, Duration::from_secs(20)).await {
+        return Err("the probe's p99 latency chart with its value".into());
     }
     let alert = "var a = document.querySelector('#alerts .alert.critical'); return !!a && a.textContent.indexOf('cpu_high') >= 0";
     if !wait_js(client, alert, Duration::from_secs(30)).await {
