@@ -49,17 +49,6 @@ fn leaking_logcaster_after(after: &str) -> (TestProcess, TestProcess) {
     (server, TestProcess::spawn(load))
 }
 
-/// Percent of the folded stacks' weight in stacks through `function`.
-fn share_through(stacks: &[(Vec<String>, u64)], function: &str) -> f64 {
-    let total: u64 = stacks.iter().map(|(_, n)| n).sum();
-    let through: u64 = stacks
-        .iter()
-        .filter(|(s, _)| s.iter().any(|f| f == function))
-        .map(|(_, n)| n)
-        .sum();
-    100.0 * through as f64 / total.max(1) as f64
-}
-
 /// The alert records written so far.
 fn alerts(dir: &Path) -> Vec<Value> {
     std::fs::read_to_string(dir.join("alerts.jsonl"))

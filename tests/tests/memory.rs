@@ -25,17 +25,6 @@ fn memleak(rate: &str) -> TestProcess {
     TestProcess::spawn_ready(cmd)
 }
 
-/// Percent of the folded stacks' weight in stacks through `function`.
-fn share_through(stacks: &[(Vec<String>, u64)], function: &str) -> f64 {
-    let total: u64 = stacks.iter().map(|(_, n)| n).sum();
-    let through: u64 = stacks
-        .iter()
-        .filter(|(s, _)| s.iter().any(|f| f == function))
-        .map(|(_, n)| n)
-        .sum();
-    100.0 * through as f64 / total.max(1) as f64
-}
-
 /// `go tool pprof ARGS -top -cum FILE`: cum% by function name.
 fn pprof_cum(file: &Path, sample_index: &str) -> std::collections::HashMap<String, f64> {
     let out = Command::new("go")
