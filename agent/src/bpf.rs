@@ -84,7 +84,7 @@ pub fn load_with(
         .override_global("SCHED_LAYOUT", &layouts.sched, true)
         .override_global("CRASH_LAYOUT", &layouts.crash, true);
     if !off_cpu {
-        for map in ["OFFCPU_COUNTS", "OFFCPU_STACKS", "OFFCPU_START"] {
+        for map in ["OFFCPU_COUNTS", "OFFCPU_STACKS", "OFFCPU_START", "OFFCPU_SLOW"] {
             loader.map_max_entries(map, 1);
         }
     }

@@ -54,6 +54,9 @@ pub struct OffEnd {
     pub weight: u32,
     /// Time off CPU, ns.
     pub blocked_ns: u64,
+    /// The part of it after the thread's probed call ran past its budget,
+    /// ns (slow-call profiles; 0 otherwise).
+    pub slow_ns: u64,
 }
 
 /// Per-target off-CPU counters (per CPU), indexed by target slot.
@@ -86,5 +89,5 @@ mod pod {
 }
 
 const _: () = assert!(core::mem::size_of::<OffStart>() == 48);
-const _: () = assert!(core::mem::size_of::<OffEnd>() == 24);
+const _: () = assert!(core::mem::size_of::<OffEnd>() == 32);
 const _: () = assert!(core::mem::size_of::<OffStats>() == 56);

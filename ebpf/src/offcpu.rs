@@ -50,7 +50,13 @@ pub static OFFCPU_COUNTS: PerCpuHashMap<SampleKey, SampleValue> = PerCpuHashMap:
 #[map]
 pub static OFFCPU_STACKS: StackTrace = StackTrace::with_max_entries(16384, 0);
 
-/// Ends of DWARF-mode blocks (24 bytes each).
+/// The late part of blocks inside a probed call past its budget, by the
+/// same key as `OFFCPU_COUNTS` (frame-pointer targets with a budgeted
+/// probe): the slow-call profile's off-CPU side. Drained with it.
+#[map]
+pub static OFFCPU_SLOW: PerCpuHashMap<SampleKey, SampleValue> = PerCpuHashMap::with_max_entries(4096, 0);
+
+/// Ends of DWARF-mode blocks (32 bytes each).
 #[map]
 pub static OFFCPU_ENDS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 
@@ -188,13 +194,14 @@ fn switch_out(ctx: &TracePointContext, tgid: u32, tid: u32, now: u64) {
             };
         }
     }
-    if OFFCPU_START.insert(&tid, &start, 0).is_err() {
+    if let Err(e) = OFFCPU_START.insert(&tid, &start, 0) {
         stats.start_full += 1;
         if may_log() {
             aya_log_ebpf::warn!(
                 ctx,
-                "off-CPU start map full: blocks of pid {} are being lost (counted in off_cpu.lost)",
-                tgid
+                "off-CPU start of pid {} not recorded (error {}): its block is lost (counted in off_cpu.lost)",
+                tgid,
+                e
             );
         }
     }
@@ -202,10 +209,15 @@ fn switch_out(ctx: &TracePointContext, tgid: u32, tid: u32, now: u64) {
 }
 
 fn switch_in(tid: u32, start: OffStart, now: u64) {
-    let Some((stats, _)) = stats_of(start.tgid) else {
+    let Some((stats, flags)) = stats_of(start.tgid) else {
         return;
     };
     let blocked = now.saturating_sub(start.ts_ns);
+    let late = if flags & target_flags::SLOW_CALLS != 0 {
+        crate::probe::late_ns(tid, start.ts_ns, now)
+    } else {
+        0
+    };
     let weight = u64::from(start.weight.max(1));
     let min = OFFCPU_CONFIG.get(CONFIG_MIN_BLOCK_NS).copied().unwrap_or(0);
     if blocked < min {
@@ -226,6 +238,7 @@ fn switch_in(tid: u32, start: OffStart, now: u64) {
             seq: start.seq,
             weight: weight as u32,
             blocked_ns: blocked,
+            slow_ns: late,
         };
         if OFFCPU_ENDS
             .output::<OffEnd>(&end, u64::from(BPF_RB_NO_WAKEUP))
@@ -245,24 +258,25 @@ fn switch_in(tid: u32, start: OffStart, now: u64) {
         leaf_offset: start.leaf_offset,
         _pad: 0,
     };
-    if let Some(v) = OFFCPU_COUNTS.get_ptr_mut(&key) {
-        // SAFETY: per-CPU value, no concurrent writer on this CPU.
-        unsafe {
-            (*v).count += weight;
-            (*v).period_ns += blocked * weight;
-        }
-    } else if OFFCPU_COUNTS
-        .insert(
-            &key,
-            &SampleValue {
-                count: weight,
-                period_ns: blocked * weight,
-            },
-            0,
-        )
-        .is_err()
-    {
+    if !add(&OFFCPU_COUNTS, &key, weight, blocked * weight) {
+        stats.lost += 1;
+    }
+    if late > 0 && !add(&OFFCPU_SLOW, &key, weight, late * weight) {
         stats.lost += 1;
     }
     charge(stats, now);
+}
+
+/// Adds `count` blocks of `ns` to `key` of `map`; false when it is full.
+#[inline(always)]
+fn add(map: &PerCpuHashMap<SampleKey, SampleValue>, key: &SampleKey, count: u64, ns: u64) -> bool {
+    if let Some(v) = map.get_ptr_mut(key) {
+        // SAFETY: per-CPU value, no concurrent writer on this CPU.
+        unsafe {
+            (*v).count += count;
+            (*v).period_ns += ns;
+        }
+        return true;
+    }
+    map.insert(key, &SampleValue { count, period_ns: ns }, 0).is_ok()
 }

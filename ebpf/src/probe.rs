@@ -207,3 +207,23 @@ pub fn in_slow_call(tid: u32) -> bool {
     let now = unsafe { bpf_ktime_get_ns() };
     s.start_ns != 0 && now.saturating_sub(s.start_ns) > s.budget_ns
 }
+
+/// How much of a block from `since` to `now` came after the thread's
+/// probed call ran past its budget, ns (0 without a call in flight, or when
+/// it was still on time): that part of the wait goes to the slow-call
+/// profile, so a frame late on a lock shows the lock.
+#[inline(always)]
+pub fn late_ns(tid: u32, since: u64, now: u64) -> u64 {
+    // SAFETY: a plain lookup; the value is read once.
+    let Some(s) = (unsafe { SLOW_CALLS.get(&tid) }) else {
+        return 0;
+    };
+    if s.start_ns == 0 {
+        return 0;
+    }
+    let deadline = s.start_ns.saturating_add(s.budget_ns);
+    if now <= deadline {
+        return 0;
+    }
+    now - if since > deadline { since } else { deadline }
+}

@@ -1,7 +1,7 @@
 /* A 60 Hz game-style loop whose frame function is probed by the latency tests.
  *
  *   framelat [--frames N] [--hz HZ] [--work-ms MS] [--slow-ms MS] [--slow-every N]
- *            [--wait-start] [--out FILE]
+ *            [--lock] [--wait-start] [--out FILE]
  *
  * Each frame calls tick(), which runs update_world() for --work-ms (default
  * 2 ms); every --slow-every-th frame (default 10) physics_step() makes the
@@ -10,10 +10,15 @@
  * The loop sleeps to the next frame's deadline (60 Hz), or goes on at once
  * when late. It measures every tick() itself and, at exit (after --frames,
  * default 600, or SIGTERM), writes one duration in ns per line to --out.
+ * With --lock the slow frames are late on a lock instead: tick() calls
+ * wait_for_assets(), which waits for world_lock while the asset_loader
+ * thread holds it for --slow-ms (sleeping): a frame late off CPU.
  * With --wait-start the loop begins at SIGUSR1 (a probe can attach first).
  * It prints "framelat ready pid=<pid>" when started.
  */
 #define _GNU_SOURCE
+#include <pthread.h>
+#include <semaphore.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -27,6 +32,9 @@ static volatile sig_atomic_t stop, started = 1;
 static volatile unsigned long sink;
 static long work_ns = 2000000, slow_ns = 30000000, slow_every = 10;
 static unsigned long frame_no;
+static int lock_mode;
+static pthread_mutex_t world_lock = PTHREAD_MUTEX_INITIALIZER;
+static sem_t load_go, load_locked;
 
 static void on_start(int sig) { (void)sig; started = 1; }
 static void on_stop(int sig) { (void)sig; stop = 1; }
@@ -52,12 +60,38 @@ NOINLINE void update_world(long long start) { spin_until(start + work_ns); }
 /* The slow system: what makes every slow_every-th frame late. */
 NOINLINE void physics_step(long long start) { spin_until(start + slow_ns); }
 
+/* The loader: on each go, holds world_lock for slow_ns, asleep. */
+static void *asset_loader(void *arg) {
+    (void)arg;
+    for (;;) {
+        sem_wait(&load_go);
+        pthread_mutex_lock(&world_lock);
+        sem_post(&load_locked);
+        struct timespec ts = { slow_ns / 1000000000L, slow_ns % 1000000000L };
+        nanosleep(&ts, NULL);
+        pthread_mutex_unlock(&world_lock);
+    }
+    return NULL;
+}
+
+/* The lock-late system: waits for the world the loader holds. */
+NOINLINE void wait_for_assets(void) {
+    sem_post(&load_go);
+    sem_wait(&load_locked);
+    pthread_mutex_lock(&world_lock);
+    pthread_mutex_unlock(&world_lock);
+}
+
 /* The frame function the tests probe. */
 NOINLINE void tick(void) {
     long long start = now_ns();
     update_world(start);
-    if (frame_no % slow_every == slow_every - 1)
-        physics_step(start);
+    if (frame_no % slow_every == slow_every - 1) {
+        if (lock_mode)
+            wait_for_assets();
+        else
+            physics_step(start);
+    }
     frame_no++;
 }
 
@@ -73,9 +107,16 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--slow-every") && v) slow_every = atol(argv[++i]);
         else if (!strcmp(a, "--out") && v) out = argv[++i];
         else if (!strcmp(a, "--wait-start")) started = 0;
+        else if (!strcmp(a, "--lock")) lock_mode = 1;
         else { fprintf(stderr, "framelat: unknown argument %s\n", a); return 2; }
     }
     if (hz <= 0 || frames <= 0 || slow_every <= 0) return 2;
+    if (lock_mode) {
+        pthread_t t;
+        sem_init(&load_go, 0, 0);
+        sem_init(&load_locked, 0, 0);
+        if (pthread_create(&t, NULL, asset_loader, NULL)) return 1;
+    }
     signal(SIGUSR1, on_start);
     signal(SIGTERM, on_stop);
     signal(SIGINT, on_stop);

@@ -207,6 +207,96 @@ fn frame_latency_matches_own_measurement() {
     );
 }
 
+/// Test that frames late on a lock show the lock: the slow-call profile
+/// holds the late part of their blocked time (within 10 % of what the
+/// loop measured itself past the budget), at least 80 % of it through
+/// `wait_for_assets` and blocked in the mutex, marked `[off-cpu]`.
+#[test]
+fn slow_frames_late_on_a_lock_show_the_lock() {
+    if !privileged("slow_frames_late_on_a_lock_show_the_lock") {
+        return;
+    }
+    let _turn = cpu_bound_turn();
+    let dir = output_dir();
+    let frames_file = dir.path().join("frames.txt");
+    let mut cmd = Command::new(target_bin("framelat"));
+    cmd.args([
+        "--lock",
+        "--wait-start",
+        "--frames",
+        "300",
+        "--out",
+        frames_file.to_str().unwrap(),
+    ]);
+    let target = TestProcess::spawn_ready(cmd);
+    let pid = target.pid().to_string();
+    let mut agent = Agent::start(&[
+        "latency",
+        "--pid",
+        &pid,
+        "--function",
+        "tick",
+        "--budget",
+        "16.7ms",
+        "--duration",
+        "60s",
+        // Every block recorded (a budget this low samples 1 switch-out
+        // in N of a target that mostly sleeps): the sum is then exact.
+        "--max-overhead",
+        "25",
+        "--output",
+        dir.path().to_str().unwrap(),
+    ]);
+    agent.wait_probing();
+    target.signal(libc::SIGUSR1);
+    let stderr = agent.stderr.clone();
+    let (status, stdout) = agent.finish(Duration::from_secs(60));
+    assert!(status.success(), "{}", stderr.lock().unwrap());
+    let own: Vec<u64> = std::fs::read_to_string(&frames_file)
+        .expect("the target wrote its frame times")
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    let late_s: f64 = own
+        .iter()
+        .map(|&t| t.saturating_sub(16_700_000) as f64 / 1e9)
+        .sum();
+    assert!(late_s > 0.2, "the fixture's frames were late by {late_s} s only");
+
+    let json = printed_files(stdout.as_bytes(), "json");
+    let lat = json
+        .iter()
+        .find(|p| p.to_str().unwrap().ends_with(".latency.json"))
+        .expect(&stdout);
+    let r = read_json(lat);
+    let off_s = r["slow_profile"]["off_cpu_s"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{r}"));
+    assert!(
+        within(off_s, late_s, 0.10),
+        "blocked past the budget: agent {off_s} s, the loop's own {late_s} s"
+    );
+    let folded = printed_files(stdout.as_bytes(), "folded");
+    let stacks = read_folded(&folded[0]);
+    let total: u64 = stacks.iter().map(|(_, n)| n).sum();
+    let through = |want: &dyn Fn(&Vec<String>) -> bool| -> u64 {
+        stacks.iter().filter(|(s, _)| want(s)).map(|(_, n)| n).sum()
+    };
+    let waiting = through(&|s| {
+        s.iter().any(|f| f.starts_with("wait_for_assets"))
+            && s.iter()
+                .any(|f| f.contains("mutex_lock") || f.contains("lll_lock"))
+            && s.last().is_some_and(|f| f == "[off-cpu]")
+    });
+    eprintln!(
+        "blocked past the budget: agent {off_s} s, own {late_s} s; in the mutex {waiting} of {total} µs"
+    );
+    assert!(
+        waiting as f64 >= 0.8 * total as f64,
+        "wait_for_assets blocked in the mutex: {waiting} of {total} µs: {stacks:?}"
+    );
+}
+
 /// Test that an unknown function, or a library the target does not map, is
 /// bad input: exit status 2 and one line naming it (and the binary).
 #[test]

@@ -174,23 +174,30 @@ fn frame_spike_rules_and_slow_profile() {
     );
     let slow = read_json(Path::new(profile["profile"]["json"].as_str().unwrap()));
     assert_eq!(slow["session"]["kind"], "slow", "{slow:#}");
-    let physics = total_pct(&slow, "physics_step");
+    // A wall profile: what late frames did on CPU, and where they waited
+    // (`[off-cpu]` stacks). The spike is CPU work in physics_step.
+    let folded = read_folded(Path::new(slow["files"]["folded"].as_str().unwrap()));
+    let on_cpu: Vec<_> = folded
+        .iter()
+        .filter(|(s, _)| s.last().is_some_and(|f| f != "[off-cpu]"))
+        .cloned()
+        .collect();
+    let share = |name: &str| share_through(&on_cpu, name);
+    let physics = share("physics_step");
     eprintln!(
-        "slow-call profile: {} samples, physics_step {physics:.1} %",
-        slow["sampling"]["samples"]
+        "slow-call profile: {} samples, physics_step {physics:.1} % of its on-CPU time, {} s blocked",
+        slow["sampling"]["samples"], slow["off_cpu"]["blocked_s"]
     );
-    assert!(physics >= 70.0, "{:#}", slow["top_functions"]);
+    // ~90 % in a long run; a profile of 13-40 samples (off-CPU tracing
+    // shares the budget with sampling) is ±8 points at 1σ.
+    assert!(physics >= 60.0, "{folded:?}");
     for other in [
         "serialize_snapshot",
         "ai_update",
         "network_poll",
         "update_sessions",
     ] {
-        assert!(
-            total_pct(&slow, other) < physics,
-            "{other}: {:#}",
-            slow["top_functions"]
-        );
+        assert!(share(other) < physics, "{other}: {folded:?}");
     }
 }
 

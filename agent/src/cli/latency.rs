@@ -47,6 +47,10 @@ pub struct LatencyArgs {
     /// Do not record kernel stacks in the slow-call profile.
     #[arg(long)]
     pub no_kernel: bool,
+    /// Leave blocked time out of the slow-call profile (CPU samples only;
+    /// no `sched_switch` tracing).
+    #[arg(long)]
+    pub no_offcpu: bool,
 }
 
 impl LatencyArgs {
@@ -61,6 +65,7 @@ impl LatencyArgs {
             freq_hz: self.freq,
             max_overhead_pct: self.max_overhead,
             kernel_stacks: !self.no_kernel,
+            off_cpu: !self.no_offcpu,
         }
     }
 }

@@ -25,6 +25,10 @@ pub struct LatencyConfig {
     pub max_overhead_pct: f64,
     /// Record kernel stacks in the slow-call profile.
     pub kernel_stacks: bool,
+    /// Trace off-CPU time for the slow-call profile (with a budget): the
+    /// time a late call spends blocked, so a frame late on a lock shows
+    /// the lock.
+    pub off_cpu: bool,
 }
 
 impl Default for LatencyConfig {
@@ -41,6 +45,7 @@ impl Default for LatencyConfig {
             freq_hz: 199,
             max_overhead_pct: record.max_overhead_pct,
             kernel_stacks: true,
+            off_cpu: true,
         }
     }
 }

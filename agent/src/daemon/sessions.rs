@@ -308,7 +308,7 @@ impl Daemon {
                 // Only the samples taken past a budget; a CPU baseline is
                 // no baseline for them.
                 if let Some(w) = window.as_mut() {
-                    slow_only(w);
+                    crate::session::latency::slow_only(w);
                 }
             } else if let (Some(w), Some(bf)) = (window.as_mut(), a.baseline_from) {
                 w.baseline = engine.window(a.pid, bf, a.from);
@@ -421,15 +421,17 @@ impl Daemon {
     }
 
     /// A late-call rule's emergency: a slow-call profile (kind `slow`,
-    /// `<stem>.slow.svg`), the samples taken while a probed call had run
-    /// past its budget, reaching back `emergency.pre` like a CPU one.
+    /// `<stem>.slow.svg`), what probed calls did once past their budget,
+    /// reaching back `emergency.pre` like a CPU one. A wall profile: the
+    /// calls' CPU samples and, from the alert on (off-CPU tracing is not
+    /// continuous), the late part of their blocks, so a frame late on a
+    /// lock shows the lock.
     fn slow_emergency(&mut self, i: usize, process: &Target, record: AlertRecord, alert_at: SystemTime) {
-        let config = RecordConfig {
+        let config = crate::session::latency::slow_config(&RecordConfig {
             freq_hz: self.config.emergency.freq_hz,
             duration: Some(self.config.emergency.duration),
-            mode: Mode::Cpu,
             ..self.session_config(&format!("{}-emergency", sanitize(&process.comm)))
-        };
+        });
         let start = Start {
             kind: SessionKind::Slow,
             config,
@@ -653,10 +655,10 @@ impl Daemon {
             SessionKind::OnDemand => {}
             SessionKind::Emergency | SessionKind::Slow => {
                 if let Some(alert) = done.alert {
-                    let record = if report.summary.mode == "cpu" {
-                        profile_record(alert, &report, w.baseline.as_deref())
-                    } else {
+                    let record = if matches!(report.summary.mode.as_str(), "memory" | "heap") {
                         memory_profile_record(alert, &report, w.memory_baseline.as_ref())
+                    } else {
+                        profile_record(alert, &report, w.baseline.as_deref())
                     };
                     self.sinks.emit(&record);
                 }
@@ -779,14 +781,6 @@ fn slow_rule(rule: &Rule) -> bool {
 }
 
 /// The window's slow-call samples become its profile (nothing else).
-fn slow_only(w: &mut Window) {
-    for i in &mut w.intervals {
-        i.cpu = std::mem::take(&mut i.slow);
-        i.off = Default::default();
-    }
-    w.still_blocked_off = Default::default();
-}
-
 fn describe(req: &control::Request) -> String {
     req.process
         .clone()

@@ -79,6 +79,10 @@ pub enum EngineError {
     /// A latency probe failed.
     #[error(transparent)]
     Probe(#[from] crate::probes::ProbeError),
+    /// Off-CPU tracing asked of an engine loaded without its tables
+    /// (`EngineOptions::off_cpu`): every block would be lost.
+    #[error("off-CPU tracing was asked of an engine loaded without off-CPU tables")]
+    NoOffCpuTables,
 }
 
 /// How the engine samples, for all its targets.
@@ -481,6 +485,9 @@ impl Engine {
     /// Starts or stops tracing `pid`'s off-CPU time; the program is attached
     /// while any target needs it.
     fn set_off_cpu(&mut self, pid: u32, on: bool) -> Result<(), EngineError> {
+        if on && !self.options.off_cpu {
+            return Err(EngineError::NoOffCpuTables);
+        }
         if on && self.offcpu.is_none() {
             self.offcpu = Some(OffCpuTracer::attach(&mut self.ebpf, self.options.min_block_ns)?);
             self.last.off_prog = prog_stats(&self.ebpf, OFFCPU_PROG);
@@ -636,6 +643,7 @@ impl Engine {
     fn drain_and_record(&mut self, how: Drain) -> Result<Vec<u32>, EngineError> {
         let mut raw = RawProfile::default();
         let mut off_raw = RawProfile::default();
+        let mut slow_off = RawProfile::default();
         let mut processing_ns = 0;
         if how == Drain::Final {
             cost::timed(&mut processing_ns, || self.sampler.drain_all(&mut raw))?;
@@ -643,7 +651,7 @@ impl Engine {
             cost::timed(&mut processing_ns, || self.sampler.drain(&mut raw))?;
         }
         if let Some(o) = self.offcpu.as_mut() {
-            cost::timed(&mut processing_ns, || o.drain(&mut off_raw));
+            cost::timed(&mut processing_ns, || o.drain(&mut off_raw, &mut slow_off));
         }
         // Between ticks the unwinder drains the rings on its own schedule:
         // a window that closes now gets the stack copies taken up to now.
@@ -663,7 +671,13 @@ impl Engine {
         off_raw.merge(fresh.off);
         let mut slow_raw = self.sampler.take_slow();
         slow_raw.merge(fresh.slow);
-        self.record([raw, off_raw, slow_raw], mem, processing_ns, how == Drain::Tick)
+        slow_off.merge(fresh.slow_off);
+        self.record(
+            [raw, off_raw, slow_raw, slow_off],
+            mem,
+            processing_ns,
+            how == Drain::Tick,
+        )
     }
 
     /// Splits a drain into one interval per target, measures what it cost
@@ -671,7 +685,7 @@ impl Engine {
     #[allow(clippy::too_many_lines)]
     fn record(
         &mut self,
-        [raw, off_raw, slow_raw]: [RawProfile; 3],
+        [raw, off_raw, slow_raw, slow_off]: [RawProfile; 4],
         mut mem_by_pid: HashMap<u32, MemDrain>,
         processing_ns: u64,
         govern: bool,
@@ -682,6 +696,7 @@ impl Engine {
         let mut cpu_by_pid = split(raw);
         let mut off_by_pid = split(off_raw);
         let mut slow_by_pid = split(slow_raw);
+        let mut slow_off_by_pid = split(slow_off);
         let unwind_now = self
             .consumer
             .shared()
@@ -748,6 +763,7 @@ impl Engine {
                 let off = off_by_pid.remove(&pid).unwrap_or_default();
                 let mem = mem_by_pid.remove(&pid).unwrap_or_default();
                 let slow = slow_by_pid.remove(&pid).unwrap_or_default();
+                let slow_off = slow_off_by_pid.remove(&pid).unwrap_or_default();
                 if !cpu.samples.is_empty() || !off.samples.is_empty() || !mem.is_empty() {
                     slot.recorder.push(Interval {
                         from,
@@ -756,6 +772,7 @@ impl Engine {
                         off,
                         mem,
                         slow,
+                        slow_off,
                         ..Interval::default()
                     });
                 }
@@ -799,6 +816,7 @@ impl Engine {
                 cpu: cpu_by_pid.remove(&pid).unwrap_or_default(),
                 off: off_by_pid.remove(&pid).unwrap_or_default(),
                 slow: slow_by_pid.remove(&pid).unwrap_or_default(),
+                slow_off: slow_off_by_pid.remove(&pid).unwrap_or_default(),
                 hz,
                 cpu_wanted: slot.wanted_hz() > 0,
                 cpu_ns: cpu_delta,

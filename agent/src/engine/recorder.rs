@@ -33,6 +33,9 @@ pub struct Interval {
     /// Slow-call samples (also in `cpu`): taken while a probed call of the
     /// thread had run past its budget.
     pub slow: RawProfile,
+    /// The late part of blocks inside a probed call past its budget (also
+    /// in `off`): the slow-call profile's off-CPU side.
+    pub slow_off: RawProfile,
     /// Sampling rate in force (0: paused or not sampling).
     pub hz: u64,
     /// Whether CPU sampling was wanted (so a 0 rate is a pause).
@@ -81,6 +84,7 @@ impl Default for Interval {
             cpu: RawProfile::default(),
             off: RawProfile::default(),
             slow: RawProfile::default(),
+            slow_off: RawProfile::default(),
             hz: 0,
             cpu_wanted: false,
             cpu_ns: 0,
@@ -126,7 +130,8 @@ impl Interval {
             + per(&self.mem.faults)
             + per(&self.mem.extends)
             + per(&self.mem.allocs)
-            + per(&self.slow);
+            + per(&self.slow)
+            + per(&self.slow_off);
     }
 }
 

@@ -97,6 +97,8 @@ pub struct OffCpuTracer {
     tgids: Array<MapData, u64>,
     start: BpfHashMap<MapData, u32, OffStart>,
     counts: PerCpuHashMap<MapData, SampleKey, SampleValue>,
+    /// The late part of blocks in probed calls past their budget.
+    slow: PerCpuHashMap<MapData, SampleKey, SampleValue>,
     stacks: StackTraceMap<MapData>,
     stats: PerCpuArray<MapData, OffStats>,
     /// The program's link while attached.
@@ -126,6 +128,7 @@ impl OffCpuTracer {
             tgids: take(ebpf, "OFFCPU_TGIDS")?,
             start: take(ebpf, "OFFCPU_START")?,
             counts: take(ebpf, "OFFCPU_COUNTS")?,
+            slow: take(ebpf, "OFFCPU_SLOW")?,
             stacks: take(ebpf, "OFFCPU_STACKS")?,
             stats: take(ebpf, "OFFCPU_STATS")?,
             link: None,
@@ -293,11 +296,22 @@ impl OffCpuTracer {
     }
 
     /// Moves the recorded blocks of frame-pointer targets into `profile`
-    /// (weight: blocks and nanoseconds). Stacks stay: blocks still in
-    /// progress refer to them.
-    pub fn drain(&mut self, profile: &mut RawProfile) {
-        let entries: Vec<(SampleKey, Weight)> = self
-            .counts
+    /// (weight: blocks and nanoseconds), and the late part of those inside
+    /// a probed call past its budget into `slow`. Stacks stay: blocks still
+    /// in progress refer to them.
+    pub fn drain(&mut self, profile: &mut RawProfile, slow: &mut RawProfile) {
+        for (key, weight) in Self::take_counts(&mut self.counts) {
+            profile.add(self.raw_key(&key, weight.samples), weight);
+        }
+        for (key, weight) in Self::take_counts(&mut self.slow) {
+            // Fixed up, but not counted again: the block itself was.
+            slow.add(self.raw_key(&key, 0), weight);
+        }
+    }
+
+    /// The entries of a per-CPU count map, summed over CPUs and removed.
+    fn take_counts(map: &mut PerCpuHashMap<MapData, SampleKey, SampleValue>) -> Vec<(SampleKey, Weight)> {
+        let entries: Vec<(SampleKey, Weight)> = map
             .iter()
             .filter_map(Result::ok)
             .map(|(k, v)| {
@@ -308,22 +322,25 @@ impl OffCpuTracer {
                 (k, w)
             })
             .collect();
-        for (key, weight) in &entries {
-            let raw = RawSampleKey {
-                tgid: key.tgid,
-                tid: key.tid,
-                user: self.user_stack(
-                    key.tgid,
-                    key.user_stack_id,
-                    (key.leaf_ret, key.leaf_offset),
-                    weight.samples,
-                ),
-                kernel: self.stack(key.kernel_stack_id),
-            };
-            profile.add(raw, *weight);
-            if let Err(e) = self.counts.remove(key) {
+        for (key, _) in &entries {
+            if let Err(e) = map.remove(key) {
                 tracing::debug!("off-CPU count not removed: {e}");
             }
+        }
+        entries
+    }
+
+    fn raw_key(&self, key: &SampleKey, weight: u64) -> RawSampleKey {
+        RawSampleKey {
+            tgid: key.tgid,
+            tid: key.tid,
+            user: self.user_stack(
+                key.tgid,
+                key.user_stack_id,
+                (key.leaf_ret, key.leaf_offset),
+                weight,
+            ),
+            kernel: self.stack(key.kernel_stack_id),
         }
     }
 

@@ -22,7 +22,7 @@ use super::{
 };
 use crate::{
     config::LatencyConfig,
-    engine::{Engine, Want},
+    engine::{Engine, EngineOptions, Want},
     probes::{Bucket, Latency, Location, ProbeId},
     render,
     target::Target,
@@ -141,8 +141,12 @@ pub struct ProbeCost {
 /// Files of the slow-call profile.
 #[derive(Debug, Clone, Serialize)]
 pub struct SlowProfile {
-    /// Samples taken past the budget.
+    /// CPU samples taken past the budget.
     pub samples: u64,
+    /// Seconds blocked past the budget (off-CPU traced; else 0): with
+    /// it, the profile counts wall time in µs, its blocked stacks marked
+    /// `[off-cpu]`.
+    pub off_cpu_s: f64,
     /// Flamegraph.
     pub svg: String,
     /// Folded stacks.
@@ -161,10 +165,16 @@ pub async fn latency(
     let pid = target.pid;
     let record = config.record_config();
     let dwarf = unwind::choose(record.unwind, pid).dwarf;
-    let mut engine = Engine::start(engine_options(&record, dwarf))?;
     let budget_ns = config.budget.map_or(0, |b| b.as_nanos() as u64);
+    // Off-CPU time only matters to the slow-call profile.
+    let off_cpu = budget_ns > 0 && config.off_cpu;
+    let mut engine = Engine::start(EngineOptions {
+        off_cpu,
+        ..engine_options(&record, dwarf)
+    })?;
     let want = Want {
         hz: if budget_ns > 0 { config.freq_hz } else { 0 },
+        off_cpu,
         ..Want::default()
     };
     let admission = engine.admit().await;
@@ -202,11 +212,17 @@ pub async fn latency(
         .as_ref()
         .map_or(0, |w| w.intervals.iter().map(|i| i.cpu_ns).sum::<u64>());
     let slow = match (window, budget_ns > 0) {
-        (Some(w), true) => tokio::task::block_in_place(|| slow_profile(w, &record, started_at))?,
+        (Some(w), true) => tokio::task::block_in_place(|| slow_profile(w, &record, off_cpu, started_at))?,
         _ => None,
     };
-    if slow.as_ref().is_some_and(|s| s.samples == 0) {
-        warnings.push("no CPU sample was taken past the budget: the slow-call profile is empty".into());
+    if slow
+        .as_ref()
+        .is_some_and(|s| s.samples == 0 && s.off_cpu_s == 0.0)
+    {
+        warnings.push(
+            "no CPU sample was taken and no block seen past the budget: the slow-call profile is empty"
+                .into(),
+        );
     }
     warn_counts(&lat, &mut warnings);
     let report = LatencyReport {
@@ -368,16 +384,22 @@ async fn collect(
 }
 
 /// The slow-call profile: the window's slow samples, finished as a
-/// session of kind `slow`.
+/// session of kind `slow`; with `off_cpu`, a wall-clock profile of the
+/// late part of the calls (their CPU samples and their blocked time).
 fn slow_profile(
     mut window: Window,
     record: &crate::config::RecordConfig,
+    off_cpu: bool,
     started_at: SystemTime,
 ) -> Result<Option<SlowProfile>, SessionError> {
-    for i in &mut window.intervals {
-        i.cpu = std::mem::take(&mut i.slow);
-        i.off = Default::default();
-    }
+    slow_only(&mut window);
+    let config;
+    let record = if off_cpu {
+        config = slow_config(record);
+        &config
+    } else {
+        record
+    };
     let spec = finish::Spec {
         config: record,
         kind: SessionKind::Slow,
@@ -387,10 +409,31 @@ fn slow_profile(
     let f = &report.summary.files;
     Ok(Some(SlowProfile {
         samples: report.summary.sampling.samples,
+        off_cpu_s: report.summary.off_cpu.as_ref().map_or(0.0, |o| o.blocked_s),
         svg: f.svg.clone(),
         folded: f.folded.clone(),
         json: f.json.clone(),
     }))
+}
+
+/// Keeps only what a window's late calls did: their CPU samples and the
+/// late part of their blocks.
+pub fn slow_only(w: &mut Window) {
+    for i in &mut w.intervals {
+        i.cpu = std::mem::take(&mut i.slow);
+        i.off = std::mem::take(&mut i.slow_off);
+    }
+    w.still_blocked.clear();
+    w.still_blocked_off = Default::default();
+}
+
+/// The settings of a slow-call profile that traced off-CPU time: a wall
+/// profile (CPU samples and blocked time, in µs; blocked stacks marked).
+pub fn slow_config(record: &crate::config::RecordConfig) -> crate::config::RecordConfig {
+    crate::config::RecordConfig {
+        mode: crate::config::Mode::Wall,
+        ..record.clone()
+    }
 }
 
 fn warn_counts(lat: &Latency, warnings: &mut Vec<String>) {

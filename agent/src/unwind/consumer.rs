@@ -99,6 +99,9 @@ pub struct Output {
     pub off: RawProfile,
     /// Slow-call samples (also in `cpu`): taken past a probed call's budget.
     pub slow: RawProfile,
+    /// The late part of blocks inside a probed call past its budget
+    /// (the slow-call profile's off-CPU side; also in `off`).
+    pub slow_off: RawProfile,
     /// Memory events of DWARF targets: new anonymous pages (`samples`
     /// pages, `period_ns` bytes).
     pub mem_faults: RawProfile,
@@ -118,6 +121,7 @@ impl Output {
         self.cpu.merge(std::mem::take(&mut other.cpu));
         self.off.merge(std::mem::take(&mut other.off));
         self.slow.merge(std::mem::take(&mut other.slow));
+        self.slow_off.merge(std::mem::take(&mut other.slow_off));
         self.mem_faults.merge(std::mem::take(&mut other.mem_faults));
         self.mem_extends.merge(std::mem::take(&mut other.mem_extends));
         self.heap_stacks.extend(other.heap_stacks.drain());
@@ -383,18 +387,28 @@ fn run(
                     Some((tgid, user, kernel)) if end.blocked_ns >= min_block_ns => {
                         // A sampled block stands for `weight` blocks.
                         let w = u64::from(end.weight.max(1));
+                        let key = RawSampleKey {
+                            tgid,
+                            tid: end.tid,
+                            user,
+                            kernel,
+                        };
+                        if end.slow_ns > 0 {
+                            out.slow_off.add(
+                                key.clone(),
+                                Weight {
+                                    samples: w,
+                                    period_ns: end.slow_ns * w,
+                                },
+                            );
+                        }
                         out.off.add(
-                            RawSampleKey {
-                                tgid,
-                                tid: end.tid,
-                                user,
-                                kernel,
-                            },
+                            key,
                             Weight {
                                 samples: w,
                                 period_ns: end.blocked_ns * w,
                             },
-                        )
+                        );
                     }
                     Some(_) => {}
                     None if tries < 5 => early_ends.push((end, tries + 1)),
