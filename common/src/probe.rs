@@ -49,7 +49,10 @@ pub struct ProbeConfig {
     pub budget_ns: u64,
     /// The process probed (a forked child's hits are ignored).
     pub tgid: u32,
-    /// Non-zero while the slot is in use.
+    /// Non-zero while the slot is in use: the attachment's generation
+    /// (new at each attachment), which in-flight entries carry so that
+    /// those an earlier attachment left (its return probe detached while
+    /// a call ran) are not taken for this one's.
     pub active: u32,
 }
 
@@ -69,8 +72,8 @@ pub struct InFlightKey {
 pub struct InFlight {
     /// Calls entered and not returned (may exceed [`MAX_CALL_DEPTH`]).
     pub depth: u32,
-    /// Explicit padding.
-    pub _pad: u32,
+    /// The attachment that recorded them ([`ProbeConfig::active`]).
+    pub generation: u32,
     /// Entry times (ns, CLOCK_MONOTONIC), outermost first.
     pub starts: [u64; MAX_CALL_DEPTH],
 }
@@ -86,8 +89,9 @@ pub struct SlowCall {
     pub budget_ns: u64,
     /// Its probe's slot (only that probe's return clears it).
     pub slot: u32,
-    /// Explicit padding.
-    pub _pad: u32,
+    /// The attachment that published it ([`ProbeConfig::active`]): a
+    /// call whose return probe was detached is not in flight any more.
+    pub generation: u32,
 }
 
 /// Per-probe histogram and counters (per CPU, summed by the agent).

@@ -80,6 +80,12 @@ pub fn try_enter<C: EbpfContext>(ctx: &C) -> Result<(), i64> {
         Some(f) => {
             // SAFETY: only this thread (running here) writes its own entry.
             let f = unsafe { &mut *f };
+            if f.generation != config.active {
+                // Left by an earlier attachment of the slot: its calls'
+                // returns were never seen.
+                f.depth = 0;
+                f.generation = config.active;
+            }
             let d = f.depth as usize;
             if d < MAX_CALL_DEPTH {
                 f.starts[d] = now;
@@ -92,6 +98,7 @@ pub fn try_enter<C: EbpfContext>(ctx: &C) -> Result<(), i64> {
         None => {
             let mut f = InFlight::default();
             f.depth = 1;
+            f.generation = config.active;
             f.starts[0] = now;
             if IN_FLIGHT.insert(&key, &f, 0).is_err() {
                 count(slot, |h| h.lost += 1);
@@ -101,31 +108,42 @@ pub fn try_enter<C: EbpfContext>(ctx: &C) -> Result<(), i64> {
         }
     };
     if depth == 0 && config.budget_ns != 0 {
-        publish_slow(tid, slot, now, config.budget_ns);
+        publish_slow(tid, slot, now, &config);
     }
     Ok(())
 }
 
 /// The thread's outermost call, unless another probe's is in flight.
 #[inline(always)]
-fn publish_slow(tid: u32, slot: u32, now: u64, budget_ns: u64) {
+fn publish_slow(tid: u32, slot: u32, now: u64, config: &ProbeConfig) {
     if let Some(s) = SLOW_CALLS.get_ptr_mut(&tid) {
         // SAFETY: only this thread writes its own entry.
         let s = unsafe { &mut *s };
-        if s.start_ns == 0 || s.slot == slot {
+        if s.start_ns == 0 || s.slot == slot || !current(s) {
             s.start_ns = now;
-            s.budget_ns = budget_ns;
+            s.budget_ns = config.budget_ns;
             s.slot = slot;
+            s.generation = config.active;
         }
         return;
     }
     let s = SlowCall {
         start_ns: now,
-        budget_ns,
+        budget_ns: config.budget_ns,
         slot,
-        _pad: 0,
+        generation: config.active,
     };
     let _ = SLOW_CALLS.insert(&tid, &s, 0);
+}
+
+/// Whether the attachment that published `s` is still the one in its
+/// slot (else its return probe is gone and the call will never be seen
+/// to end).
+#[inline(always)]
+fn current(s: &SlowCall) -> bool {
+    PROBE_CONFIG
+        .get(s.slot)
+        .is_some_and(|c| c.active != 0 && c.active == s.generation)
 }
 
 /// Function return.
@@ -144,7 +162,7 @@ pub fn try_return<C: EbpfContext>(ctx: &C) -> Result<(), i64> {
     };
     // SAFETY: only this thread writes its own entry.
     let f = unsafe { &mut *f };
-    if f.depth == 0 {
+    if f.depth == 0 || f.generation != config.active {
         count(slot, |h| h.unmatched += 1);
         return Ok(());
     }
@@ -205,7 +223,7 @@ pub fn in_slow_call(tid: u32) -> bool {
     };
     // SAFETY: no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    s.start_ns != 0 && now.saturating_sub(s.start_ns) > s.budget_ns
+    s.start_ns != 0 && now.saturating_sub(s.start_ns) > s.budget_ns && current(s)
 }
 
 /// How much of a block from `since` to `now` came after the thread's
@@ -218,7 +236,7 @@ pub fn late_ns(tid: u32, since: u64, now: u64) -> u64 {
     let Some(s) = (unsafe { SLOW_CALLS.get(&tid) }) else {
         return 0;
     };
-    if s.start_ns == 0 {
+    if s.start_ns == 0 || !current(s) {
         return 0;
     }
     let deadline = s.start_ns.saturating_add(s.budget_ns);

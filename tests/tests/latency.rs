@@ -413,3 +413,53 @@ fn other_processes_untouched() {
     // One process's calls (~1000/s, give or take the machine), not two.
     assert!(rate > 400.0 && rate < 1800.0, "calls/s {rate}: {r}");
 }
+
+/// Test that a function called 100 000 times a second is timed from the
+/// first attachment on, in three attachments in a row: no call is left
+/// without its return (`too_deep` 0), and every attachment counts calls.
+/// The entry probe used to be attached before the return probe: the ~10
+/// calls entered between the two filled the thread's 8-deep call stack and
+/// no later call was timed (zero calls in 2 runs of 4).
+#[test]
+fn fast_calls_timed_from_the_first_attachment() {
+    if !privileged("fast_calls_timed_from_the_first_attachment") {
+        return;
+    }
+    let _turn = cpu_bound_turn();
+    let mut cmd = Command::new(target_bin("callrate"));
+    cmd.args(["--rate", "100000", "--seconds", "60"]);
+    let target = TestProcess::spawn_ready(cmd);
+    let pid = target.pid().to_string();
+    for round in 0..3 {
+        let dir = output_dir();
+        let mut agent = Agent::start(&[
+            "latency",
+            "--pid",
+            &pid,
+            "--function",
+            "probed_call",
+            "--max-overhead",
+            "100",
+            "--duration",
+            "2s",
+            "--output",
+            dir.path().to_str().unwrap(),
+        ]);
+        agent.wait_probing();
+        let stderr = agent.stderr.clone();
+        let (status, stdout) = agent.finish(Duration::from_secs(60));
+        assert!(status.success(), "{}", stderr.lock().unwrap());
+        let r = read_json(&printed_files(stdout.as_bytes(), "json")[0]);
+        let (count, deep) = (
+            r["count"].as_u64().unwrap(),
+            r["probe"]["too_deep"].as_u64().unwrap(),
+        );
+        eprintln!(
+            "round {round}: {count} calls timed, {deep} too deep, {} unmatched",
+            r["probe"]["unmatched_returns"]
+        );
+        assert_eq!(deep, 0, "calls left without their return: {r}");
+        // Probed, the loop makes 15 000-50 000 calls a second here.
+        assert!(count >= 10_000, "round {round}: {count} calls timed in 2 s: {r}");
+    }
+}
