@@ -346,3 +346,70 @@ fn costly_probe_is_duty_cycled() {
         "calls counted again after {before} (attached one interval in {every})"
     );
 }
+
+/// Test that a watched target's frames late on a lock (`framelat --lock`:
+/// every 10th tick waits ~30 ms for a mutex another thread holds asleep)
+/// make a slow-call emergency that shows the lock: a wall profile most of
+/// whose time is `wait_for_assets` blocked in the mutex, `[off-cpu]`.
+#[test]
+fn lock_late_frames_slow_emergency_shows_the_lock() {
+    if !privileged("lock_late_frames_slow_emergency_shows_the_lock") {
+        return;
+    }
+    let _turn = cpu_bound_turn();
+    let dir = output_dir();
+    let mut cmd = Command::new(target_bin("framelat"));
+    cmd.args(["--lock", "--frames", "100000"]);
+    let target = TestProcess::spawn_ready(cmd);
+    let config = dir.path().join("flamewatch.toml");
+    let text = format!(
+        "output = {:?}\ncontrol_socket = {:?}\n[emergency]\nduration = \"5s\"\n\
+         [[target]]\npid = {}\n[[target.probe]]\nfunction = \"tick\"\nbudget = \"16.7ms\"\n\
+         [[target.rule]]\nname = \"frame_drops\"\nseverity = \"critical\"\nkind = \"threshold\"\n\
+         metric = \"over_budget_pct\"\nabove = 5\nfor_s = 0\n",
+        dir.path().display().to_string(),
+        dir.path().join("control.sock").display().to_string(),
+        target.pid(),
+    );
+    std::fs::write(&config, text).unwrap();
+    let mut daemon = Command::new(flamewatch_bin());
+    daemon
+        .args(["watch", "--config", config.to_str().unwrap()])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    let _daemon = TestProcess::spawn(daemon);
+    assert!(
+        wait_until(Duration::from_secs(40), || find_alert(
+            dir.path(),
+            "frame_drops",
+            "profile"
+        )
+        .is_some()),
+        "{:#?}",
+        alerts(dir.path())
+    );
+    let profile = find_alert(dir.path(), "frame_drops", "profile").unwrap();
+    let slow = read_json(Path::new(profile["profile"]["json"].as_str().unwrap()));
+    assert_eq!(slow["session"]["kind"], "slow", "{slow:#}");
+    let folded = read_folded(Path::new(slow["files"]["folded"].as_str().unwrap()));
+    let total: u64 = folded.iter().map(|(_, n)| n).sum();
+    let waiting: u64 = folded
+        .iter()
+        .filter(|(s, _)| {
+            s.iter().any(|f| f == "wait_for_assets")
+                && s.iter()
+                    .any(|f| f.contains("mutex_lock") || f.contains("lll_lock"))
+                && s.last().is_some_and(|f| f == "[off-cpu]")
+        })
+        .map(|(_, n)| n)
+        .sum();
+    eprintln!(
+        "slow emergency: {} s blocked, in the mutex {waiting} of {total} µs",
+        slow["off_cpu"]["blocked_s"]
+    );
+    assert!(
+        waiting as f64 >= 0.8 * total as f64,
+        "wait_for_assets blocked in the mutex: {waiting} of {total} µs: {folded:?}"
+    );
+}
