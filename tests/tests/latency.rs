@@ -186,6 +186,8 @@ fn frame_latency_matches_own_measurement() {
         .to_str()
         .unwrap()
         .ends_with(".slow.svg"));
+    // A wall profile (µs): the late frames' CPU samples and, were they to
+    // block, their blocked time.
     let stacks = read_folded(&folded[0]);
     let total: u64 = stacks.iter().map(|(_, n)| n).sum();
     let slow: u64 = stacks
@@ -193,7 +195,9 @@ fn frame_latency_matches_own_measurement() {
         .filter(|(s, _)| s.iter().any(|f| f.starts_with("physics_step")))
         .map(|(_, n)| n)
         .sum();
-    assert!(total >= 20, "slow-call samples: {total}");
+    let samples = r["slow_profile"]["samples"].as_u64().unwrap_or(0);
+    eprintln!("slow-call profile: {samples} CPU samples, physics_step {slow} of {total} µs");
+    assert!(samples >= 10, "slow-call samples: {samples}: {r}");
     // Under emulation (the kernel matrix's guests without KVM) a late frame
     // also waits in emulated page faults and clock reads outside the step.
     let want = if std::env::var_os("FLAMEWATCH_TEST_SLOW").is_some() {
