@@ -213,13 +213,15 @@ fn switch_in(tid: u32, start: OffStart, now: u64) {
         return;
     };
     let blocked = now.saturating_sub(start.ts_ns);
-    let late = if flags & target_flags::SLOW_CALLS != 0 {
+    let weight = u64::from(start.weight.max(1));
+    let min = OFFCPU_CONFIG.get(CONFIG_MIN_BLOCK_NS).copied().unwrap_or(0);
+    // A short block is not recorded (the agent drops a DWARF one): only a
+    // recorded one looks its thread's probed call up.
+    let late = if blocked >= min && flags & target_flags::SLOW_CALLS != 0 {
         crate::probe::late_ns(tid, start.ts_ns, now)
     } else {
         0
     };
-    let weight = u64::from(start.weight.max(1));
-    let min = OFFCPU_CONFIG.get(CONFIG_MIN_BLOCK_NS).copied().unwrap_or(0);
     if blocked < min {
         stats.short += 1;
         if start.dwarf == 0 {

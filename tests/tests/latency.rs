@@ -77,6 +77,58 @@ impl Agent {
     }
 }
 
+/// What a framelat run probed by `flamewatch latency` on `tick` (16.7 ms
+/// budget) gave: the agent's stdout and the loop's own frame times, ns.
+struct FramesProbed {
+    stdout: String,
+    own: Vec<u64>,
+    _dir: tempfile::TempDir,
+}
+
+/// Runs `binary` (a framelat build) with `target_args` for `frames`
+/// frames, probed from its first frame with `agent_args` added.
+fn probe_frames(binary: &str, target_args: &[&str], frames: &str, agent_args: &[&str]) -> FramesProbed {
+    let dir = output_dir();
+    let frames_file = dir.path().join("frames.txt");
+    let mut cmd = Command::new(target_bin(binary));
+    cmd.args(target_args).args([
+        "--wait-start",
+        "--frames",
+        frames,
+        "--out",
+        frames_file.to_str().unwrap(),
+    ]);
+    let target = TestProcess::spawn_ready(cmd);
+    let pid = target.pid().to_string();
+    let mut args = vec![
+        "latency",
+        "--pid",
+        &pid,
+        "--function",
+        "tick",
+        "--budget",
+        "16.7ms",
+    ];
+    args.extend(["--duration", "60s", "--output", dir.path().to_str().unwrap()]);
+    args.extend(agent_args);
+    let mut agent = Agent::start(&args);
+    agent.wait_probing();
+    target.signal(libc::SIGUSR1);
+    let stderr = agent.stderr.clone();
+    let (status, stdout) = agent.finish(Duration::from_secs(60));
+    assert!(status.success(), "{}", stderr.lock().unwrap());
+    let own = std::fs::read_to_string(&frames_file)
+        .expect("the target wrote its frame times")
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    FramesProbed {
+        stdout,
+        own,
+        _dir: dir,
+    }
+}
+
 /// The `q` quantile of sorted values, by the rank the agent uses.
 fn quantile(sorted: &[u64], q: f64) -> f64 {
     let rank = ((q * sorted.len() as f64).ceil() as usize).max(1);
@@ -97,41 +149,11 @@ fn frame_latency_matches_own_measurement() {
         return;
     }
     let _turn = cpu_bound_turn();
-    let dir = output_dir();
-    let frames_file = dir.path().join("frames.txt");
-    let mut cmd = Command::new(target_bin("framelat-fp"));
-    cmd.args([
-        "--wait-start",
-        "--frames",
-        "600",
-        "--out",
-        frames_file.to_str().unwrap(),
-    ]);
-    let target = TestProcess::spawn_ready(cmd);
-    let pid = target.pid().to_string();
-    let mut agent = Agent::start(&[
-        "latency",
-        "--pid",
-        &pid,
-        "--function",
-        "tick",
-        "--budget",
-        "16.7ms",
-        "--duration",
-        "60s",
-        "--output",
-        dir.path().to_str().unwrap(),
-    ]);
-    agent.wait_probing();
-    target.signal(libc::SIGUSR1);
-    let stderr = agent.stderr.clone();
-    let (status, stdout) = agent.finish(Duration::from_secs(60));
-    assert!(status.success(), "{}", stderr.lock().unwrap());
-    let mut own: Vec<u64> = std::fs::read_to_string(&frames_file)
-        .expect("the target wrote its frame times")
-        .lines()
-        .map(|l| l.parse().unwrap())
-        .collect();
+    let FramesProbed {
+        stdout,
+        mut own,
+        _dir,
+    } = probe_frames("framelat-fp", &[], "600", &[]);
     own.sort_unstable();
     let own_over = 100.0 * own.iter().filter(|&&t| t > 16_700_000).count() as f64 / own.len() as f64;
 
@@ -221,46 +243,10 @@ fn slow_frames_late_on_a_lock_show_the_lock() {
         return;
     }
     let _turn = cpu_bound_turn();
-    let dir = output_dir();
-    let frames_file = dir.path().join("frames.txt");
-    let mut cmd = Command::new(target_bin("framelat"));
-    cmd.args([
-        "--lock",
-        "--wait-start",
-        "--frames",
-        "300",
-        "--out",
-        frames_file.to_str().unwrap(),
-    ]);
-    let target = TestProcess::spawn_ready(cmd);
-    let pid = target.pid().to_string();
-    let mut agent = Agent::start(&[
-        "latency",
-        "--pid",
-        &pid,
-        "--function",
-        "tick",
-        "--budget",
-        "16.7ms",
-        "--duration",
-        "60s",
-        // Every block recorded (a budget this low samples 1 switch-out
-        // in N of a target that mostly sleeps): the sum is then exact.
-        "--max-overhead",
-        "25",
-        "--output",
-        dir.path().to_str().unwrap(),
-    ]);
-    agent.wait_probing();
-    target.signal(libc::SIGUSR1);
-    let stderr = agent.stderr.clone();
-    let (status, stdout) = agent.finish(Duration::from_secs(60));
-    assert!(status.success(), "{}", stderr.lock().unwrap());
-    let own: Vec<u64> = std::fs::read_to_string(&frames_file)
-        .expect("the target wrote its frame times")
-        .lines()
-        .map(|l| l.parse().unwrap())
-        .collect();
+    // Every block recorded (a budget this low samples 1 switch-out in N of
+    // a target that mostly sleeps): the sum is then exact.
+    let FramesProbed { stdout, own, _dir } =
+        probe_frames("framelat", &["--lock"], "300", &["--max-overhead", "25"]);
     let late_s: f64 = own
         .iter()
         .map(|&t| t.saturating_sub(16_700_000) as f64 / 1e9)

@@ -65,19 +65,33 @@ fn promtool_passes(body: &str) {
     assert!(out.status.success(), "promtool: {said}");
 }
 
-/// The game-server preset watching pid `pid`, metrics on `addr`, short
-/// emergency profiles.
-fn preset_config(dir: &Path, pid: u32, addr: &str) -> std::path::PathBuf {
-    let preset = std::fs::read_to_string(workspace_root().join("configs/game-server.toml")).unwrap();
+/// `flamewatch watch` on a config of `body` (after the output folder and
+/// control socket in `dir`), written to `dir/flamewatch.toml`.
+fn watch(dir: &Path, body: &str) -> TestProcess {
+    let config = dir.join("flamewatch.toml");
     let text = format!(
-        "output = {:?}\ncontrol_socket = {:?}\nmetrics_addr = {addr:?}\n{}\n[emergency]\nduration = \"6s\"\n",
+        "output = {:?}\ncontrol_socket = {:?}\n{body}",
         dir.display().to_string(),
         dir.join("control.sock").display().to_string(),
-        preset.replace("process = \"game-server\"", &format!("pid = {pid}"))
     );
-    let path = dir.join("flamewatch.toml");
-    std::fs::write(&path, text).unwrap();
-    path
+    std::fs::write(&config, text).unwrap();
+    let mut daemon = Command::new(flamewatch_bin());
+    daemon
+        .args(["watch", "--config", config.to_str().unwrap()])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    TestProcess::spawn(daemon)
+}
+
+/// The game-server preset watching pid `pid`, metrics on `addr`, short
+/// emergency profiles.
+fn preset_config(pid: u32, addr: &str) -> String {
+    let preset = std::fs::read_to_string(workspace_root().join("configs/game-server.toml")).unwrap();
+    format!(
+        "metrics_addr = {addr:?}\n{}\n[emergency]\nduration = \"6s\"\n",
+        preset.replace("process = \"game-server\"", &format!("pid = {pid}"))
+    )
 }
 
 /// Test that the game server's frame-spike incident, watched with its
@@ -105,14 +119,7 @@ fn frame_spike_rules_and_slow_profile() {
     ]);
     let (mut game, output) = TestProcess::spawn_ready_captured(cmd);
     let addr = format!("127.0.0.1:{}", free_tcp_port());
-    let config = preset_config(dir.path(), game.pid(), &addr);
-    let mut daemon = Command::new(flamewatch_bin());
-    daemon
-        .args(["watch", "--config", config.to_str().unwrap()])
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
-    let _daemon = TestProcess::spawn(daemon);
+    let _daemon = watch(dir.path(), &preset_config(game.pid(), &addr));
     // Poll /metrics until the server exits: the last p99 before it went is
     // over (nearly) all its frames.
     let labels = ["function=\"game_tick\"", "percentile=\"99\""];
@@ -230,23 +237,15 @@ fn probe_follows_restart() {
     let _turn = cpu_bound_turn();
     let dir = output_dir();
     let addr = format!("127.0.0.1:{}", free_tcp_port());
-    let config = dir.path().join("flamewatch.toml");
-    let text = format!(
-        "output = {:?}\ncontrol_socket = {:?}\nmetrics_addr = {addr:?}\n[[target]]\nprocess = \"framelat\"\n\
-         [[target.probe]]\nfunction = \"tick\"\nbudget = \"16.7ms\"\n",
-        dir.path().display().to_string(),
-        dir.path().join("control.sock").display().to_string(),
-    );
-    std::fs::write(&config, text).unwrap();
     let first = framelat();
     let p1 = first.pid();
-    let mut daemon = Command::new(flamewatch_bin());
-    daemon
-        .args(["watch", "--config", config.to_str().unwrap()])
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
-    let _daemon = TestProcess::spawn(daemon);
+    let _daemon = watch(
+        dir.path(),
+        &format!(
+            "metrics_addr = {addr:?}\n[[target]]\nprocess = \"framelat\"\n\
+             [[target.probe]]\nfunction = \"tick\"\nbudget = \"16.7ms\"\n"
+        ),
+    );
     assert!(
         wait_until(Duration::from_secs(20), || tick_count(&addr, p1)
             .is_some_and(|n| n > 60.0)),
@@ -301,22 +300,13 @@ fn costly_probe_is_duty_cycled() {
     cmd.args(["--rate", "20000", "--seconds", "120"]);
     let target = TestProcess::spawn_ready(cmd);
     let addr = format!("127.0.0.1:{}", free_tcp_port());
-    let config = dir.path().join("flamewatch.toml");
-    let text = format!(
-        "output = {:?}\ncontrol_socket = {:?}\nmetrics_addr = {addr:?}\n[[target]]\npid = {}\n\
-         [[target.probe]]\nfunction = \"probed_call\"\n",
-        dir.path().display().to_string(),
-        dir.path().join("control.sock").display().to_string(),
-        target.pid(),
+    let _daemon = watch(
+        dir.path(),
+        &format!(
+            "metrics_addr = {addr:?}\n[[target]]\npid = {}\n[[target.probe]]\nfunction = \"probed_call\"\n",
+            target.pid()
+        ),
     );
-    std::fs::write(&config, text).unwrap();
-    let mut daemon = Command::new(flamewatch_bin());
-    daemon
-        .args(["watch", "--config", config.to_str().unwrap()])
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
-    let _daemon = TestProcess::spawn(daemon);
     let mut record = None;
     assert!(
         wait_until(Duration::from_secs(30), || {
@@ -361,24 +351,16 @@ fn lock_late_frames_slow_emergency_shows_the_lock() {
     let mut cmd = Command::new(target_bin("framelat"));
     cmd.args(["--lock", "--frames", "100000"]);
     let target = TestProcess::spawn_ready(cmd);
-    let config = dir.path().join("flamewatch.toml");
-    let text = format!(
-        "output = {:?}\ncontrol_socket = {:?}\n[emergency]\nduration = \"5s\"\n\
-         [[target]]\npid = {}\n[[target.probe]]\nfunction = \"tick\"\nbudget = \"16.7ms\"\n\
-         [[target.rule]]\nname = \"frame_drops\"\nseverity = \"critical\"\nkind = \"threshold\"\n\
-         metric = \"over_budget_pct\"\nabove = 5\nfor_s = 0\n",
-        dir.path().display().to_string(),
-        dir.path().join("control.sock").display().to_string(),
-        target.pid(),
+    let _daemon = watch(
+        dir.path(),
+        &format!(
+            "[emergency]\nduration = \"5s\"\n\
+             [[target]]\npid = {}\n[[target.probe]]\nfunction = \"tick\"\nbudget = \"16.7ms\"\n\
+             [[target.rule]]\nname = \"frame_drops\"\nseverity = \"critical\"\nkind = \"threshold\"\n\
+             metric = \"over_budget_pct\"\nabove = 5\nfor_s = 0\n",
+            target.pid()
+        ),
     );
-    std::fs::write(&config, text).unwrap();
-    let mut daemon = Command::new(flamewatch_bin());
-    daemon
-        .args(["watch", "--config", config.to_str().unwrap()])
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
-    let _daemon = TestProcess::spawn(daemon);
     assert!(
         wait_until(Duration::from_secs(40), || find_alert(
             dir.path(),

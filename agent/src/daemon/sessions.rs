@@ -780,7 +780,6 @@ fn slow_rule(rule: &Rule) -> bool {
     }
 }
 
-/// The window's slow-call samples become its profile (nothing else).
 fn describe(req: &control::Request) -> String {
     req.process
         .clone()
