@@ -23,7 +23,7 @@ fn two_to_one(binary: &str) -> Split {
     // from 800 samples in the two paths on (see Split::check). A guest
     // without KVM samples several times slower.
     let slow = std::env::var_os("FLAMEWATCH_TEST_SLOW").is_some();
-    let duration = if slow { "12s" } else { "3s" };
+    let duration = if slow { "24s" } else { "3s" };
     let before = measured(&measure);
     let out = flamewatch(&[
         "record",
