@@ -138,13 +138,14 @@ fn boot(release: &str, script: &str) -> Result<()> {
     // while the default it picks under TCG, the HPET, turns every
     // clock_gettime into a trapped MMIO read (the latency fixture's frames
     // then spent most of their time reading the clock).
-    // Single-threaded TCG: under multi-threaded TCG a 6.12 guest panicked
-    // now and then ("Oops: int3" in syscall_trace_enter, as a tracepoint
-    // was detached and the kernel patched its own text while the other
-    // vCPU ran it: cross-modifying code). One host thread for both vCPUs
-    // runs the guest at about half speed; the tests' slack (SLOW) covers it.
     let status = Command::new("vng")
         .args(["--disable-kvm", "--cpus", "2", "--memory", "2G"])
+        // Single-threaded TCG: under multi-threaded TCG a 6.12 guest
+        // panicked now and then ("Oops: int3" in syscall_trace_enter while
+        // a tracepoint was detached and the kernel patched its own text
+        // under the other vCPU). One host thread for both vCPUs runs the
+        // guest at about half speed: the busy-loop alert and the latency
+        // slow profile do not yet meet their bounds there.
         .arg("--qemu-opts=-accel tcg,thread=single")
         .args(["--append", "clocksource=tsc tsc=reliable", "-r"])
         .arg(&kernel)
