@@ -219,14 +219,16 @@ fn frame_latency_matches_own_measurement() {
         .sum();
     let samples = r["slow_profile"]["samples"].as_u64().unwrap_or(0);
     eprintln!("slow-call profile: {samples} CPU samples, physics_step {slow} of {total} µs");
-    assert!(samples >= 10, "slow-call samples: {samples}: {r}");
-    // Under emulation (the kernel matrix's guests without KVM) a late frame
-    // also waits in emulated page faults and clock reads outside the step.
-    let want = if std::env::var_os("FLAMEWATCH_TEST_SLOW").is_some() {
-        0.6
-    } else {
-        0.8
-    };
+    // Under emulation (the kernel matrix's guests without KVM) fewer CPU
+    // samples land in late frames (9 seen on 6.1); and a late frame also
+    // waits in emulated page faults and clock reads outside the step.
+    let emulated = std::env::var_os("FLAMEWATCH_TEST_SLOW").is_some();
+    let floor = if emulated { 5 } else { 10 };
+    assert!(
+        samples >= floor,
+        "slow-call samples: {samples} (want {floor}): {r}"
+    );
+    let want = if emulated { 0.6 } else { 0.8 };
     assert!(
         slow as f64 >= want * total as f64,
         "physics_step {slow} of {total} (want {want}): {stacks:?}"

@@ -18,8 +18,13 @@ use crate::governor::cost::monotonic_ns;
 
 /// Used when calibration fails: about what was measured on these VMs.
 pub const DEFAULT_PER_CALL_NS: f64 = 5_000.0;
-/// Calls per timed block.
+/// Calls per timed block, at most (a probed call costs ~5 µs here).
 const CALLS: u64 = 5_000;
+/// Calls of the first, sizing block.
+const MIN_CALLS: u64 = 100;
+/// What one probed block may take: where a probed call is slow (580 µs
+/// in an emulated guest) full blocks would hold the engine for 30 s.
+const BLOCK_NS: u64 = 40_000_000;
 /// Off/on pairs of blocks.
 const ROUNDS: usize = 7;
 
@@ -33,10 +38,10 @@ pub extern "C" fn flamewatch_probe_calibration(x: u64) -> u64 {
         .rotate_left(7)
 }
 
-fn calls() -> u64 {
+fn calls(n: u64) -> u64 {
     let mut x = 1;
     let t = monotonic_ns();
-    for _ in 0..CALLS {
+    for _ in 0..n {
         x = flamewatch_probe_calibration(x);
     }
     std::hint::black_box(x);
@@ -119,19 +124,43 @@ pub fn measure(probes: &mut Probes, ebpf: &mut Ebpf) -> Result<f64, super::Probe
         open_path: exe.clone(),
         binary: exe,
     };
-    calls(); // warm up
-    let mut diffs = Vec::with_capacity(ROUNDS);
-    for _ in 0..ROUNDS {
-        let off = calls();
+    calls(CALLS); // warm up
+    let mut round = |n: u64| -> Result<f64, super::ProbeError> {
+        let off = calls(n);
         probes.add_in(ebpf, CALIBRATION_SLOT, me, &location, 0)?;
-        let on = calls();
+        let on = calls(n);
         let counted = probes.read(CALIBRATION_SLOT).map(|l| l.count).unwrap_or(0);
         probes.remove(ebpf, CALIBRATION_SLOT);
-        if counted < CALLS {
+        if counted < n {
             return Err(super::ProbeError::Calibration);
         }
-        diffs.push(on.saturating_sub(off) as f64 / CALLS as f64);
-    }
+        Ok(on.saturating_sub(off) as f64 / n as f64)
+    };
+    let n = block_calls(round(MIN_CALLS)?);
+    let mut diffs = (0..ROUNDS).map(|_| round(n)).collect::<Result<Vec<_>, _>>()?;
     diffs.sort_by(f64::total_cmp);
     Ok(diffs[diffs.len() / 2])
+}
+
+/// Calls per block for a probed call costing about `per_call_ns`: as many
+/// as fit in [`BLOCK_NS`], between [`MIN_CALLS`] and [`CALLS`].
+fn block_calls(per_call_ns: f64) -> u64 {
+    ((BLOCK_NS as f64 / per_call_ns.max(1.0)) as u64).clamp(MIN_CALLS, CALLS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Test that a block holds every call where probes are cheap and few
+    /// where they are slow, so that calibrating never stalls the engine.
+    #[test]
+    fn block_calls_bounded_by_time() {
+        assert_eq!(block_calls(5_000.0), CALLS);
+        assert_eq!(block_calls(580_000.0), MIN_CALLS);
+        assert_eq!(block_calls(0.0), CALLS);
+        let n = block_calls(20_000.0);
+        assert_eq!(n, 2_000);
+        assert!(n as f64 * 20_000.0 <= BLOCK_NS as f64);
+    }
 }
