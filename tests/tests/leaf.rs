@@ -246,10 +246,9 @@ fn logcaster_fp_matches_dwarf() {
         .args(["--duration", "30", "--search-rate", "20"])
         .stdout(std::process::Stdio::null());
     let _load = TestProcess::spawn(load);
-    // Past the ramp (connections, the ring filling, the first searches):
-    // the two recorders start up to a second apart, and their shares of
-    // the lock's futex calls differed by 2.8 points once when the window
-    // opened 0.5 s into the load.
+    // Past the load's ramp (connections, the ring filling, the first
+    // searches): with the window opening 0.5 s in, the two recorders'
+    // shares of the lock's futex wait differed by 2.8 points once in CI.
     std::thread::sleep(std::time::Duration::from_secs(2));
     fp_matches_dwarf(target.pid(), true);
 }
