@@ -81,6 +81,22 @@ pub fn may_log() -> bool {
     true
 }
 
+/// Whether an event sampled 1 in `every` is dropped. The draw is random
+/// rather than every N-th event of a counter: a target whose events come
+/// in a fixed cycle (two 1 ms sleeps in one caller, one in another) would
+/// otherwise alias with N and always keep the same positions of the cycle
+/// (N = 3 keeps one caller only). The kept events weigh `every`, so the
+/// totals stay unbiased either way.
+#[inline(always)]
+pub fn sampled_out(every: u64) -> bool {
+    if every <= 1 {
+        return false;
+    }
+    // SAFETY: no preconditions.
+    let r = unsafe { aya_ebpf::helpers::bpf_get_prandom_u32() };
+    u64::from(r) % every != 0
+}
+
 /// The processes being profiled, keyed by tgid. Every program's first (and,
 /// for non-targets, only) lookup.
 #[map]

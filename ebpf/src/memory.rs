@@ -34,7 +34,7 @@ use flamewatch_common::{
 };
 
 use crate::{
-    maps::{field_at, layout_offset, TARGETS},
+    maps::{field_at, layout_offset, sampled_out, TARGETS},
     sampling::{copy_stack, Copied},
 };
 
@@ -72,10 +72,6 @@ pub static MEM_STACKS: StackTrace = StackTrace::with_max_entries(8192, 0);
 /// The last brk of each target, to weigh the next one by its increment.
 #[map]
 pub static MEM_BRK: HashMap<u32, u64> = HashMap::with_max_entries(MAX_TARGETS, 0);
-
-/// New pages of targets seen on this CPU (for 1-in-N sampling).
-#[map]
-pub static MEM_TICK: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// Offsets of this kernel's records, set by the agent at load.
 #[unsafe(no_mangle)]
@@ -245,19 +241,10 @@ pub fn try_page_fault(ctx: &TracePointContext) -> Result<(), i64> {
     }
     stats.new_pages += 1;
     let every = MEM_CONFIG.get(CONFIG_FAULT_EVERY).copied().unwrap_or(1).max(1);
-    if every > 1 {
-        if let Some(tick) = MEM_TICK.get_ptr_mut(0) {
-            // SAFETY: per-CPU value, no concurrent writer on this CPU.
-            let n = unsafe {
-                *tick += 1;
-                *tick
-            };
-            if n % every != 0 {
-                stats.unsampled += 1;
-                charge(stats, now);
-                return Ok(());
-            }
-        }
+    if sampled_out(every) {
+        stats.unsampled += 1;
+        charge(stats, now);
+        return Ok(());
     }
     let page = MEM_CONFIG.get(CONFIG_PAGE_SIZE).copied().unwrap_or(4096);
     let ids = (tgid, pid_tgid as u32);

@@ -27,7 +27,7 @@ use flamewatch_common::{
 };
 
 use crate::{
-    maps::{field_at, layout_offset, may_log, TARGETS},
+    maps::{field_at, layout_offset, may_log, sampled_out, TARGETS},
     sampling::{copy_stack, Copied},
 };
 
@@ -63,10 +63,6 @@ pub static OFFCPU_ENDS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 /// Settings (see `offcpu::CONFIG_*`).
 #[map]
 pub static OFFCPU_CONFIG: Array<u64> = Array::with_max_entries(2, 0);
-
-/// Switch-outs of targets seen on this CPU (for 1-in-N sampling).
-#[map]
-pub static OFFCPU_TICK: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// Per-target counters, indexed by `TargetInfo::slot`.
 #[map]
@@ -131,19 +127,10 @@ fn switch_out(ctx: &TracePointContext, tgid: u32, tid: u32, now: u64) {
         .copied()
         .unwrap_or(1)
         .max(1);
-    if every > 1 {
-        if let Some(tick) = OFFCPU_TICK.get_ptr_mut(0) {
-            // SAFETY: per-CPU value, no concurrent writer on this CPU.
-            let n = unsafe {
-                *tick += 1;
-                *tick
-            };
-            if n % every != 0 {
-                stats.unsampled += 1;
-                charge(stats, now);
-                return;
-            }
-        }
+    if sampled_out(every) {
+        stats.unsampled += 1;
+        charge(stats, now);
+        return;
     }
     // SAFETY: prev_state is an aligned i64 of the sched_switch record.
     let offset = layout_offset!(SCHED_LAYOUT.prev_state);
